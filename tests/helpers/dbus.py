@@ -1,0 +1,123 @@
+"""A private ``dbus-daemon`` configured like the system bus, for tests and the demo.
+
+The configuration mirrors Debian's ``system.conf`` default context (deny own, deny method calls, allow signals and
+replies) and then includes the policy files a test passes, so a policy file is exercised exactly as it would be on a
+node. The socket directory is world-accessible so a test can also connect as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_SYSTEM_LIKE_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={socket}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+{includes}
+</busconfig>
+"""
+
+# Lets root own and call the stand-ins for services that cannot run here (logind, systemd), as their own
+# packaged policies would on a real node.
+STAND_IN_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root">
+    <allow own="org.freedesktop.login1"/>
+    <allow own="org.freedesktop.systemd1"/>
+    <allow send_destination="org.freedesktop.login1"/>
+    <allow send_destination="org.freedesktop.systemd1"/>
+  </policy>
+</busconfig>
+"""
+
+
+@dataclass
+class PrivateBus:
+    """A running private bus; ``address`` is what ``--bus-address`` / DBUS_SYSTEM_BUS_ADDRESS take."""
+
+    address: str
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_ins: bool = True) -> PrivateBus:
+    """Start ``dbus-daemon`` on a socket under ``workdir`` with the given policy files included."""
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        raise RuntimeError("dbus-daemon is not installed (apt-get install dbus-daemon)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    sockdir = workdir / "bus"
+    sockdir.mkdir(exist_ok=True)
+    os.chmod(sockdir, 0o777)
+    os.chmod(workdir, 0o755)
+    socket_path = sockdir / "system_bus_socket"
+    files = [Path(p) for p in policy_files]
+    if stand_ins:
+        stand_in = workdir / "stand-ins.conf"
+        stand_in.write_text(STAND_IN_POLICY)
+        files.append(stand_in)
+    includes = "\n".join(f"  <include>{p.resolve()}</include>" for p in files)
+    config = workdir / "bus.conf"
+    config.write_text(_SYSTEM_LIKE_CONFIG.format(socket=socket_path, includes=includes))
+    proc = subprocess.Popen(
+        [daemon, "--nofork", "--nopidfile", f"--config-file={config}", "--print-address"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 10
+    while not socket_path.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"dbus-daemon exited with {proc.returncode}: {err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("dbus-daemon did not create its socket within 10 s")
+        time.sleep(0.02)
+    os.chmod(socket_path, 0o777)
+    return PrivateBus(address=f"unix:path={socket_path}", socket_path=socket_path, process=proc)
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    """A private system-like bus with the stand-in policy only (add project policies with start_private_bus)."""
+    bus = start_private_bus(tmp_path / "dbus")
+    try:
+        yield bus
+    finally:
+        bus.stop()
