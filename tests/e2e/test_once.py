@@ -1,0 +1,219 @@
+"""``update_engine --once`` end to end: dev server on 127.0.0.1, real payload and keys, a GPT disk image made by
+sgdisk, flags read back with cgpt."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
+from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, make_node_root, start_devserver
+from update_engine.payload.generate import generate_full_payload, make_key_pair
+
+USR_A, USR_B = 3, 4
+TEST_OMAHA_URL_FLAG = 1 << 28
+
+
+@dataclass
+class Keys:
+    private: Path
+    public: Path
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("keys")
+    make_key_pair(d / "key.pem", d / "key.pub.pem")
+    return Keys(d / "key.pem", d / "key.pub.pem")
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("other-keys")
+    make_key_pair(d / "key.pem", d / "key.pub.pem")
+    return Keys(d / "key.pem", d / "key.pub.pem")
+
+
+@dataclass
+class Release:
+    image: Path
+    kernel: Path
+    payload: Path
+
+
+def build_release(workdir: Path, keys: Keys, *, size: int = 3 * 1024 * 1024 + 4096) -> Release:
+    """A new USR image (mixed compressible and random data), a kernel, and their signed payload."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    rnd = os.urandom(size // 2)
+    image_bytes = (rnd + b"flatcar-usr-b " * (size // 28 + 1))[:size]
+    image = workdir / "usr-b.img"
+    image.write_bytes(image_bytes)
+    kernel = workdir / "vmlinuz"
+    kernel.write_bytes(os.urandom(70000))
+    payload = workdir / "update.gz"
+    generate_full_payload(image, payload, keys.private.read_bytes(), kernel=kernel)
+    return Release(image, kernel, payload)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Release:
+    return build_release(tmp_path_factory.mktemp("release"), keys)
+
+
+@pytest.fixture
+def devserver(tmp_path: Path, release: Release) -> Iterator[DevServerProcess]:
+    server = start_devserver(tmp_path / "srv", [(release.payload, "2.0.0", None)])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, devserver: DevServerProcess) -> NodeRoot:
+    return make_node_root(tmp_path / "root", version="1.0.0", server=devserver.url)
+
+
+def run_once(node: NodeRoot, disk: Path, public_key: Path | None, *extra: str) -> subprocess.CompletedProcess[str]:
+    args = [
+        str(VENV_BIN / "update_engine"), "--once", "--disk", str(disk), "--booted", "USR-A",
+        "--state-dir", str(node.state_dir), "--run-dir", str(node.run_dir),
+        "--config-root", str(node.root), "--kernel-dir", str(node.kernel_dir), "--resume-delay", "0.2",
+        *extra,
+    ]
+    if public_key is not None:
+        args += ["--public-key", str(public_key)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def event_pairs(server: DevServerProcess) -> list[tuple[object, object, object]]:
+    return [(e["event_type"], e["event_result"], e["error_code"]) for e in server.events()]
+
+
+def test_full_cycle_updates_passive_partition_and_arms_it(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys, release: Release
+) -> None:
+    disk = make_usr_disk(tmp_path / "disk.img")
+    usr_a_before = partition_bytes(disk, USR_A)
+
+    result = run_once(node, disk, keys.public)
+
+    assert result.returncode == 0, result.stderr
+    assert "UPDATE_STATUS_UPDATED_NEED_REBOOT" in result.stdout
+    assert "2.0.0" in result.stdout
+    image = release.image.read_bytes()
+    usr_b = partition_bytes(disk, USR_B)
+    assert usr_b[: len(image)] == image
+    assert partition_bytes(disk, USR_A) == usr_a_before
+    # USR-B tried once at top priority; USR-A (running) keeps successful=1 below it.
+    assert cgpt_flags(disk, USR_B) == (2, 1, 0)
+    assert cgpt_flags(disk, USR_A) == (1, 0, 1)
+    assert (node.kernel_dir / "vmlinuz-b").read_bytes() == release.kernel.read_bytes()
+    assert not (node.kernel_dir / "vmlinuz-a").exists()
+    # Omaha saw: the check's 3/2, download started, download finished, update complete.
+    assert event_pairs(devserver) == [(3, 2, None), (13, 1, None), (14, 1, None), (3, 1, None)]
+    assert node.prefs("previous-version") == "1.0.0"
+    assert node.prefs("aleph-version") == "1.0.0"
+    full = node.prefs("full-response")
+    assert full is not None and 'version="2.0.0"' in full
+    assert (node.run_dir / "update_engine_autoupdate_completed").exists()
+
+
+def test_second_run_keeps_the_pending_reboot(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys
+) -> None:
+    disk = make_usr_disk(tmp_path / "disk.img")
+    assert run_once(node, disk, keys.public).returncode == 0
+    before = disk.read_bytes()
+    again = run_once(node, disk, keys.public)
+    assert again.returncode == 0
+    assert "UPDATE_STATUS_UPDATED_NEED_REBOOT" in again.stdout
+    assert disk.read_bytes() == before  # nothing downloaded or written again
+
+
+def test_no_update_when_version_is_current(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys
+) -> None:
+    node.set_version("2.0.0")
+    disk = make_usr_disk(tmp_path / "disk.img")
+    before = disk.read_bytes()
+    result = run_once(node, disk, keys.public)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "UPDATE_STATUS_IDLE"
+    assert disk.read_bytes() == before
+    assert event_pairs(devserver) == [(3, 2, None)]
+
+
+def assert_refused(
+    result: subprocess.CompletedProcess[str], disk: Path, usr_a_before: bytes, server: DevServerProcess,
+    code: int, name: str,
+) -> None:
+    assert result.returncode != 0
+    assert f"error {code} {name}" in result.stderr, result.stderr
+    assert cgpt_flags(disk, USR_A) == (1, 0, 1)
+    assert cgpt_flags(disk, USR_B)[0] == 0  # passive never armed
+    assert partition_bytes(disk, USR_A) == usr_a_before
+    failures = [e for e in server.events() if e["event_result"] == 0]
+    assert failures and failures[-1]["error_code"] == code | TEST_OMAHA_URL_FLAG
+
+
+def test_wrong_key_is_refused_and_nothing_is_armed(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, other_keys: Keys
+) -> None:
+    disk = make_usr_disk(tmp_path / "disk.img")
+    usr_a = partition_bytes(disk, USR_A)
+    result = run_once(node, disk, other_keys.public)
+    assert_refused(result, disk, usr_a, devserver, 18, "DOWNLOAD_PAYLOAD_PUBKEY_VERIFICATION_ERROR")
+    assert not (node.run_dir / "update_engine_autoupdate_completed").exists()
+    assert not (node.kernel_dir / "vmlinuz-b").exists()
+
+
+def test_missing_public_key_means_no_update(tmp_path: Path, node: NodeRoot, devserver: DevServerProcess) -> None:
+    disk = make_usr_disk(tmp_path / "disk.img")
+    usr_a = partition_bytes(disk, USR_A)
+    result = run_once(node, disk, tmp_path / "absent.pub.pem")
+    assert_refused(result, disk, usr_a, devserver, 18, "DOWNLOAD_PAYLOAD_PUBKEY_VERIFICATION_ERROR")
+    assert "no update without a key" in result.stderr
+
+
+def test_corrupt_payload_is_refused(tmp_path: Path, keys: Keys, release: Release) -> None:
+    bad = tmp_path / "bad.gz"
+    data = bytearray(release.payload.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a byte inside an operation blob
+    bad.write_bytes(bytes(data))
+    server = start_devserver(tmp_path / "srv", [(bad, "2.0.0", None)])
+    try:
+        node = make_node_root(tmp_path / "root", server=server.url)
+        disk = make_usr_disk(tmp_path / "disk.img")
+        usr_a = partition_bytes(disk, USR_A)
+        result = run_once(node, disk, keys.public)
+        assert_refused(result, disk, usr_a, server, 29, "DOWNLOAD_OPERATION_HASH_MISMATCH")
+    finally:
+        server.stop()
+
+
+def test_server_down_fails_cleanly(tmp_path: Path, keys: Keys) -> None:
+    node = make_node_root(tmp_path / "root", server="http://127.0.0.1:9/v1/update/")
+    disk = make_usr_disk(tmp_path / "disk.img")
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    result = run_once(node, disk, keys.public)
+    assert result.returncode != 0
+    assert "error 2000" in result.stderr
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+
+
+def test_disk_without_usr_partitions_is_refused(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys
+) -> None:
+    disk = tmp_path / "plain.img"
+    disk.write_bytes(b"\0" * (4 << 20))
+    subprocess.run(["sgdisk", "-n", "1:2048:+1M", "-c", "1:DATA", str(disk)], check=True, capture_output=True)
+    result = run_once(node, disk, keys.public)
+    assert result.returncode != 0
+    assert "USR-A" in result.stderr

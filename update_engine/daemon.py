@@ -1,0 +1,88 @@
+"""``update_engine``: the daemon (default) or one foreground check-and-apply cycle (``--once``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from update_engine import logs
+from update_engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
+from update_engine.http import HttpLimits
+
+log = logging.getLogger("update_engine")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="update_engine",
+        description="Check an Omaha server, apply signed payloads to the passive USR partition, arm the GPT flags.",
+    )
+    p.add_argument("--once", action="store_true", help="one check-and-apply cycle in the foreground, then exit")
+    p.add_argument("--server", help="Omaha server URL (default: SERVER from update.conf)")
+    p.add_argument("--disk", type=Path, help="whole disk or image file holding USR-A/USR-B (default: detected)")
+    p.add_argument("--booted", choices=["USR-A", "USR-B", "usr-a", "usr-b"],
+                   help="the running USR partition (default: detected from /proc/cmdline)")
+    p.add_argument("--public-key", type=Path,
+                   help="payload signing key, PEM (default /usr/share/update_engine/update-payload-key.pub.pem)")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/update_engine"),
+                   help="state directory (default /var/lib/update_engine)")
+    p.add_argument("--run-dir", type=Path, default=Path("/run"),
+                   help="where the reboot-pending marker lives (default /run)")
+    p.add_argument("--config-root", type=Path, default=Path("/"),
+                   help="prefix for every system file read: /etc, /usr/share, /proc/cmdline, machine and boot id")
+    p.add_argument("--kernel-dir", type=Path, help="where vmlinuz-a/-b are written (default /boot/flatcar)")
+    p.add_argument("--postinstall-hook", type=Path,
+                   help="executable run after the payload is verified: HOOK DISK TARGET-LABEL")
+    p.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
+    p.add_argument("--resume-delay", type=float, default=20.0, help=argparse.SUPPRESS)
+    p.add_argument("--stall-timeout", type=float, default=90.0, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
+        config_root=args.config_root,
+        state_dir=args.state_dir,
+        run_dir=args.run_dir,
+        disk=args.disk,
+        booted=args.booted.upper() if args.booted else None,
+        server=args.server,
+        public_key=args.public_key,
+        kernel_dir=args.kernel_dir,
+        postinstall_hook=args.postinstall_hook,
+        http=HttpLimits(resume_delay=args.resume_delay, stall_timeout=args.stall_timeout),
+    )
+
+
+async def run_once(options: EngineOptions) -> int:
+    attempter = UpdateAttempter(options)
+    if attempter.restore_reboot_pending():
+        print("UPDATE_STATUS_UPDATED_NEED_REBOOT (an update is already installed; reboot to apply it)")
+        return 0
+    outcome = await attempter.check_and_update(interactive=True)
+    if outcome.error_code is not None:
+        print(f"update failed: {describe_outcome(outcome)}", file=sys.stderr)
+        return 1
+    snap = attempter.snapshot()
+    print(snap.current_operation if snap.new_version == "0.0.0" else
+          f"{snap.current_operation} {snap.new_version}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup("update_engine", verbose=args.verbose)
+    options = options_from_args(args)
+    if args.once:
+        return asyncio.run(run_once(options))
+    from update_engine.service import run_daemon
+
+    return asyncio.run(run_daemon(options, bus_address=args.bus_address))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""HTTP for the update-engine: the Omaha POST and the payload download with Range resume.
+
+The limits follow the original's libcurl settings where users depend on them (30 s connect, a stalled transfer is
+abandoned, at most 10 redirects, a short download resumed with ``Range`` up to 20 times) and are stricter where the
+original trusted the network: the Omaha body is capped at 1 MiB, and a redirect may never change an https URL into
+anything else or leave http(s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from update_engine.errors import ErrorCode, UpdateEngineError, http_error_code
+
+log = logging.getLogger(__name__)
+
+OMAHA_BODY_LIMIT = 1 << 20
+MAX_REDIRECTS = 10
+DOWNLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Timeouts and retry counts; tests shrink them, the defaults are the original's."""
+
+    connect_timeout: float = 30.0
+    stall_timeout: float = 90.0  # no byte for this long → abandon (the original: < 10 B/s for 90 s)
+    omaha_total_timeout: float = 120.0
+    resume_attempts: int = 20
+    resume_delay: float = 20.0
+
+
+class HttpError(UpdateEngineError):
+    """A transfer failed; ``status`` is the HTTP status when there was a response."""
+
+    def __init__(self, code: ErrorCode | int, message: str, status: int | None = None) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+def check_url(url: str, *, what: str) -> None:
+    """Refuse anything but http(s) URLs with a host; ``what`` names the URL in the message."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpError(ErrorCode.OMAHA_RESPONSE_INVALID, f"{what} {url!r} is not an http(s) URL with a host")
+
+
+def redirect_target(current: str, location: str | None) -> str:
+    """Where a redirect leads, refusing scheme changes away from https and non-http(s) schemes."""
+    if not location:
+        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from {current} has no Location header")
+    target = urljoin(current, location)
+    old_scheme = urlsplit(current).scheme
+    new_scheme = urlsplit(target).scheme
+    if new_scheme not in ("http", "https"):
+        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from {current} to non-http(s) URL {target!r}")
+    if old_scheme == "https" and new_scheme != "https":
+        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from https {current} downgrades to {target!r}")
+    return target
+
+
+def make_session(limits: HttpLimits) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=limits.connect_timeout, sock_connect=limits.connect_timeout,
+        sock_read=limits.stall_timeout,
+    )
+    return aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+
+
+async def post_omaha(session: aiohttp.ClientSession, url: str, body: bytes, limits: HttpLimits) -> bytes:
+    """POST an Omaha request; return the response body (≤ 1 MiB) of a 2xx answer, else raise HttpError."""
+    check_url(url, what="Omaha server URL")
+    current = url
+    try:
+        async with asyncio.timeout(limits.omaha_total_timeout):
+            for _ in range(MAX_REDIRECTS + 1):
+                async with session.post(
+                    current, data=body, headers={"Content-Type": "text/xml"}, allow_redirects=False
+                ) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        current = redirect_target(current, resp.headers.get("Location"))
+                        continue
+                    if not 200 <= resp.status < 300:
+                        raise HttpError(
+                            http_error_code(resp.status),
+                            f"Omaha server {host_of(current)} answered HTTP {resp.status}",
+                            status=resp.status,
+                        )
+                    declared = resp.content_length
+                    if declared is not None and declared > OMAHA_BODY_LIMIT:
+                        raise HttpError(
+                            ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
+                            f"Omaha response from {host_of(current)} is {declared} bytes, over the 1 MiB limit",
+                        )
+                    data = bytearray()
+                    async for chunk in resp.content.iter_chunked(65536):
+                        data += chunk
+                        if len(data) > OMAHA_BODY_LIMIT:
+                            raise HttpError(
+                                ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
+                                f"Omaha response from {host_of(current)} exceeds the 1 MiB limit",
+                            )
+                    return bytes(data)
+            raise HttpError(ErrorCode.OMAHA_REQUEST_ERROR, f"more than {MAX_REDIRECTS} redirects from {url}")
+    except TimeoutError as exc:
+        raise HttpError(http_error_code(None), f"Omaha server {host_of(current)} timed out") from exc
+    except aiohttp.ClientError as exc:
+        raise HttpError(http_error_code(None), f"Omaha server {host_of(current)} unreachable: {exc}") from exc
+
+
+def host_of(url: str) -> str:
+    """The host:port of a URL, for log lines (never the path, which may carry tokens)."""
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2] or url
+
+
+DeliverFn = Callable[[bytes], Awaitable[None]]
+
+
+async def download(
+    session: aiohttp.ClientSession,
+    url: str,
+    deliver: DeliverFn,
+    *,
+    expected_size: int,
+    limits: HttpLimits,
+    auth: aiohttp.BasicAuth | None = None,
+    on_first_byte: Callable[[], None] | None = None,
+) -> int:
+    """Stream ``url`` into ``deliver`` in order, resuming with ``Range`` after a short read.
+
+    ``deliver`` gets the bytes exactly once each, in order, in chunks of about 1 MiB. Returns the number of
+    resumes needed. Never delivers more than ``expected_size`` bytes: a longer body is a size mismatch.
+    """
+    check_url(url, what="payload URL")
+    progress = _Progress()
+    resumes = 0
+    while True:
+        try:
+            await _fetch_from(
+                session, url, progress, deliver, expected_size=expected_size, auth=auth,
+                on_first_byte=on_first_byte if progress.offset == 0 else None,
+            )
+            if progress.offset == expected_size:
+                return resumes
+            reason = f"connection closed after {progress.offset} of {expected_size} bytes"
+        except HttpError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        offset = progress.offset
+        if resumes >= limits.resume_attempts:
+            raise HttpError(
+                ErrorCode.DOWNLOAD_TRANSFER_ERROR,
+                f"download from {host_of(url)} failed after {resumes} resumes: {reason}",
+            )
+        resumes += 1
+        log.warning(
+            "Download from %s interrupted at %d of %d bytes (%s); resuming with Range in %.0f s (attempt %d/%d)",
+            host_of(url), offset, expected_size, reason, limits.resume_delay, resumes, limits.resume_attempts,
+        )
+        await asyncio.sleep(limits.resume_delay)
+
+
+@dataclass
+class _Progress:
+    """Bytes delivered so far; survives an exception in the middle of a transfer."""
+
+    offset: int = 0
+
+
+async def _fetch_from(
+    session: aiohttp.ClientSession,
+    url: str,
+    progress: _Progress,
+    deliver: DeliverFn,
+    *,
+    expected_size: int,
+    auth: aiohttp.BasicAuth | None,
+    on_first_byte: Callable[[], None] | None,
+) -> None:
+    """One GET from ``progress.offset``, advancing it per delivered chunk (may stop short on a drop)."""
+    offset = progress.offset
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.get(current, headers=headers, allow_redirects=False, auth=auth) as resp:
+            if resp.status in (301, 302, 303, 307, 308):
+                current = redirect_target(current, resp.headers.get("Location"))
+                continue
+            if offset and resp.status != 206:
+                raise HttpError(
+                    ErrorCode.DOWNLOAD_TRANSFER_ERROR,
+                    f"payload server {host_of(current)} ignored the Range request (HTTP {resp.status})",
+                    status=resp.status,
+                )
+            if not offset and resp.status != 200:
+                raise HttpError(
+                    ErrorCode.DOWNLOAD_TRANSFER_ERROR,
+                    f"payload server {host_of(current)} answered HTTP {resp.status}",
+                    status=resp.status,
+                )
+            ctype = resp.headers.get("Content-Type", "")
+            if ctype.startswith("text/html"):
+                raise HttpError(
+                    ErrorCode.DOWNLOAD_TRANSFER_ERROR,
+                    f"payload URL on {host_of(current)} returned an HTML page, not a payload",
+                )
+            declared = resp.content_length
+            if declared is not None and offset + declared > expected_size:
+                raise HttpError(
+                    ErrorCode.DOWNLOAD_SIZE_MISMATCH,
+                    f"payload on {host_of(current)} is {offset + declared} bytes, Omaha said {expected_size}",
+                )
+            buf = bytearray()
+            async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+                if on_first_byte is not None:
+                    on_first_byte()
+                    on_first_byte = None
+                if offset + len(buf) + len(chunk) > expected_size:
+                    raise HttpError(
+                        ErrorCode.DOWNLOAD_SIZE_MISMATCH,
+                        f"payload on {host_of(current)} is longer than the {expected_size} bytes Omaha announced",
+                    )
+                buf += chunk
+                if len(buf) >= DOWNLOAD_CHUNK:
+                    data = bytes(buf)
+                    buf.clear()
+                    await deliver(data)
+                    offset += len(data)
+                    progress.offset = offset
+            if buf:
+                await deliver(bytes(buf))
+                offset += len(buf)
+                progress.offset = offset
+            return
+    raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"more than {MAX_REDIRECTS} redirects from {url}")

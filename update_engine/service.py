@@ -1,0 +1,198 @@
+"""The long-running update-engine: D-Bus service, check timer, healthy-boot marking, systemd notification.
+
+One asyncio loop, no polling while idle: the loop sleeps until the next scheduled check, an ``AttemptUpdate`` call
+or a signal. A check in flight runs as a task; SIGTERM cancels it between GPT writes (those are synchronous and
+atomic per call), so the passive partition is left disarmed and the running one untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+
+import sdnotify
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
+from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
+from update_engine.scheduler import CheckScheduler, ScheduleConfig
+from update_engine.status import StatusSnapshot, UpdateStatus
+
+log = logging.getLogger("update_engine")
+
+BOOT_MARKED_NAME = "update_engine_boot_marked_good"
+
+
+@dataclass(frozen=True)
+class DaemonTiming:
+    """Durations of the daemon shell (seconds); tests shrink them."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    healthy_boot_delay: float = 45.0
+    boot_complete_poll: float = 5.0
+
+
+class Notifier:
+    """sd_notify wrapper: READY, STATUS on each state change, and watchdog pings when systemd asks for them."""
+
+    def __init__(self) -> None:
+        self._notifier = sdnotify.SystemdNotifier()
+        self._last_status = ""
+
+    def notify(self, text: str) -> None:
+        if os.environ.get("NOTIFY_SOCKET"):
+            self._notifier.notify(text)
+
+    def status(self, snapshot: StatusSnapshot) -> None:
+        text = snapshot.current_operation
+        if snapshot.current_operation == UpdateStatus.DOWNLOADING.value:
+            text += f" {int(snapshot.progress * 100)}%"
+        if text != self._last_status:
+            self._last_status = text
+            self.notify(f"STATUS={text}")
+
+    async def watchdog(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        if not usec.isdigit() or int(usec) == 0:
+            return
+        interval = int(usec) / 2e6
+        log.info("systemd watchdog enabled: pinging every %.1f s", interval)
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+async def systemd_unit_active(bus: MessageBus, unit: str) -> bool | None:
+    """ActiveState of ``unit`` == active; None when systemd is not on the bus or does not know the unit."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+            interface="org.freedesktop.systemd1.Manager", member="GetUnit", signature="s", body=[unit],
+        )
+    )
+    if reply is None or reply.message_type is MessageType.ERROR:
+        return None
+    unit_path = reply.body[0]
+    prop = await bus.call(
+        Message(
+            destination="org.freedesktop.systemd1", path=unit_path, interface="org.freedesktop.DBus.Properties",
+            member="Get", signature="ss", body=["org.freedesktop.systemd1.Unit", "ActiveState"],
+        )
+    )
+    if prop is None or prop.message_type is MessageType.ERROR:
+        return None
+    return bool(prop.body[0].value == "active")
+
+
+async def mark_boot_healthy(attempter: UpdateAttempter, bus: MessageBus, timing: DaemonTiming) -> None:
+    """Once per boot, after a healthy boot, make the running USR partition successful=1 tries=0 and top priority.
+
+    Healthy means ``boot-complete.target`` is active when the system has that unit, else that the daemon stayed up
+    for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending: prioritising the running partition would
+    undo the armed update.
+    """
+    marker = attempter.options.run_dir / BOOT_MARKED_NAME
+    if marker.exists():
+        log.info("Running partition already marked good during this boot (%s)", marker)
+        return
+    has_target = await systemd_unit_active(bus, "boot-complete.target")
+    if has_target is None:
+        log.info("No boot-complete.target known to systemd; marking the boot good after %.0f s",
+                 timing.healthy_boot_delay)
+        await asyncio.sleep(timing.healthy_boot_delay)
+    else:
+        if not has_target:
+            log.info("Waiting for boot-complete.target before marking the running partition good")
+        while not has_target:
+            await asyncio.sleep(timing.boot_complete_poll)
+            has_target = bool(await systemd_unit_active(bus, "boot-complete.target"))
+    if attempter.machine.status is UpdateStatus.UPDATED_NEED_REBOOT:
+        log.info("Not marking the running partition good: a reboot into the other partition is pending")
+        return
+    try:
+        label, flags = attempter.mark_running_good()
+    except Exception as exc:
+        log.error("Could not mark the running partition good: %s; will try again at the next start", exc)
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{label}\n")
+    log.info("Boot is healthy: %s marked good (priority=%d tries=%d successful=%d)", label, flags.priority,
+             flags.tries, int(flags.successful))
+
+
+async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) -> None:
+    """Sleep until the next check (or an AttemptUpdate), run it, ask the scheduler for the next delay."""
+    delay: float = scheduler.first_delay()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(attempter.check_requested.wait(), timeout=delay)
+        outcome: CheckOutcome | None = None
+        interactive = attempter.take_interactive_request()
+        status = attempter.machine.status
+        if status is UpdateStatus.IDLE:
+            outcome = await attempter.check_and_update(interactive=interactive)
+        elif status is UpdateStatus.UPDATED_NEED_REBOOT:
+            attempter.check_requested.clear()
+            await attempter.ping()
+        if outcome is None:
+            delay = scheduler.next_interval(None, None, False)
+        else:
+            delay = scheduler.next_interval(outcome.poll_interval, outcome.http_status, outcome.network_error)
+
+
+async def run_daemon(
+    options: EngineOptions, *, bus_address: str | None, timing: DaemonTiming | None = None
+) -> int:
+    timing = timing or DaemonTiming()
+    notifier = Notifier()
+    attempter = UpdateAttempter(options)
+    attempter.add_status_listener(notifier.status)
+    attempter.restore_reboot_pending()
+    try:
+        bus = await connect_bus(bus_address) if bus_address else await MessageBus(bus_type=BusType.SYSTEM).connect()
+    except Exception as exc:
+        log.error("Cannot connect to the D-Bus %s: %s", bus_address or "system bus", exc)
+        return 1
+    try:
+        service = await serve(bus, attempter)
+    except NameNotAcquired as exc:
+        log.error("%s", exc)
+        bus.disconnect()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1")
+    notifier.status(attempter.snapshot())
+    log.info("update-engine started: status %s", attempter.machine.status.value)
+    tasks = [
+        loop.create_task(notifier.watchdog(), name="watchdog"),
+        loop.create_task(mark_boot_healthy(attempter, bus, timing), name="healthy-boot"),
+        loop.create_task(scheduler_loop(attempter, CheckScheduler(random.Random(), timing.schedule)),
+                         name="scheduler"),
+    ]
+    stopper = loop.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, tasks[2]], return_when=asyncio.FIRST_COMPLETED)
+        if tasks[2] in done and tasks[2].exception() is not None:
+            log.error("Scheduler stopped: %r", tasks[2].exception())
+            return 1
+    finally:
+        log.info("Stopping: status %s", attempter.machine.status.value)
+        notifier.notify("STOPPING=1")
+        for t in [*tasks, stopper]:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await service.close()
+        bus.disconnect()
+    return 0
