@@ -1,0 +1,248 @@
+"""GPT disk images laid out like a Flatcar boot disk, made with sgdisk and read back with cgpt.
+
+``make_usr_disk`` builds a small image with EFI-SYSTEM (1), BIOS-BOOT (2), USR-A (3), USR-B (4), OEM (6) and
+ROOT (9); USR-A/USR-B carry the USR type and the fixed unique GUIDs of real images, and the flags of a fresh
+image (USR-A priority 1 successful 1, USR-B all zero).  USR-A is filled with a deterministic pattern
+(:func:`usr_a_pattern`) so a test can prove the running partition was not touched.
+
+The ``usr_disk`` fixture gives a fresh image per test under ``tmp_path``.  To use it, import it into a
+``conftest.py`` next to the tests (pytest finds fixtures by name)::
+
+    from tests.helpers.disks import usr_disk  # noqa: F401
+
+or list ``"tests.helpers.disks"`` in ``pytest_plugins`` of the top-level ``tests/conftest.py``.  Inside a test
+module write ``usr_disk = disks.usr_disk`` (after ``from tests.helpers import disks``): a plain import there
+makes ruff read each test's ``usr_disk`` parameter as a redefinition.
+
+512-byte-sector images are made by sgdisk.  sgdisk cannot give an image file another sector size, so 4096-byte
+images are assembled by hand from :mod:`update_engine.gpt`'s serialiser (:func:`write_gpt_image`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from update_engine import gpt
+
+MIB = 1 << 20
+USR_A_INDEX = 3
+USR_B_INDEX = 4
+DISK_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")  # what a fresh image carries until first boot
+
+EFI_TYPE_GUID = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
+BIOS_BOOT_TYPE_GUID = uuid.UUID("21686148-6449-6e6f-744e-656564454649")
+LINUX_DATA_TYPE_GUID = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
+RESIZE_TYPE_GUID = uuid.UUID("3884dd41-8582-4404-b9a8-e9b84f2df50e")
+
+FRESH_USR_A_FLAGS = gpt.PartitionFlags(priority=1, tries=0, successful=True)
+FRESH_USR_B_FLAGS = gpt.PartitionFlags()
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """One partition of a test image; sizes in MiB so layouts are the same at any sector size."""
+
+    index: int
+    name: str
+    type_guid: uuid.UUID
+    unique_guid: uuid.UUID
+    size_mib: int
+    flags: gpt.PartitionFlags = dataclasses.field(default_factory=gpt.PartitionFlags)
+
+
+def usr_layout(usr_mib: int = 8) -> tuple[PartitionSpec, ...]:
+    return (
+        PartitionSpec(1, "EFI-SYSTEM", EFI_TYPE_GUID, uuid.UUID("6e8a1c52-4b7d-4f0e-9b63-0c2d1e5f7a01"), 1),
+        PartitionSpec(
+            2, "BIOS-BOOT", BIOS_BOOT_TYPE_GUID, uuid.UUID("6e8a1c52-4b7d-4f0e-9b63-0c2d1e5f7a02"), 1
+        ),
+        PartitionSpec(3, "USR-A", gpt.USR_TYPE_GUID, gpt.USR_A_GUID, usr_mib, FRESH_USR_A_FLAGS),
+        PartitionSpec(4, "USR-B", gpt.USR_TYPE_GUID, gpt.USR_B_GUID, usr_mib, FRESH_USR_B_FLAGS),
+        PartitionSpec(6, "OEM", LINUX_DATA_TYPE_GUID, uuid.UUID("6e8a1c52-4b7d-4f0e-9b63-0c2d1e5f7a06"), 1),
+        PartitionSpec(9, "ROOT", RESIZE_TYPE_GUID, uuid.UUID("6e8a1c52-4b7d-4f0e-9b63-0c2d1e5f7a09"), 1),
+    )
+
+
+def usr_a_pattern(length: int) -> bytes:
+    """Deterministic, position-dependent content for USR-A: every 4 KiB block differs from every other."""
+    blocks = []
+    for block in range(-(-length // 4096)):
+        blocks.append(hashlib.sha256(b"USR-A block %d" % block).digest() * 128)
+    return b"".join(blocks)[:length]
+
+
+def _disk_bytes(layout: Sequence[PartitionSpec]) -> int:
+    # 1 MiB for the primary table and alignment, the partitions, 1 MiB for the backup table.
+    return (2 + sum(p.size_mib for p in layout)) * MIB
+
+
+def _sgdisk_image(path: Path, layout: Sequence[PartitionSpec]) -> None:
+    sgdisk = require_tool("sgdisk")
+    args = [sgdisk, "--clear", f"--disk-guid={DISK_GUID}"]
+    start = MIB // 512
+    for p in layout:
+        end = start + p.size_mib * MIB // 512 - 1
+        args += [
+            f"--new={p.index}:{start}:{end}",
+            f"--change-name={p.index}:{p.name}",
+            f"--typecode={p.index}:{p.type_guid}",
+            f"--partition-guid={p.index}:{p.unique_guid}",
+        ]
+        if p.flags != gpt.PartitionFlags():
+            # sgdisk sets attribute bits one at a time.
+            value = p.flags.apply_to(0)
+            args += [f"--attributes={p.index}:set:{bit}" for bit in range(64) if value >> bit & 1]
+        start = end + 1
+    subprocess.run([*args, str(path)], check=True, capture_output=True)
+
+
+def write_gpt_image(path: Path, layout: Sequence[PartitionSpec], *, sector_size: int) -> None:
+    """Write a protective MBR and both GPT copies for ``layout`` at ``sector_size`` (any size, e.g. 4096)."""
+    disk_sectors = path.stat().st_size // sector_size
+    num_entries = 128
+    entry_sectors = -(-num_entries * gpt.ENTRY_SIZE // sector_size)
+    header = gpt.GptHeader(
+        revision=gpt.REVISION_1_0,
+        header_size=gpt.HEADER_SIZE,
+        my_lba=1,
+        alternate_lba=disk_sectors - 1,
+        first_usable_lba=2 + entry_sectors,
+        last_usable_lba=disk_sectors - 2 - entry_sectors,
+        disk_guid=DISK_GUID,
+        partition_entry_lba=2,
+        num_entries=num_entries,
+        entry_size=gpt.ENTRY_SIZE,
+    )
+    by_index = {p.index: p for p in layout}
+    entries = []
+    start = MIB // sector_size
+    for index in range(1, num_entries + 1):
+        p = by_index.get(index)
+        if p is None:
+            entries.append(gpt.GptEntry(index, gpt.UNUSED_TYPE_GUID, gpt.UNUSED_TYPE_GUID, 0, 0, 0, ""))
+            continue
+        last = start + p.size_mib * MIB // sector_size - 1
+        entries.append(
+            gpt.GptEntry(index, p.type_guid, p.unique_guid, start, last, p.flags.apply_to(0), p.name)
+        )
+        start = last + 1
+    backup = dataclasses.replace(
+        header, my_lba=disk_sectors - 1, alternate_lba=1, partition_entry_lba=disk_sectors - 1 - entry_sectors
+    )
+    primary_header, array = gpt.serialize_copy(header, entries)
+    backup_header, _ = gpt.serialize_copy(backup, entries)
+    pmbr = bytearray(512)
+    # One partition of type 0xEE covering the disk (in sectors, capped at 32 bits), then the boot signature.
+    pmbr[446 + 4] = 0xEE
+    pmbr[446 + 8 : 446 + 12] = (1).to_bytes(4, "little")
+    pmbr[446 + 12 : 446 + 16] = min(disk_sectors - 1, 0xFFFFFFFF).to_bytes(4, "little")
+    pmbr[510:512] = b"\x55\xaa"
+    with path.open("r+b") as f:
+        for offset, data in (
+            (0, bytes(pmbr)),
+            (sector_size, primary_header),
+            (2 * sector_size, array),
+            (backup.partition_entry_lba * sector_size, array),
+            (backup.my_lba * sector_size, backup_header),
+        ):
+            f.seek(offset)
+            f.write(data)
+
+
+_template_dir: Path | None = None
+
+
+def cached_image(key: str, build: Callable[[Path], object]) -> Path:
+    """A template image built once per test process by ``build(path)``, to be copied rather than rebuilt.
+
+    sgdisk syncs and sleeps a second on every run, so each layout is made once and copied for each test.
+    """
+    global _template_dir
+    if _template_dir is None:
+        _template_dir = Path(tempfile.mkdtemp(prefix="gpt-templates-"))
+        atexit.register(shutil.rmtree, _template_dir, True)
+    path = _template_dir / key
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        build(partial)
+        partial.rename(path)
+    return path
+
+
+def _build_usr_disk(path: Path, usr_mib: int, sector_size: int) -> None:
+    layout = usr_layout(usr_mib)
+    with path.open("wb") as f:
+        f.truncate(_disk_bytes(layout))
+    if sector_size == 512:
+        _sgdisk_image(path, layout)
+    else:
+        write_gpt_image(path, layout, sector_size=sector_size)
+    usr_a_offset = MIB + sum(p.size_mib for p in layout if p.index < USR_A_INDEX) * MIB
+    with path.open("r+b") as f:
+        f.seek(usr_a_offset)
+        f.write(usr_a_pattern(usr_mib * MIB))
+
+
+def make_usr_disk(path: Path, *, usr_mib: int = 8, sector_size: int = 512) -> Path:
+    """Create a Flatcar-like disk image at ``path`` (about 2 × usr_mib + 6 MiB) and return ``path``."""
+    template = cached_image(
+        f"usr-{usr_mib}-{sector_size}.img", lambda p: _build_usr_disk(p, usr_mib, sector_size)
+    )
+    shutil.copyfile(template, path)
+    return path
+
+
+def _cgpt_value(path: Path, index: int, field: str) -> str:
+    cgpt = require_tool("cgpt")
+    result = subprocess.run(
+        [cgpt, "show", "-i", str(index), f"-{field}", str(path)], check=True, capture_output=True, text=True
+    )
+    return result.stdout.strip()
+
+
+def cgpt_flags(path: Path, index: int) -> tuple[int, int, int]:
+    """(priority, tries, successful) of partition ``index`` as cgpt reads them."""
+    return (
+        int(_cgpt_value(path, index, "P")),
+        int(_cgpt_value(path, index, "T")),
+        int(_cgpt_value(path, index, "S")),
+    )
+
+
+def partition_range(path: Path, index: int, *, sector_size: int = 512) -> tuple[int, int]:
+    """(offset, length) in bytes of a partition: from cgpt for 512-byte sectors, else from our own reader."""
+    if sector_size == 512:
+        first = int(_cgpt_value(path, index, "b"))
+        count = int(_cgpt_value(path, index, "s"))
+        return first * 512, count * 512
+    with gpt.GptDisk.open(path, sector_size=sector_size, writable=False) as disk:
+        return disk.byte_range(index)
+
+
+def partition_bytes(path: Path, index: int, *, sector_size: int = 512) -> bytes:
+    offset, length = partition_range(path, index, sector_size=sector_size)
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def partition_sha256(path: Path, index: int, *, sector_size: int = 512) -> str:
+    return hashlib.sha256(partition_bytes(path, index, sector_size=sector_size)).hexdigest()
+
+
+@pytest.fixture
+def usr_disk(tmp_path: Path) -> Iterator[Path]:
+    """A fresh Flatcar-like image (:func:`make_usr_disk` defaults) at ``tmp_path/disk.img``."""
+    yield make_usr_disk(tmp_path / "disk.img")
