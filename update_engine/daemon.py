@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus-address", help="D-Bus address (default: the system bus)")
     p.add_argument("--resume-delay", type=float, default=20.0, help=argparse.SUPPRESS)
     p.add_argument("--stall-timeout", type=float, default=90.0, help=argparse.SUPPRESS)
+    p.add_argument("--check-interval", type=int, default=3600,
+                   help="seconds between update checks, fuzzed by ±1/12 (default 3600)")
+    p.add_argument("--first-check-delay", type=int, default=420,
+                   help="seconds from start to the first check, ±5 min (default 420)")
+    p.add_argument("--healthy-boot-delay", type=float, default=45.0,
+                   help="without boot-complete.target: seconds up before the running partition is marked good "
+                        "(default 45)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -79,9 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from_args(args)
     if args.once:
         return asyncio.run(run_once(options))
-    from update_engine.service import run_daemon
+    from update_engine.scheduler import InvalidSchedule, ScheduleConfig
+    from update_engine.service import DaemonTiming, run_daemon
 
-    return asyncio.run(run_daemon(options, bus_address=args.bus_address))
+    try:
+        schedule = ScheduleConfig(
+            interval=args.check_interval,
+            interval_fuzz=args.check_interval // 12,
+            first_check_delay=args.first_check_delay,
+            first_check_fuzz=min(600, max(0, 2 * args.first_check_delay - 2)),
+        )
+    except InvalidSchedule as exc:
+        print(f"update_engine: {exc}", file=sys.stderr)
+        return 2
+    timing = DaemonTiming(schedule=schedule, healthy_boot_delay=args.healthy_boot_delay)
+    return asyncio.run(run_daemon(options, bus_address=args.bus_address, timing=timing))
 
 
 if __name__ == "__main__":

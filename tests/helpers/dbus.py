@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class PrivateBus:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
 
 def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_ins: bool = True) -> PrivateBus:
@@ -82,10 +84,9 @@ def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_in
     if daemon is None:
         raise RuntimeError("dbus-daemon is not installed (apt-get install dbus-daemon)")
     workdir.mkdir(parents=True, exist_ok=True)
-    sockdir = workdir / "bus"
-    sockdir.mkdir(exist_ok=True)
-    os.chmod(sockdir, 0o777)
-    os.chmod(workdir, 0o755)
+    # The socket lives outside pytest's 0700 temp root so that tests can also connect as an unprivileged user.
+    sockdir = Path(tempfile.mkdtemp(prefix="private-bus-"))
+    os.chmod(sockdir, 0o755)
     socket_path = sockdir / "system_bus_socket"
     files = [Path(p) for p in policy_files]
     if stand_ins:
