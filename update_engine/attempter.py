@@ -215,6 +215,8 @@ class UpdateAttempter:
             return
         log.info("AttemptUpdate: starting an update check now")
         self.interactive_requested = True
+        # As the original, the caller sees CHECKING_FOR_UPDATE as soon as the call returns.
+        self._fire(Trigger.CHECK)
         self.check_requested.set()
 
     def take_interactive_request(self) -> bool:
@@ -318,7 +320,8 @@ class UpdateAttempter:
     async def check_and_update(self, *, interactive: bool = False) -> CheckOutcome:
         """One check; if an update is offered, download, verify, write and arm it. Never raises."""
         self.check_requested.clear()
-        self._fire(Trigger.CHECK)
+        if self.machine.status is not UpdateStatus.CHECKING_FOR_UPDATE:  # AttemptUpdate already moved there
+            self._fire(Trigger.CHECK)
         touched_target: int | None = None
         resumed = False
         http_status: int | None = None

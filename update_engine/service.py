@@ -135,7 +135,7 @@ async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) 
         outcome: CheckOutcome | None = None
         interactive = attempter.take_interactive_request()
         status = attempter.machine.status
-        if status is UpdateStatus.IDLE:
+        if status in (UpdateStatus.IDLE, UpdateStatus.CHECKING_FOR_UPDATE):
             outcome = await attempter.check_and_update(interactive=interactive)
         elif status is UpdateStatus.UPDATED_NEED_REBOOT:
             attempter.check_requested.clear()

@@ -39,7 +39,7 @@ class StatusSnapshot:
 
     @classmethod
     def from_values(cls, values: object) -> StatusSnapshot:
-        """Strictly typed construction from a D-Bus body; raises ValueError on anything but (int, float, str, str, int)."""
+        """Strictly typed construction from a D-Bus body; ValueError on anything but (int, float, str, str, int)."""
         if not isinstance(values, (list, tuple)) or len(values) != 5:
             raise ValueError(f"status must have 5 fields (x d s s x), got {values!r}")
         t, p, op, ver, size = values

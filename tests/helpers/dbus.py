@@ -8,11 +8,11 @@ node. The socket directory is world-accessible so a test can also connect as an 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,15 +101,14 @@ def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_in
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 10
-    while not socket_path.exists():
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"dbus-daemon exited with {proc.returncode}: {err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("dbus-daemon did not create its socket within 10 s")
-        time.sleep(0.02)
+    # dbus-daemon prints its address once it listens; the socket file can appear a moment earlier.
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip():
+        proc.kill()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise RuntimeError(f"dbus-daemon did not start listening within 10 s: {err}")
     os.chmod(socket_path, 0o777)
     return PrivateBus(address=f"unix:path={socket_path}", socket_path=socket_path, process=proc)
 
