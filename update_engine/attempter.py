@@ -17,6 +17,10 @@ running one is never touched), the 3/0 event is sent, and the machine returns to
 UPDATED_NEED_REBOOT for IDLE and undoes what was armed; a restart finding the reboot marker goes straight from IDLE to
 UPDATED_NEED_REBOOT. A manual rollback, allowed only from IDLE, also ends in UPDATED_NEED_REBOOT so that the reboot
 coordinator (locksmithd) reboots the node the same way it would for an update.
+
+A version that was installed and then rolled back by the bootloader (the next check finds ``previous-version``
+equal to the running version) is remembered and not installed again until the server offers another version: a
+node does not loop through download, reboot, failed boot and rollback.
 """
 
 from __future__ import annotations
@@ -228,6 +232,10 @@ class UpdateAttempter:
         """UPDATED_NEED_REBOOT → IDLE, undoing what was armed for the next boot; IDLE is a no-op."""
         status = self.machine.status
         if status is UpdateStatus.IDLE:
+            failed = self.prefs.get_str(PREF_FAILED_BOOT_VERSION)
+            if failed:
+                self.prefs.delete(PREF_FAILED_BOOT_VERSION)
+                log.info("ResetStatus: version %s, which failed to boot earlier, may be installed again", failed)
             return
         if status is not UpdateStatus.UPDATED_NEED_REBOOT:
             raise ResetNotAllowed(f"ResetStatus is only allowed in IDLE or UPDATED_NEED_REBOOT, not {status.value}")
@@ -343,6 +351,14 @@ class UpdateAttempter:
                     self._fire(Trigger.NO_UPDATE)
                     return CheckOutcome(UpdateStatus.IDLE, poll_interval=response.poll_interval)
                 offer = response
+                failed_version = self.prefs.get_str(PREF_FAILED_BOOT_VERSION)
+                if failed_version and offer.version == failed_version:
+                    raise UpdateEngineError(
+                        ErrorCode.OMAHA_UPDATE_DEFERRED_PER_POLICY,
+                        f"version {offer.version} was installed on this node before and failed to boot (rolled "
+                        f"back to {params.version}); not installing it again until a newer version is offered "
+                        "(update_engine_client -reset_status clears this)",
+                    )
                 with self._lock:
                     self.machine.new_version, self.machine.new_size = offer.version, offer.size
                 log.info("Update available: %s → %s, %d bytes, from %s", params.version, offer.version,
@@ -368,6 +384,7 @@ class UpdateAttempter:
                          flags.priority, flags.tries, int(flags.successful))
                 await self._run_postinstall(target)
                 self.prefs.set_str(PREF_PREVIOUS_VERSION, params.version)
+                self.prefs.set_str(PREF_INSTALLED_VERSION, offer.version)
                 self._pending_target, self._pending_kind = target.index, "update"
                 self._write_marker(f"update {target.label}\n")
                 await self._send_event(session, settings, params, omaha.OmahaEvent.update_complete())
@@ -389,8 +406,12 @@ class UpdateAttempter:
         previous = self.prefs.get_str(PREF_PREVIOUS_VERSION)
         rollback_detected = bool(previous) and previous == params.version
         if rollback_detected:
-            log.warning("Rollback detected: the update from %s did not stick, %s is running again", previous,
-                        params.version)
+            failed = self.prefs.get_str(PREF_INSTALLED_VERSION) or ""
+            log.warning("Rollback detected: the update to %s did not boot, %s is running again; %s will not be "
+                        "installed again until a newer version is offered", failed or "?", params.version,
+                        failed or "it")
+            if failed:
+                self.prefs.set_str(PREF_FAILED_BOOT_VERSION, failed)
         self.prefs.set_str(PREF_PREVIOUS_VERSION, "")
         if self.prefs.get_str(PREF_ALEPH_VERSION) is None:
             self.prefs.set_str(PREF_ALEPH_VERSION, params.version)
@@ -599,6 +620,10 @@ PREF_PREVIOUS_VERSION = "previous-version"
 PREF_ALEPH_VERSION = "aleph-version"
 PREF_FULL_RESPONSE = "full-response"
 PREF_RESPONSE_HASH = "update-check-response-hash"
+# The version written to the passive partition by the last successful attempt, and a version that was installed,
+# failed to boot and was rolled back from: offering it again is refused until a newer one comes.
+PREF_INSTALLED_VERSION = "installed-version"
+PREF_FAILED_BOOT_VERSION = "failed-boot-version"
 
 
 def describe_outcome(outcome: CheckOutcome) -> str:

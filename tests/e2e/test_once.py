@@ -217,3 +217,25 @@ def test_disk_without_usr_partitions_is_refused(
     result = run_once(node, disk, keys.public)
     assert result.returncode != 0
     assert "USR-A" in result.stderr
+
+
+def test_rolled_back_version_is_reported_and_not_installed_again(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys
+) -> None:
+    disk = make_usr_disk(tmp_path / "disk.img")
+    assert run_once(node, disk, keys.public).returncode == 0
+    # The bootloader tried USR-B once, it failed, and the node is back on USR-A (1.0.0): /run is empty again.
+    (node.run_dir / "update_engine_autoupdate_completed").unlink()
+    subprocess.run(["cgpt", "add", "-i", str(USR_B), "-T", "0", str(disk)], check=True)
+    usr_b_before = partition_bytes(disk, USR_B)
+
+    result = run_once(node, disk, keys.public)
+
+    assert result.returncode != 0
+    assert "failed to boot" in result.stderr
+    events = event_pairs(devserver)
+    assert (3, 0, 44) in events[4:]  # the check after the failed boot reports the rollback
+    assert events[-1] == (3, 9, 36 | TEST_OMAHA_URL_FLAG)  # and the same version is deferred, not re-installed
+    assert len([e for e in events if e[0] == 13]) == 1
+    assert partition_bytes(disk, USR_B) == usr_b_before
+    assert node.prefs("failed-boot-version") == "2.0.0"
