@@ -53,19 +53,38 @@ def write_random_image(path: Path, size_mib: int) -> None:
             f.write(os.urandom(1 << 20))
 
 
+def vm_hwm_kib(pid: int) -> int | None:
+    """The process's peak RSS so far (VmHWM); rusage's ru_maxrss would include this script's RSS at fork time."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def timed(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"{args[0]} failed ({proc.returncode}): {err[-2000:]}")
-    if proc.stderr:
-        proc.stderr.close()
-    return elapsed, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one child process (RSS sampled from /proc every 20 ms)."""
+    with tempfile.TemporaryFile() as err_file:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file)
+        peak = 0
+        while True:
+            hwm = vm_hwm_kib(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            err_file.seek(0)
+            raise SystemExit(f"{args[0]} failed ({proc.returncode}): {err_file.read().decode()[-2000:]}")
+    return elapsed, peak / 1024
 
 
 def bench_size(workdir: Path, size_mib: int) -> Figures:
