@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy-boot-delay", type=float, default=45.0,
                    help="without boot-complete.target: seconds up before the running partition is marked good "
                         "(default 45)")
+    p.add_argument("--boot-complete-poll", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidSchedule as exc:
         print(f"update_engine: {exc}", file=sys.stderr)
         return 2
-    timing = DaemonTiming(schedule=schedule, healthy_boot_delay=args.healthy_boot_delay)
+    timing = DaemonTiming(
+        schedule=schedule, healthy_boot_delay=args.healthy_boot_delay, boot_complete_poll=args.boot_complete_poll
+    )
     return asyncio.run(run_daemon(options, bus_address=args.bus_address, timing=timing))
 
 

@@ -27,6 +27,7 @@ from update_engine.status import StatusSnapshot, UpdateStatus
 log = logging.getLogger("update_engine")
 
 BOOT_MARKED_NAME = "update_engine_boot_marked_good"
+BOOT_COMPLETE = "boot-complete.target"
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,14 @@ class Notifier:
             await asyncio.sleep(interval)
 
 
-async def systemd_unit_active(bus: MessageBus, unit: str) -> bool | None:
-    """ActiveState of ``unit`` == active; None when systemd is not on the bus or does not know the unit."""
+@dataclass(frozen=True)
+class UnitState:
+    active_state: str
+    job_pending: bool
+
+
+async def systemd_unit_state(bus: MessageBus, unit: str) -> UnitState | None:
+    """ActiveState of ``unit`` and whether a job is queued for it; None when systemd does not have it loaded."""
     reply = await bus.call(
         Message(
             destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
@@ -79,39 +86,52 @@ async def systemd_unit_active(bus: MessageBus, unit: str) -> bool | None:
     if reply is None or reply.message_type is MessageType.ERROR:
         return None
     unit_path = reply.body[0]
-    prop = await bus.call(
-        Message(
-            destination="org.freedesktop.systemd1", path=unit_path, interface="org.freedesktop.DBus.Properties",
-            member="Get", signature="ss", body=["org.freedesktop.systemd1.Unit", "ActiveState"],
+    values: dict[str, object] = {}
+    for prop in ("ActiveState", "Job"):
+        answer = await bus.call(
+            Message(
+                destination="org.freedesktop.systemd1", path=unit_path, interface="org.freedesktop.DBus.Properties",
+                member="Get", signature="ss", body=["org.freedesktop.systemd1.Unit", prop],
+            )
         )
-    )
-    if prop is None or prop.message_type is MessageType.ERROR:
-        return None
-    return bool(prop.body[0].value == "active")
+        if answer is not None and answer.message_type is not MessageType.ERROR:
+            values[prop] = answer.body[0].value
+    job = values.get("Job")
+    job_pending = isinstance(job, (list, tuple)) and bool(job) and job[0] != 0
+    return UnitState(str(values.get("ActiveState", "")), job_pending)
+
+
+async def wait_for_healthy_boot(bus: MessageBus, timing: DaemonTiming) -> str:
+    """Wait until the boot counts as healthy; returns why it does (for the log line)."""
+    state = await systemd_unit_state(bus, BOOT_COMPLETE)
+    if state is not None and state.active_state != "active" and (
+        state.job_pending or state.active_state == "activating"
+    ):
+        log.info("Waiting for %s (now %s) before marking the running partition good", BOOT_COMPLETE,
+                 state.active_state)
+        while state is not None and state.active_state != "active":
+            await asyncio.sleep(timing.boot_complete_poll)
+            state = await systemd_unit_state(bus, BOOT_COMPLETE)
+    if state is not None and state.active_state == "active":
+        return f"{BOOT_COMPLETE} is active"
+    log.info("%s is not part of this boot; marking the boot good after %.0f s up", BOOT_COMPLETE,
+             timing.healthy_boot_delay)
+    await asyncio.sleep(timing.healthy_boot_delay)
+    return f"up for {timing.healthy_boot_delay:.0f} s"
 
 
 async def mark_boot_healthy(attempter: UpdateAttempter, bus: MessageBus, timing: DaemonTiming) -> None:
     """Once per boot, after a healthy boot, make the running USR partition successful=1 tries=0 and top priority.
 
-    Healthy means ``boot-complete.target`` is active when the system has that unit, else that the daemon stayed up
-    for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending: prioritising the running partition would
-    undo the armed update.
+    Healthy means ``boot-complete.target`` is active when this boot has that unit (loaded and being started),
+    else that the daemon stayed up for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending:
+    prioritising the running partition would undo the armed update.
     """
     marker = attempter.options.run_dir / BOOT_MARKED_NAME
     if marker.exists():
         log.info("Running partition already marked good during this boot (%s)", marker)
         return
-    has_target = await systemd_unit_active(bus, "boot-complete.target")
-    if has_target is None:
-        log.info("No boot-complete.target known to systemd; marking the boot good after %.0f s",
-                 timing.healthy_boot_delay)
-        await asyncio.sleep(timing.healthy_boot_delay)
-    else:
-        if not has_target:
-            log.info("Waiting for boot-complete.target before marking the running partition good")
-        while not has_target:
-            await asyncio.sleep(timing.boot_complete_poll)
-            has_target = bool(await systemd_unit_active(bus, "boot-complete.target"))
+    reason = await wait_for_healthy_boot(bus, timing)
     if attempter.machine.status is UpdateStatus.UPDATED_NEED_REBOOT:
         log.info("Not marking the running partition good: a reboot into the other partition is pending")
         return
@@ -122,8 +142,8 @@ async def mark_boot_healthy(attempter: UpdateAttempter, bus: MessageBus, timing:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{label}\n")
-    log.info("Boot is healthy: %s marked good (priority=%d tries=%d successful=%d)", label, flags.priority,
-             flags.tries, int(flags.successful))
+    log.info("Boot is healthy (%s): %s marked good (priority=%d tries=%d successful=%d)", reason, label,
+             flags.priority, flags.tries, int(flags.successful))
 
 
 async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) -> None:

@@ -22,6 +22,7 @@ from tests.e2e.test_once import Keys, Release, build_release
 from tests.helpers.dbus import PrivateBus, start_private_bus
 from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
 from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, make_node_root, start_devserver
+from tests.helpers.systemd import start_systemd_standin
 from update_engine.payload.generate import make_key_pair
 from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH
 
@@ -370,3 +371,32 @@ def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path, bus: PrivateBus, keys: 
     assert daemon.stop(signal.SIGTERM) == 0
     assert "Stopping" in daemon.log()
     assert os.path.exists(disk)
+
+
+async def test_healthy_boot_waits_for_boot_complete_target(
+    tmp_path: Path, bus: PrivateBus, devserver: DevServerProcess, keys: Keys
+) -> None:
+    """With boot-complete.target queued, the running partition is marked good only once the target is active."""
+    node = make_node_root(tmp_path / "root", server=devserver.url)
+    disk = make_usr_disk(tmp_path / "disk.img")
+    subprocess.run(["cgpt", "add", "-i", str(USR_B), "-P", "2", "-T", "0", "-S", "0", str(disk)], check=True)
+    systemd_bus, unit = await start_systemd_standin(bus.address)
+    daemon = make_daemon(tmp_path, node, disk, bus, keys, booted="USR-B", healthy_delay=0.2)
+    daemon.args += ["--boot-complete-poll", "0.2"]
+    client = await connect(bus)
+    daemon.start()
+    try:
+        await wait_for_owner(client, daemon)
+        await asyncio.sleep(1.5)
+        assert cgpt_flags(disk, USR_B) == (2, 0, 0)  # not yet: the boot is not complete
+        assert "Waiting for boot-complete.target" in daemon.log()
+        unit.state = "active"
+        deadline = time.monotonic() + 20
+        while cgpt_flags(disk, USR_B) != (2, 0, 1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert cgpt_flags(disk, USR_B) == (2, 0, 1)
+        assert "boot-complete.target is active" in daemon.log()
+    finally:
+        daemon.stop()
+        client.disconnect()
+        systemd_bus.disconnect()

@@ -1,0 +1,46 @@
+"""A stand-in for systemd's manager on a private bus (PID 1 cannot run in a test): ``GetUnit`` for
+``boot-complete.target`` and that unit's ``ActiveState`` and ``Job`` properties, which update-engine (healthy-boot
+marking) and locksmithd (lock release after boot) both ask about."""
+
+from __future__ import annotations
+
+from dbus_fast import BusType, DBusError, PropertyAccess, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+BOOT_COMPLETE_PATH = "/org/freedesktop/systemd1/unit/boot_2dcomplete_2etarget"
+
+
+class SystemdManagerStandIn(ServiceInterface):
+    def __init__(self) -> None:
+        super().__init__("org.freedesktop.systemd1.Manager")
+
+    @method()
+    def GetUnit(self, name: "s") -> "o":  # type: ignore[name-defined]  # noqa: F821, UP037
+        if name != "boot-complete.target":
+            raise DBusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
+        return BOOT_COMPLETE_PATH
+
+
+class BootCompleteUnit(ServiceInterface):
+    def __init__(self) -> None:
+        super().__init__("org.freedesktop.systemd1.Unit")
+        self.state = "inactive"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveState(self) -> "s":  # type: ignore[name-defined]  # noqa: F821, UP037
+        return self.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Job(self) -> "(uo)":  # type: ignore[name-defined]  # noqa: F821, UP037
+        return [0, "/"] if self.state == "active" else [17, "/org/freedesktop/systemd1/job/17"]
+
+
+async def start_systemd_standin(address: str) -> tuple[MessageBus, BootCompleteUnit]:
+    """Stand-in for systemd's manager (PID 1 cannot run here): GetUnit and boot-complete.target's state."""
+    bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    unit = BootCompleteUnit()
+    bus.export("/org/freedesktop/systemd1", SystemdManagerStandIn())
+    bus.export(BOOT_COMPLETE_PATH, unit)
+    assert await bus.request_name("org.freedesktop.systemd1") == RequestNameReply.PRIMARY_OWNER
+    return bus, unit
