@@ -110,10 +110,12 @@ def bench_size(workdir: Path, size_mib: int) -> Figures:
     finally:
         server.stop()
 
-    offset, _ = partition_range(disk, USR_B)
+    # The floor writes into a fresh image of the same layout, as ours did: same sparse, unallocated target.
+    floor_disk = make_usr_disk(d / "floor-disk.img", usr_mib=size_mib + 2)
+    offset, _ = partition_range(floor_disk, USR_B)
     hash_s, _ = timed(["openssl", "dgst", "-sha256", str(payload)])
     dd_s, _ = timed([
-        "dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={offset}", "oflag=seek_bytes",
+        "dd", f"if={image}", f"of={floor_disk}", "bs=1M", f"seek={offset}", "oflag=seek_bytes",
         "conv=notrunc,fsync", "status=none",
     ])
     return Figures(size_mib, ours_s, rss, hash_s, dd_s, generate_s)
