@@ -1,0 +1,1 @@
+"""The one-command fleet demo (``bash demo/run``): see :mod:`demo.fleet`."""

@@ -1,0 +1,870 @@
+"""The etcd v3 reboot semaphore: the I/O shell around ``locksmithd.semaphore``.
+
+Theory of operation
+-------------------
+The semaphore is one key (locksmith's path and JSON value) in etcd's v3 key space, reached through etcd's
+JSON gateway (``/v3/…``) with an ``etcd3gw`` client per endpoint. Every change is read → pure transition → one
+transaction that compares the key's ``mod_revision`` with the one read (``version == 0`` for a missing key);
+a lost race returns the current value in the same round trip and the transition is applied again to it, a
+bounded number of times. Reads are linearizable, so ``status`` never shows a stale holder list (locksmith#64).
+
+A node waiting for a slot watches the key from the revision it read. Every value the watch delivers is decoded
+in place; only one that shows a free slot leads to a lock attempt, after a short random delay so that a fleet
+of waiters does not answer one release with a burst of conflicting transactions (the first waiter's write
+reaches the others' watches before most of them fire). If the watch cannot be opened or breaks, or etcd does
+not answer, the node falls back to locksmith's polling: 10 s, 20 s, 40 s … capped at 5 min.
+
+Endpoints are tried in order on connection failures and the one that answered is remembered. Every request
+carries an explicit timeout: etcd3gw 2.0 (Debian bookworm) keeps ``timeout`` as a session attribute that
+requests ignores, and its watcher swallows stream errors, so requests go through the client's configured
+session (TLS, client certificate, API path) rather than through its helpers. etcd3gw has no authentication
+support: with a user name the backend gets a token from ``/v3/auth/authenticate`` and sends it as
+``Authorization``, authenticating again once when the server reports the token invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import contextlib
+import json
+import logging
+import random
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests  # type: ignore[import-untyped, unused-ignore]
+from etcd3gw.client import Etcd3Client
+
+from locksmithd.backends import LockBackendError
+from locksmithd.semaphore import Semaphore, SemaphoreError, SemaphoreFullError, key_for_group
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("http://127.0.0.1:2379",)
+API_PATH = "/v3/"
+
+# HTTP statuses of the gateway that mean "this member cannot serve now" (no leader, timeout, overloaded).
+_UNAVAILABLE_STATUSES = frozenset({408, 500, 502, 503, 504})
+
+
+class EtcdTransientError(LockBackendError):
+    """No endpoint answered, or writers kept racing for the key: trying again later may succeed."""
+
+
+class _WatchRestart(Exception):
+    """The watch ended without an error (idle timeout, history compacted): read the key again and re-watch."""
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """Split ``LOCKSMITHD_ENDPOINT``-style text (comma-separated, spaces trimmed) into endpoint URLs."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+
+def _parse_endpoint(url: str) -> _Endpoint:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise LockBackendError(f"etcd endpoint {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise LockBackendError(f"etcd endpoint {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise LockBackendError(f"etcd endpoint {url!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise LockBackendError(
+            f"etcd endpoint {url!r} must be scheme://host[:port] with no path or credentials"
+        )
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return _Endpoint(url=url, scheme=parts.scheme, host=parts.hostname, port=port)
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """Where the semaphore lives and how to reach it; ``endpoints`` also accepts a comma-separated string.
+
+    An endpoint without a port uses the URL scheme's (80/443), as any URL would. TLS: ``ca_file`` alone
+    verifies the server against that CA (without it, https uses the system roots); ``cert_file`` and
+    ``key_file`` together add a client certificate.
+    """
+
+    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    group: str = ""
+    request_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        raw: object = self.endpoints
+        if isinstance(raw, str):
+            object.__setattr__(self, "endpoints", parse_endpoints(raw))
+        else:
+            object.__setattr__(self, "endpoints", tuple(str(e).strip() for e in self.endpoints))
+        # Unset environment variables arrive as empty strings; they mean "not given".
+        for name in ("ca_file", "cert_file", "key_file", "username", "password"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+
+    @property
+    def key(self) -> str:
+        return key_for_group(self.group)
+
+    def validate(self) -> None:
+        """Raise LockBackendError naming the first setting that cannot work."""
+        if not self.endpoints:
+            raise LockBackendError("no etcd endpoint configured")
+        for url in self.endpoints:
+            _parse_endpoint(url)
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("cert", "key") if self.key_file is None else ("key", "cert")
+            raise LockBackendError(
+                f"etcd client {given} file given without a {missing} file; both are needed"
+            )
+        for label, path in (
+            ("CA", self.ca_file),
+            ("client cert", self.cert_file),
+            ("client key", self.key_file),
+        ):
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    fh.read(1)
+            except OSError as exc:
+                raise LockBackendError(
+                    f"cannot read etcd {label} file {path}: {exc.strerror or exc}"
+                ) from None
+        if self.password is not None and self.username is None:
+            raise LockBackendError("etcd password given without a user name")
+        if self.request_timeout <= 0:
+            raise LockBackendError(f"etcd request timeout must be positive, got {self.request_timeout}")
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one read-modify-write did: the value before and after, and the key's revision after."""
+
+    previous: Semaphore
+    current: Semaphore
+    revision: int
+    written: bool
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    acquired: bool
+    semaphore: Semaphore
+    revision: int
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One event of the watch: the key's value at ``revision``; ``value`` is None when the key was deleted."""
+
+    revision: int
+    value: bytes | None
+
+
+def _b64(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(data).decode("ascii")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A one-line cause for an endpoint failure, without requests' pool/retry wrapping."""
+    text = str(exc)
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Name or service not known", "host not found"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+        ("No route to host", "no route to host"),
+    ):
+        if needle in text:
+            return reason
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+class _EndpointDown(Exception):
+    """This endpoint did not answer usefully; another one may."""
+
+
+class EtcdSemaphoreStore:
+    """Synchronous access to one group's semaphore key; safe to use from several threads."""
+
+    def __init__(self, settings: EtcdSettings, *, max_conflict_retries: int = 50) -> None:
+        settings.validate()
+        self.settings = settings
+        self.key = settings.key
+        self._key_b64 = _b64(self.key)
+        self._endpoints = [_parse_endpoint(url) for url in settings.endpoints]
+        self._clients: dict[int, Etcd3Client] = {}
+        self._authenticated: set[int] = set()
+        self._current = 0
+        self._lock = threading.Lock()
+        self._max_conflict_retries = max_conflict_retries
+        self.requests_sent = 0  # for benchmarks and debugging: HTTP requests this store has sent
+        # Passed on every request: a session-level ``verify`` loses to REQUESTS_CA_BUNDLE in the environment.
+        self._verify: str | bool = settings.ca_file or True
+
+    # -- transport -------------------------------------------------------------------------------------------
+
+    @property
+    def current_endpoint(self) -> str:
+        return self._endpoints[self._current].url
+
+    def _client(self, index: int) -> Etcd3Client:
+        with self._lock:
+            client = self._clients.get(index)
+            if client is None:
+                ep = self._endpoints[index]
+                client = Etcd3Client(
+                    host=ep.host,
+                    port=ep.port,
+                    protocol=ep.scheme,
+                    ca_cert=self.settings.ca_file,
+                    cert_key=self.settings.key_file,
+                    cert_cert=self.settings.cert_file,
+                    timeout=self.settings.request_timeout,
+                    api_path=API_PATH,
+                )
+                self._clients[index] = client
+            return client
+
+    def _raw_post(self, index: int, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request to one endpoint; raises _EndpointDown, or LockBackendError for a refusal."""
+        client = self._client(index)
+        url = client.get_url(path)
+        self.requests_sent += 1
+        try:
+            resp = client.session.post(url, json=body, timeout=(timeout, timeout), verify=self._verify)
+        except requests.RequestException as exc:
+            raise _EndpointDown(_short_reason(exc)) from None
+        if resp.status_code == 200:
+            try:
+                doc = resp.json()
+            except ValueError:
+                raise _EndpointDown(f"answered {path} with something that is not JSON") from None
+            if not isinstance(doc, dict):
+                raise _EndpointDown(f"answered {path} with unexpected JSON")
+            return doc
+        message = _error_message(resp)
+        if resp.status_code in _UNAVAILABLE_STATUSES:
+            raise _EndpointDown(f"HTTP {resp.status_code}: {message}")
+        if resp.status_code == 401 and "auth token" in message:
+            raise _TokenRejected(message)
+        raise LockBackendError(
+            f"etcd at {self._endpoints[index].url} refused {path} on key {self.key!r}: {message}"
+        )
+
+    def _authenticate(self, index: int, timeout: float) -> None:
+        if self.settings.username is None or index in self._authenticated:
+            return
+        client = self._client(index)
+        client.session.headers.pop("Authorization", None)  # an expired token must not ride along
+        body = {"name": self.settings.username, "password": self.settings.password or ""}
+        try:
+            doc = self._raw_post(index, "auth/authenticate", body, timeout)
+        except LockBackendError as exc:
+            if "authentication is not enabled" in str(exc):
+                # A user name against a server without auth works, as it did with locksmith.
+                log.debug(
+                    "etcd at %s has authentication disabled; sending no token", self._endpoints[index].url
+                )
+                self._authenticated.add(index)
+                return
+            raise LockBackendError(
+                f"etcd at {self._endpoints[index].url} refused user {self.settings.username!r}: "
+                f"{str(exc).rsplit(': ', 1)[-1]}"
+            ) from None
+        token = doc.get("token")
+        if not isinstance(token, str) or not token:
+            raise _EndpointDown("auth/authenticate answered without a token")
+        client.session.headers["Authorization"] = token
+        self._authenticated.add(index)
+
+    def _post_to(self, index: int, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._authenticate(index, timeout)
+        try:
+            return self._raw_post(index, path, body, timeout)
+        except _TokenRejected:
+            self._authenticated.discard(index)
+            self._authenticate(index, timeout)
+            try:
+                return self._raw_post(index, path, body, timeout)
+            except _TokenRejected as exc:
+                raise LockBackendError(
+                    f"etcd at {self._endpoints[index].url} rejects our token: {exc}"
+                ) from None
+
+    def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send to the remembered endpoint, moving on to the next ones while endpoints are down."""
+        limit = self.settings.request_timeout if timeout is None else timeout
+        start = self._current
+        failures: list[str] = []
+        for step in range(len(self._endpoints)):
+            index = (start + step) % len(self._endpoints)
+            try:
+                doc = self._post_to(index, path, body, limit)
+            except _EndpointDown as exc:
+                failures.append(f"{self._endpoints[index].url}: {exc}")
+                continue
+            if index != self._current:
+                log.info("etcd endpoint %s answers; using it from now on", self._endpoints[index].url)
+                self._current = index
+            return doc
+        raise EtcdTransientError(f"no etcd endpoint answered ({'; '.join(failures)})")
+
+    # -- key operations --------------------------------------------------------------------------------------
+
+    def _decode(self, raw: bytes) -> Semaphore:
+        try:
+            return Semaphore.decode(raw)
+        except SemaphoreError as exc:
+            raise LockBackendError(f"etcd key {self.key!r} holds a corrupt semaphore: {exc}") from None
+
+    def _from_kvs(self, kvs: object) -> tuple[Semaphore, int]:
+        if not kvs:
+            return Semaphore.default(), 0
+        if not isinstance(kvs, list) or not isinstance(kvs[0], dict):
+            raise EtcdTransientError(f"etcd answered a read of {self.key!r} with unexpected JSON")
+        kv = kvs[0]
+        raw = base64.b64decode(kv.get("value", ""))
+        return self._decode(raw), int(kv.get("mod_revision", 0))
+
+    def get(self) -> tuple[Semaphore, int]:
+        """The current value and its ``mod_revision``; a missing key reads as the default at revision 0."""
+        doc = self._post("kv/range", {"key": self._key_b64})
+        return self._from_kvs(doc.get("kvs"))
+
+    def ensure_exists(self) -> bool:
+        """Create the key with the default value if it is missing, in one transaction; True if created."""
+        txn = {
+            "compare": [{"key": self._key_b64, "target": "VERSION", "result": "EQUAL", "version": 0}],
+            "success": [{"request_put": {"key": self._key_b64, "value": _b64(Semaphore.default().encode())}}],
+            "failure": [],
+        }
+        created = bool(self._post("kv/txn", txn).get("succeeded", False))
+        if created:
+            log.info("Created semaphore %s with %s", self.key, Semaphore.default().encode())
+        return created
+
+    def _compare_and_put(self, revision: int, new: Semaphore) -> tuple[bool, Semaphore, int]:
+        """Write ``new`` if the key is still at ``revision``; else return the value that is there now."""
+        # Round-trip through the decoder: a value that fails validation is never written.
+        checked = Semaphore.decode(new.encode())
+        if revision == 0:
+            compare = {"key": self._key_b64, "target": "VERSION", "result": "EQUAL", "version": 0}
+        else:
+            compare = {"key": self._key_b64, "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+        txn = {
+            "compare": [compare],
+            "success": [{"request_put": {"key": self._key_b64, "value": _b64(checked.encode())}}],
+            "failure": [{"request_range": {"key": self._key_b64}}],
+        }
+        doc = self._post("kv/txn", txn)
+        if doc.get("succeeded", False):
+            return True, checked, int(doc.get("header", {}).get("revision", 0))
+        responses = doc.get("responses") or [{}]
+        kvs = responses[0].get("response_range", {}).get("kvs")
+        current, current_rev = self._from_kvs(kvs)
+        return False, current, current_rev
+
+    def apply(
+        self, fn: Callable[[Semaphore], Semaphore], start: tuple[Semaphore, int] | None = None
+    ) -> UpdateResult:
+        """Read (or start from ``start``), apply ``fn`` and write with compare-and-swap, retrying lost races.
+
+        ``fn`` raising SemaphoreError aborts with nothing written; a result equal to the value read is not
+        written.
+        """
+        current, revision = self.get() if start is None else start
+        for attempt in range(self._max_conflict_retries):
+            new = fn(current)
+            if new == current:
+                return UpdateResult(current, current, revision, written=False)
+            ok, now, now_rev = self._compare_and_put(revision, new)
+            if ok:
+                return UpdateResult(current, now, now_rev, written=True)
+            log.debug(
+                "lost a race for %s at revision %d (attempt %d); retrying", self.key, revision, attempt + 1
+            )
+            # The failed transaction returned the value now stored: retry at once, any pause would only let
+            # it go stale again.
+            current, revision = now, now_rev
+        raise EtcdTransientError(
+            f"gave up on {self.key!r} after {self._max_conflict_retries} conflicting writes by other nodes"
+        )
+
+    def update(self, fn: Callable[[Semaphore], Semaphore]) -> Semaphore:
+        """``apply`` returning only the value now stored."""
+        return self.apply(fn).current
+
+    def try_acquire(
+        self, holder: str, start: tuple[Semaphore, int] | None = None, *, tries: int | None = None
+    ) -> LockAttempt:
+        """Take a slot if there is one (or ``holder`` already has one); never waits for a release.
+
+        A lost race is retried up to ``tries`` times while the value still shows a free slot; after that the
+        attempt reports the value it last saw (which may show a free slot another node is about to take).
+        """
+        current, revision = self.get() if start is None else start
+        limit = self._max_conflict_retries if tries is None else max(1, tries)
+        for _ in range(limit):
+            try:
+                new = current.lock(holder)
+            except SemaphoreFullError:
+                return LockAttempt(False, current, revision)
+            if new == current:
+                return LockAttempt(True, current, revision)
+            ok, now, now_rev = self._compare_and_put(revision, new)
+            if ok:
+                return LockAttempt(True, now, now_rev)
+            current, revision = now, now_rev
+        return LockAttempt(current.holds(holder), current, revision)
+
+    def release(self, holder: str) -> bool:
+        """Free ``holder``'s slot if it has one; True when something was released."""
+        result = self.apply(lambda sem: sem.unlock_if_held(holder))
+        return result.previous.holds(holder) and result.written
+
+    def ping(self, timeout: float = 2.0) -> bool:
+        """True when some endpoint serves a linearizable read of the key within ``timeout`` per endpoint."""
+        try:
+            self._post("kv/range", {"key": self._key_b64, "count_only": True}, timeout=timeout)
+        except LockBackendError as exc:
+            log.debug("etcd is not usable: %s", exc)
+            return False
+        return True
+
+    def watch(self, after_revision: int, idle_timeout: float = 300.0) -> KeyWatch:
+        """A watch on the key for changes after ``after_revision`` (not connected until iterated)."""
+        return KeyWatch(self, after_revision + 1, idle_timeout)
+
+    def _open_watch_stream(self, start_revision: int, idle_timeout: float) -> Any:
+        """POST a watch create request (with endpoint failover) and return the streaming response."""
+        body: dict[str, Any] = {"create_request": {"key": self._key_b64, "start_revision": start_revision}}
+        connect = self.settings.request_timeout
+        failures: list[str] = []
+        for step in range(len(self._endpoints)):
+            index = (self._current + step) % len(self._endpoints)
+            url = self._endpoints[index].url
+            try:
+                self._authenticate(index, connect)
+                client = self._client(index)
+                self.requests_sent += 1
+                resp = client.session.post(
+                    client.get_url("watch"),
+                    json=body,
+                    stream=True,
+                    timeout=(connect, idle_timeout),
+                    verify=self._verify,
+                )
+            except _EndpointDown as exc:
+                failures.append(f"{url}: {exc}")
+                continue
+            except requests.RequestException as exc:
+                failures.append(f"{url}: {_short_reason(exc)}")
+                continue
+            if resp.status_code != 200:
+                failures.append(f"{url}: HTTP {resp.status_code}: {_error_message(resp)}")
+                resp.close()
+                continue
+            return resp
+        raise EtcdTransientError(f"cannot watch {self.key!r} ({'; '.join(failures)})")
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.session.close()
+            self._clients.clear()
+            self._authenticated.clear()
+
+
+class _TokenRejected(Exception):
+    pass
+
+
+def _error_message(resp: Any) -> str:
+    try:
+        doc = resp.json()
+    except ValueError:
+        text = str(resp.text).strip()
+        return text[:200] or f"HTTP {resp.status_code}"
+    if isinstance(doc, dict):
+        return str(doc.get("message") or doc.get("error") or doc)
+    return str(doc)
+
+
+class KeyWatch:
+    """A streaming watch on the semaphore key, read by one thread; ``stop`` from any thread ends it promptly.
+
+    ``changes()`` yields every change after the start revision and returns when the watch was stopped or
+    nothing happened for ``idle_timeout`` (a silent member cannot keep a waiter forever). A broken stream
+    raises EtcdTransientError; compacted history raises _WatchRestart (read the key again).
+    """
+
+    def __init__(self, store: EtcdSemaphoreStore, start_revision: int, idle_timeout: float) -> None:
+        self._store = store
+        self._start_revision = start_revision
+        self._idle_timeout = idle_timeout
+        self._stopped = threading.Event()
+        self._response: Any = None
+        self._resp_lock = threading.Lock()
+
+    def changes(self) -> Iterator[KeyChange]:
+        if self._stopped.is_set():
+            return
+        resp = self._store._open_watch_stream(self._start_revision, self._idle_timeout)
+        with self._resp_lock:
+            self._response = resp
+        try:
+            if self._stopped.is_set():
+                return
+            yield from self._read(resp)
+        finally:
+            with self._resp_lock:
+                self._response = None
+            resp.close()
+
+    def _read(self, resp: Any) -> Iterator[KeyChange]:
+        decoder = json.JSONDecoder()
+        text_decoder = codecs.getincrementaldecoder("utf-8")()
+        buffer = ""
+        try:
+            for chunk in resp.iter_content(chunk_size=None):
+                buffer += text_decoder.decode(chunk)
+                while True:
+                    buffer = buffer.lstrip()
+                    if not buffer:
+                        break
+                    try:
+                        message, end = decoder.raw_decode(buffer)
+                    except ValueError:
+                        break  # incomplete message; wait for more bytes
+                    buffer = buffer[end:]
+                    yield from self._interpret(message)
+        except requests.RequestException as exc:
+            if self._stopped.is_set():
+                return
+            cause = exc.args[0] if exc.args else None
+            if "Read timed out" in str(cause) or isinstance(exc, requests.Timeout):
+                log.debug("no change of %s for %.0fs; reading it again", self._store.key, self._idle_timeout)
+                return
+            raise EtcdTransientError(f"watch on {self._store.key!r} broke: {_short_reason(exc)}") from None
+        except OSError as exc:
+            if self._stopped.is_set():
+                return
+            raise EtcdTransientError(f"watch on {self._store.key!r} broke: {exc}") from None
+        if not self._stopped.is_set():
+            raise EtcdTransientError(f"etcd closed the watch on {self._store.key!r}")
+
+    def _interpret(self, message: object) -> Iterator[KeyChange]:
+        if not isinstance(message, dict):
+            raise EtcdTransientError(f"unexpected watch message {message!r}")
+        if "error" in message and "result" not in message:
+            raise EtcdTransientError(
+                f"watch on {self._store.key!r} failed: {message.get('message') or message}"
+            )
+        result = message.get("result") or {}
+        if result.get("canceled"):
+            if result.get("compact_revision"):
+                raise _WatchRestart(f"history before revision {result['compact_revision']} was compacted")
+            reason = result.get("cancel_reason", "no reason given")
+            raise EtcdTransientError(f"etcd cancelled the watch on {self._store.key!r}: {reason}")
+        for event in result.get("events") or []:
+            kv = event.get("kv") or {}
+            revision = int(kv.get("mod_revision", 0))
+            if event.get("type") == "DELETE":
+                yield KeyChange(revision, None)
+            else:
+                yield KeyChange(revision, base64.b64decode(kv.get("value", "")))
+
+    def stop(self) -> None:
+        """End ``changes()`` from any thread: shut the stream's socket so a blocked read returns at once."""
+        self._stopped.set()
+        with self._resp_lock:
+            resp = self._response
+        if resp is None:
+            return
+        with contextlib.suppress(Exception):
+            fd = resp.raw.fileno()
+            sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# asyncio backend
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as Go prints a Duration (``10s``, ``1m20s``, ``5m0s``, ``250ms``), as locksmith logs them."""
+    if seconds < 1:
+        return f"{seconds * 1000:.4g}ms"
+    whole_minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(whole_minutes), 60)
+    sec_text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{sec_text}"
+    if minutes:
+        return f"{minutes}m{sec_text}"
+    return sec_text
+
+
+@dataclass
+class Backoff:
+    """locksmith's retry interval: starts at ``first`` (10 s), doubles, capped at ``cap`` (5 min)."""
+
+    first: float = 10.0
+    cap: float = 300.0
+    _next: float = field(default=0.0, init=False)
+
+    def next(self) -> float:
+        delay = self.first if self._next == 0.0 else self._next
+        self._next = min(delay * 2, self.cap)
+        return min(delay, self.cap)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+
+class _ThreadedWatch:
+    """Runs a KeyWatch in its own thread and hands its changes to the event loop through a queue."""
+
+    _END = object()
+
+    def __init__(self, watch: KeyWatch, name: str) -> None:
+        self._watch = watch
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._finished: asyncio.Future[None] = self._loop.create_future()
+        # The newest revision the stream has delivered, written by the watch thread; lets an attempt queued
+        # behind other work notice that it would compare against an outdated revision.
+        self.latest_revision = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _deliver(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            for change in self._watch.changes():
+                self.latest_revision = max(self.latest_revision, change.revision)
+                self._deliver(change)
+            self._deliver(self._END)
+        except BaseException as exc:
+            self._deliver(exc)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._mark_finished)
+
+    def _mark_finished(self) -> None:
+        if not self._finished.done():
+            self._finished.set_result(None)
+
+    async def next_change(self, timeout: float | None = None) -> KeyChange | None:
+        """The next change; None when ``timeout`` passed first. Raises what the watch raised."""
+        if not self._queue.empty():
+            item: object = self._queue.get_nowait()  # delivered already: never report a timeout over it
+        elif timeout is None:
+            item = await self._queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
+        if item is self._END:
+            raise _WatchRestart("watch ended")
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, KeyChange)
+        return item
+
+    async def close(self) -> None:
+        """Stop the watch and wait (without blocking the loop) for its thread to end."""
+        self._watch.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._finished), 5.0)
+        except TimeoutError:
+            # Only a request still connecting can take this long; the thread ends when it times out.
+            log.debug("watch thread %s still finishing its request", self._thread.name)
+
+
+class EtcdLockBackend:
+    """The ``etcd-lock`` strategy's LockBackend: locksmith's semaphore in etcd v3, waited on with a watch."""
+
+    name = "etcd-lock"
+
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        *,
+        first_backoff: float = 10.0,
+        max_backoff: float = 300.0,
+        use_watch: bool = True,
+        watch_idle_timeout: float = 300.0,
+        handoff_jitter: float = 0.2,
+        max_handoff_jitter: float = 5.0,
+        store: EtcdSemaphoreStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store if store is not None else EtcdSemaphoreStore(settings)
+        self._first_backoff = first_backoff
+        self._max_backoff = max_backoff
+        self._use_watch = use_watch
+        self._watch_idle_timeout = watch_idle_timeout
+        self._handoff_jitter = handoff_jitter
+        self._max_handoff_jitter = max(handoff_jitter, max_handoff_jitter)
+
+    async def reachable(self) -> bool:
+        return await asyncio.to_thread(self.store.ping, min(2.0, self.settings.request_timeout))
+
+    async def _sleep_backoff(self, backoff: Backoff, reason: str) -> None:
+        delay = backoff.next()
+        log.warning("Failed to acquire lock: %s. Retrying in %s.", reason, go_duration(delay))
+        await asyncio.sleep(delay)
+
+    async def acquire(self, machine_id: str) -> None:
+        """Wait until ``machine_id`` holds a slot.
+
+        Retries while etcd is unreachable; raises LockBackendError for a corrupt value or refused
+        credentials, which waiting will not fix.
+        """
+        if not machine_id:
+            raise LockBackendError("cannot take the reboot lock: the machine id is empty")
+        store = self.store
+        backoff = Backoff(self._first_backoff, self._max_backoff)
+        watch: _ThreadedWatch | None = None
+        # The value and revision a watch event showed with a free slot: the next attempt starts from it
+        # instead of reading the key again.
+        known: tuple[Semaphore, int] | None = None
+        # How long a waiter may wait before using a free slot it saw; doubled each time another node was
+        # faster, so the more waiters there are, the fewer of them race for each released slot.
+        jitter = self._handoff_jitter
+        created = False
+        try:
+            while True:
+                try:
+                    if not created:
+                        await asyncio.to_thread(store.ensure_exists)
+                        created = True
+                    attempt = await asyncio.to_thread(self._attempt, machine_id, known, watch)
+                    if attempt is None:
+                        # The key changed while this attempt waited for a thread: look at the news first.
+                        assert watch is not None and known is not None
+                        known = await self._wait_for_free_slot(watch, machine_id, known, jitter)
+                        continue
+                    known = None
+                    if attempt.acquired:
+                        log.info("Lock taken for %s: %s", machine_id, attempt.semaphore.describe())
+                        return
+                    if not self._use_watch:
+                        await self._sleep_backoff(backoff, f"semaphore is at {attempt.semaphore.semaphore}")
+                        continue
+                    if attempt.semaphore.semaphore > 0:
+                        jitter = min(jitter * 2, self._max_handoff_jitter)
+                        log.debug("another node wrote %s first; trying again within %.3fs", store.key, jitter)
+                    else:
+                        log.info("%s; waiting for a release", attempt.semaphore.describe())
+                    if watch is None:
+                        key_watch = store.watch(attempt.revision, self._watch_idle_timeout)
+                        watch = _ThreadedWatch(key_watch, f"etcd-watch {store.key}")
+                    state = (attempt.semaphore, attempt.revision)
+                    known = await self._wait_for_free_slot(watch, machine_id, state, jitter)
+                    backoff.reset()
+                except _WatchRestart as exc:
+                    log.debug("re-reading %s: %s", store.key, exc)
+                    known = None
+                    if watch is not None:
+                        await watch.close()
+                        watch = None
+                except EtcdTransientError as exc:
+                    known = None
+                    if watch is not None:
+                        await watch.close()
+                        watch = None
+                    await self._sleep_backoff(backoff, str(exc))
+        finally:
+            if watch is not None:
+                await watch.close()
+
+    def _attempt(
+        self, machine_id: str, known: tuple[Semaphore, int] | None, watch: _ThreadedWatch | None
+    ) -> LockAttempt | None:
+        """One lock attempt (in a worker thread); None when the watch has news newer than ``known``."""
+        if known is not None and watch is not None and watch.latest_revision > known[1]:
+            return None
+        # A watching node makes one compare-and-swap per free slot it sees: after a lost race the watch
+        # shows what happened, so retrying at once would only add to the stampede.
+        return self.store.try_acquire(machine_id, known, tries=1 if self._use_watch else None)
+
+    async def _wait_for_free_slot(
+        self, watch: _ThreadedWatch, machine_id: str, state: tuple[Semaphore, int], jitter: float
+    ) -> tuple[Semaphore, int] | None:
+        """From ``state`` on, follow the watch until a value shows a free slot throughout a random delay.
+
+        Returns that value and revision to attempt the lock from, or None when the key should be read again
+        (deleted, or a value that does not decode: the read will report it).
+        """
+        seen_revision = state[1]
+        candidate: tuple[Semaphore, int] | None = None
+        deadline = 0.0
+        if state[0].semaphore > 0 or state[0].holds(machine_id):
+            candidate = state
+            deadline = time.monotonic() + random.uniform(0, jitter)
+        while True:
+            timeout = None if candidate is None else max(0.0, deadline - time.monotonic())
+            change = await watch.next_change(timeout)
+            if change is None:
+                return candidate  # the free slot lasted through the delay
+            if change.revision <= seen_revision:
+                continue
+            seen_revision = change.revision
+            if change.value is None:
+                return None
+            try:
+                sem = Semaphore.decode(change.value)
+            except SemaphoreError:
+                return None
+            if sem.semaphore > 0 or sem.holds(machine_id):
+                if candidate is None:
+                    deadline = time.monotonic() + random.uniform(0, jitter)
+                candidate = (sem, change.revision)
+            else:
+                candidate = None
+
+    async def release(self, machine_id: str) -> bool:
+        if not machine_id:
+            raise LockBackendError("cannot release the reboot lock: the machine id is empty")
+        released = await asyncio.to_thread(self.store.release, machine_id)
+        if released:
+            log.info("Released the lock of %s on %s", machine_id, self.store.key)
+        else:
+            log.debug("%s held no lock on %s", machine_id, self.store.key)
+        return released
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.store.close)

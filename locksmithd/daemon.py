@@ -1,0 +1,408 @@
+"""locksmithd: once update-engine has installed an update, reboot the node when the strategy allows it.
+
+Theory of operation: check every setting, take the coordinator file, connect to the system bus and ask
+update-engine for its status (``READY=1`` is sent after that first answer).  Meanwhile, in the background, the
+strategy releases a reboot lock this node may still hold from before its last reboot, once the node is steady
+(update-engine idle and, where the system has it, ``boot-complete.target`` active).  When the status is, or
+becomes, ``UPDATE_STATUS_UPDATED_NEED_REBOOT``, that background release is cancelled and the reboot path runs:
+reboot window → permission (lock) → window re-checked → logged-in users warned and given a grace period →
+logind ``Reboot(false)``, retried until logind accepts.  The grace period for logged-in users comes after the
+last window check, as in the original: users were told the reboot comes in five minutes, and it does.  The
+daemon then waits for the reboot and never exits on its own; if it is still alive after
+``--reboot-retry-interval`` it asks again.
+
+SIGTERM/SIGINT end the daemon with status 0 at any point, leaving the lock as it is: a node stopped half-way
+through a reboot keeps its slot, and the next start releases it once the node is steady.
+
+Settings only used by tests and impatient operators: ``--backoff-initial``/``--backoff-max`` (retry delays,
+default 10s and 5m0s), ``--session-grace`` (default 5m0s) and ``--reboot-retry-interval`` (default 1h0m0s),
+each also as ``LOCKSMITHD_<FLAG>`` (e.g. ``LOCKSMITHD_BACKOFF_INITIAL=200ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+import sdnotify
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+
+from locksmithd import __version__
+from locksmithd.backends import LockBackendError
+from locksmithd.backends.etcd import EtcdLockBackend
+from locksmithd.backends.fleetlock import FleetLockBackend
+from locksmithd.config import STRING_FLAGS, DaemonSettings, SettingsError, Strategy, load_settings
+from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
+from locksmithd.login1 import (
+    DBusCallError,
+    SystemdUnavailable,
+    logged_in_ttys,
+    notify_sessions,
+    reboot_until_accepted,
+    unit_state,
+    wall_message,
+)
+from locksmithd.strategies import Clock, SystemClock, clear_to_reboot, show_delay
+from locksmithd.strategies import Strategy as RebootStrategyProtocol
+from locksmithd.strategies.best_effort import BestEffortStrategy
+from locksmithd.strategies.etcd_lock import EtcdLockStrategy
+from locksmithd.strategies.fleet_lock import FleetLockStrategy
+from locksmithd.strategies.off import EXIT_MESSAGE, OffStrategy
+from locksmithd.strategies.reboot import RebootStrategy
+from locksmithd.updateengine import UpdateEngineWatcher, is_idle, is_need_reboot
+from update_engine import logs
+from update_engine.status import StatusSnapshot
+
+log = logging.getLogger("locksmithd")
+
+BOOT_COMPLETE_TARGET = "boot-complete.target"
+
+_HELP: Mapping[str, str] = {
+    "strategy": "reboot strategy: best-effort (default), etcd-lock, reboot, off, fleet-lock "
+    "(else LOCKSMITHD_STRATEGY, REBOOT_STRATEGY)",
+    "endpoint": "etcd endpoints, comma-separated (default http://127.0.0.1:2379)",
+    "etcd-cafile": "CA certificate to verify etcd's TLS certificate",
+    "etcd-certfile": "client certificate for etcd",
+    "etcd-keyfile": "client key for etcd",
+    "etcd-username": "etcd user name",
+    "etcd-password": "etcd password",
+    "group": "etcd lock group (default: the cluster-wide semaphore)",
+    "reboot-window-start": "reboot window start, 'H:MM' or 'Ddd H:MM' (else REBOOT_WINDOW_START)",
+    "reboot-window-length": "reboot window length, e.g. 1h30m (else REBOOT_WINDOW_LENGTH)",
+    "fleetlock-url": "FleetLock server base URL (fleet-lock strategy)",
+    "fleetlock-group": "FleetLock group (default 'default')",
+    "backoff-initial": "first retry delay (default 10s)",
+    "backoff-max": "longest retry delay (default 5m)",
+    "session-grace": "delay before rebooting when users are logged in (default 5m)",
+    "reboot-retry-interval": "ask logind again if still running this long after a reboot (default 1h)",
+    "config-root": "root directory for update.conf, machine-id, utmp and /run (default /)",
+    "bus-address": "D-Bus address of the system bus (default: the system bus)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="locksmithd",
+        description="Reboot the node after update-engine installed an update, as the reboot strategy allows. "
+        "Every flag can also be set as LOCKSMITHD_<FLAG> (e.g. LOCKSMITHD_ETCD_CAFILE).",
+    )
+    for flag in STRING_FLAGS:
+        if flag == "accept-any-sender":
+            parser.add_argument(
+                "--accept-any-sender",
+                action="store_const",
+                const="true",
+                default=None,
+                help="accept StatusUpdate signals from any sender (as locksmithctl send-need-reboot sends), "
+                "not only from update-engine",
+            )
+            continue
+        parser.add_argument(f"--{flag}", default=None, metavar="VALUE", help=_HELP.get(flag))
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, str | None]:
+    return {flag: getattr(args, flag.replace("-", "_")) for flag in STRING_FLAGS}
+
+
+def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProtocol:
+    """The strategy object for the settings; LockBackendError when its backend cannot be set up."""
+    backoff = settings.backoff
+    if settings.strategy is Strategy.OFF:
+        return OffStrategy()
+    if settings.strategy is Strategy.REBOOT:
+        return RebootStrategy()
+    if settings.strategy is Strategy.FLEET_LOCK:
+        assert settings.fleetlock_url is not None  # checked by the settings
+        fleet = FleetLockBackend(
+            settings.fleetlock_url,
+            settings.fleetlock_group,
+            backoff_initial=backoff.initial,
+            backoff_max=backoff.maximum,
+            sleep=clock.sleep,
+        )
+        return FleetLockStrategy(fleet, settings.machine_id, backoff, clock)
+    etcd = EtcdLockBackend(settings.etcd, first_backoff=backoff.initial, max_backoff=backoff.maximum)
+    if settings.strategy is Strategy.ETCD_LOCK:
+        return EtcdLockStrategy(etcd, settings.machine_id, backoff, clock)
+    return BestEffortStrategy(
+        etcd, settings.machine_id, backoff, clock, where=",".join(settings.etcd.endpoints)
+    )
+
+
+class Notifier:
+    """sd_notify(3) messages; silent when not started by systemd with Type=notify."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._notifier = sdnotify.SystemdNotifier() if environ.get("NOTIFY_SOCKET") else None
+        self._last_status = ""
+
+    def send(self, message: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(message)
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def watchdog_interval(self) -> float | None:
+        """Half of WATCHDOG_USEC when the watchdog is meant for this process, else None."""
+        usec = self._environ.get("WATCHDOG_USEC", "")
+        pid = self._environ.get("WATCHDOG_PID", "")
+        if self._notifier is None or not usec.isdigit() or int(usec) == 0:
+            return None
+        if pid and pid != str(os.getpid()):
+            return None
+        return int(usec) / 2_000_000
+
+    async def run_watchdog(self, interval: float) -> None:
+        while True:
+            self.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        strategy: RebootStrategyProtocol,
+        coordinator: Coordinator,
+        notifier: Notifier,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.coordinator = coordinator
+        self.notifier = notifier
+        self.clock = clock
+        self.bus: MessageBus | None = None
+        self.watcher: UpdateEngineWatcher | None = None
+
+    def _set_state(self, state: CoordinatorState, status: str) -> None:
+        self.coordinator.set_state(state)
+        self.notifier.status(status)
+
+    async def run(self) -> int:
+        """Connect and follow the flow; returns the exit status (1 when the bus connection is lost)."""
+        try:
+            bus = await MessageBus(bus_address=self.settings.bus_address, bus_type=BusType.SYSTEM).connect()
+        except Exception as exc:  # dbus-fast reports connection failures with several exception types
+            where = self.settings.bus_address or "the system bus"
+            log.critical("Error connecting to %s: %s", where, exc)
+            return 1
+        self.bus = bus
+        watchdog: asyncio.Task[None] | None = None
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            watchdog = asyncio.create_task(self.notifier.run_watchdog(interval))
+        flow = asyncio.create_task(self._flow(bus))
+        disconnect = asyncio.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        try:
+            done, _ = await asyncio.wait({flow, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if flow in done:
+                return flow.result()
+            log.critical("Lost the connection to the system bus: exiting so that systemd restarts locksmithd")
+            return 1
+        finally:
+            for task in (flow, disconnect, watchdog):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(flow, disconnect, return_exceptions=True)
+            if self.watcher is not None:
+                self.watcher.close()
+            with contextlib.suppress(Exception):
+                await self.strategy.close()
+            bus.disconnect()
+
+    async def _flow(self, bus: MessageBus) -> int:
+        watcher = UpdateEngineWatcher(
+            bus, accept_any_sender=self.settings.accept_any_sender, retry_delay=self.settings.backoff.initial
+        )
+        self.watcher = watcher
+        watcher.add_listener(self._on_status)
+        status = await watcher.start()
+        log.info(
+            'locksmithd starting currentOperation="%s" strategy="%s"',
+            status.current_operation,
+            self.strategy.name,
+        )
+        self.coordinator.set_state(CoordinatorState.RUNNING)
+        self.notifier.send("READY=1")
+        self._on_status(status)
+
+        steady = asyncio.create_task(self.strategy.report_steady(self._wait_until_steady))
+        await watcher.wait_for(is_need_reboot)
+        if not steady.done():
+            log.debug("An update needs a reboot: no longer waiting to release an earlier reboot lock")
+            steady.cancel()
+        results = await asyncio.gather(steady, return_exceptions=True)
+        if isinstance(results[0], Exception):
+            log.error("Releasing an earlier reboot lock failed: %s", results[0])
+
+        self._set_state(
+            CoordinatorState.REBOOT_PLANNED, "Reboot planned: waiting for the window and permission"
+        )
+        await clear_to_reboot(self.strategy, self.settings.window, self.clock)
+        await self._warn_logged_in_users()
+        await self._reboot()
+        self._set_state(CoordinatorState.REBOOTING, "Rebooting")
+        retry = self.settings.reboot_retry_interval.total_seconds()
+        while True:
+            await self.clock.sleep(retry)
+            log.error(
+                "Tried to reboot but did not! Still running %s later; asking logind again", show_delay(retry)
+            )
+            await self._reboot()
+
+    def _on_status(self, status: StatusSnapshot) -> None:
+        if self.coordinator.state is CoordinatorState.RUNNING:
+            self.notifier.status(
+                f"Waiting for an update to be installed (update-engine: {status.current_operation})"
+            )
+
+    async def _reboot(self) -> None:
+        assert self.bus is not None
+        backoff = self.settings.backoff
+        await reboot_until_accepted(
+            self.bus, backoff_initial=backoff.initial, backoff_max=backoff.maximum, sleep=self.clock.sleep
+        )
+
+    async def _warn_logged_in_users(self) -> None:
+        grace = self.settings.session_grace
+        lines = logged_in_ttys(self.settings.config_root)
+        if not lines:
+            return
+        reached = notify_sessions(self.settings.config_root, lines, wall_message(self.clock.now(), grace))
+        if reached:
+            self.notifier.status(f"Rebooting in {show_delay(grace.total_seconds())}: users are logged in")
+            log.info(
+                "Logins detected on %s, delaying reboot for %s.",
+                ", ".join(reached),
+                show_delay(grace.total_seconds()),
+            )
+            await self.clock.sleep(grace.total_seconds())
+
+    async def _wait_until_steady(self) -> None:
+        """The node is back and steady: update-engine idle since start-up, boot-complete.target reached."""
+        assert self.watcher is not None
+        await self.watcher.wait_for(is_idle)
+        await self._wait_for_boot_complete()
+
+    async def _wait_for_boot_complete(self) -> None:
+        assert self.bus is not None
+        delays = self.settings.backoff.delays()
+        announced = False
+        while True:
+            try:
+                state = await unit_state(self.bus, BOOT_COMPLETE_TARGET)
+            except SystemdUnavailable as exc:
+                log.info("No systemd manager on the bus (%s): not waiting for %s", exc, BOOT_COMPLETE_TARGET)
+                return
+            except DBusCallError as exc:
+                delay = next(delays)
+                log.warning(
+                    "Cannot ask systemd about %s: %s. Retrying in %s.",
+                    BOOT_COMPLETE_TARGET,
+                    exc,
+                    show_delay(delay),
+                )
+                await self.clock.sleep(delay)
+                continue
+            if state is None:
+                log.info("%s is not loaded on this system: not waiting for it", BOOT_COMPLETE_TARGET)
+                return
+            if state.active_state == "active":
+                log.info("%s is active: the boot is complete", BOOT_COMPLETE_TARGET)
+                return
+            if not state.job_pending and state.active_state != "activating":
+                log.info(
+                    "%s is %s and not being started: not waiting for it",
+                    BOOT_COMPLETE_TARGET,
+                    state.active_state,
+                )
+                return
+            if not announced:
+                log.info(
+                    "Waiting for %s (now %s) before releasing the reboot lock",
+                    BOOT_COMPLETE_TARGET,
+                    state.active_state,
+                )
+                announced = True
+            await self.clock.sleep(next(delays))
+
+
+async def _run_daemon(daemon: Daemon) -> int:
+    """Run until the daemon returns or SIGTERM/SIGINT arrives (exit 0, lock state left as it is)."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        main_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        return await daemon.run()
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        log.info("Received %s - locksmithd is exiting.", received[0])
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"locksmithd version {__version__}")
+        return 0
+    logs.setup("locksmithd", verbose=args.debug)
+    environ = dict(os.environ)
+    try:
+        settings = load_settings(flags_from_args(args), environ)
+    except SettingsError as exc:
+        log.critical("Invalid configuration: %s", exc)
+        return 1
+    clock = SystemClock()
+    try:
+        strategy = build_strategy(settings, clock)
+    except LockBackendError as exc:
+        log.critical("Invalid configuration for the %s strategy: %s", settings.strategy.value, exc)
+        return 1
+    if not strategy.keeps_running:
+        log.info("%s", EXIT_MESSAGE)
+        return 0
+    coordinator = Coordinator(settings.config_root, strategy.name)
+    try:
+        coordinator.acquire()
+    except CoordinatorError as exc:
+        log.critical("%s", exc)
+        return 1
+    try:
+        daemon = Daemon(settings, strategy, coordinator, Notifier(environ), clock)
+        return asyncio.run(_run_daemon(daemon))
+    except Exception:
+        log.exception("locksmithd failed unexpectedly")
+        return 1
+    finally:
+        coordinator.release()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

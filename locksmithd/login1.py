@@ -1,0 +1,256 @@
+"""Talking to systemd's services on the bus, and to the people logged in, before a reboot.
+
+* logind ``org.freedesktop.login1.Manager.Reboot(false)``: the reply is checked and a refusal is retried with
+  a doubling delay (the original ignored the reply, so a refused reboot left the node waiting for a week).
+* the manager's unit state (``GetUnit`` + ``ActiveState``), used to wait for ``boot-complete.target``.
+* interactive sessions from utmp: each gets a wall-style notice on its terminal, and the caller waits a grace
+  period (with the lock held) so people can save their work.
+
+Paths are under a configurable root (``/`` on a node) so tests can provide their own utmp and terminals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from locksmithd.window import format_go_duration
+
+log = logging.getLogger(__name__)
+
+LOGIN1_NAME = "org.freedesktop.login1"
+LOGIN1_PATH = "/org/freedesktop/login1"
+LOGIN1_MANAGER = "org.freedesktop.login1.Manager"
+SYSTEMD_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+# Errors meaning "there is no such service on this bus" rather than "the service said no".
+NO_SERVICE_ERRORS = frozenset(
+    {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+)
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+
+UTMP_FILE = "run/utmp"
+USER_PROCESS = 7
+# glibc's struct utmp on Linux (64-bit and 32-bit alike): ut_type, pad, ut_pid, ut_line[32], ut_id[4],
+# ut_user[32], ut_host[256], ut_exit, ut_session, ut_tv (two int32), ut_addr_v6[4], reserved[20].
+UTMP_RECORD = struct.Struct("=h2xi32s4s32s256shhi2i4i20s")
+assert UTMP_RECORD.size == 384
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class SystemdUnavailable(Exception):
+    """There is no systemd manager on this bus (a container, a test bus)."""
+
+
+class DBusCallError(Exception):
+    """A method call was answered with a D-Bus error; ``name`` is the error name."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}" if text else name)
+        self.name = name
+
+
+async def _call(bus: MessageBus, message: Message) -> Message:
+    reply = await bus.call(message)
+    if reply.message_type == MessageType.ERROR:
+        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+        raise DBusCallError(reply.error_name or "unknown error", text)
+    return reply
+
+
+async def request_reboot(bus: MessageBus) -> None:
+    """One ``Reboot(false)`` call; DBusCallError when logind refuses or is absent."""
+    await _call(
+        bus,
+        Message(
+            destination=LOGIN1_NAME,
+            path=LOGIN1_PATH,
+            interface=LOGIN1_MANAGER,
+            member="Reboot",
+            signature="b",
+            body=[False],
+        ),
+    )
+
+
+async def reboot_until_accepted(
+    bus: MessageBus,
+    *,
+    backoff_initial: float = 10.0,
+    backoff_max: float = 300.0,
+    sleep: Sleep = asyncio.sleep,
+) -> None:
+    """Ask logind to reboot until it accepts, logging each refusal and waiting longer each time."""
+    delay = backoff_initial
+    while True:
+        try:
+            await request_reboot(bus)
+        except (DBusCallError, OSError, EOFError) as exc:
+            log.error(
+                "logind refused to reboot: %s. Retrying in %s.",
+                exc,
+                format_go_duration(timedelta(seconds=delay)),
+            )
+            await sleep(delay)
+            delay = min(delay * 2, backoff_max)
+            continue
+        log.info("Reboot sent. Going to sleep.")
+        return
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """A loaded unit's ``ActiveState`` and whether a job (start, stop…) is queued for it."""
+
+    active_state: str
+    job_pending: bool
+
+
+async def _unit_property(bus: MessageBus, path: str, name: str) -> tuple[str, Any]:
+    reply = await _call(
+        bus,
+        Message(
+            destination=SYSTEMD_NAME,
+            path=path,
+            interface=PROPERTIES,
+            member="Get",
+            signature="ss",
+            body=[SYSTEMD_UNIT, name],
+        ),
+    )
+    if reply.signature != "v":
+        raise DBusCallError(
+            "org.freedesktop.DBus.Error.InvalidSignature", f"{name} came as {reply.signature!r}"
+        )
+    variant = reply.body[0]
+    return variant.signature, variant.value
+
+
+async def unit_state(bus: MessageBus, unit: str) -> UnitState | None:
+    """State of ``unit`` as systemd sees it, or None when systemd does not have it loaded.
+
+    Raises SystemdUnavailable when there is no systemd manager on the bus and DBusCallError on other errors.
+    """
+    try:
+        reply = await _call(
+            bus,
+            Message(
+                destination=SYSTEMD_NAME,
+                path=SYSTEMD_PATH,
+                interface=SYSTEMD_MANAGER,
+                member="GetUnit",
+                signature="s",
+                body=[unit],
+            ),
+        )
+    except DBusCallError as exc:
+        if exc.name in NO_SERVICE_ERRORS:
+            raise SystemdUnavailable(str(exc)) from exc
+        if exc.name == NO_SUCH_UNIT:
+            return None
+        raise
+    if reply.signature != "o":
+        raise DBusCallError(
+            "org.freedesktop.DBus.Error.InvalidSignature", f"GetUnit returned {reply.signature!r}"
+        )
+    path = reply.body[0]
+    signature, active = await _unit_property(bus, path, "ActiveState")
+    if signature != "s":
+        raise DBusCallError("org.freedesktop.DBus.Error.InvalidSignature", "ActiveState is not a string")
+    signature, job = await _unit_property(bus, path, "Job")
+    # Job is (uo): id 0 and path "/" when nothing is queued.
+    job_pending = signature == "(uo)" and bool(job[0])
+    return UnitState(active_state=active, job_pending=job_pending)
+
+
+@dataclass(frozen=True)
+class UtmpEntry:
+    type: int
+    pid: int
+    line: str
+    user: str
+
+
+def _c_string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def parse_utmp(data: bytes) -> list[UtmpEntry]:
+    """Decode whole utmp records; a trailing partial record is ignored."""
+    entries = []
+    for offset in range(0, len(data) - UTMP_RECORD.size + 1, UTMP_RECORD.size):
+        fields = UTMP_RECORD.unpack_from(data, offset)
+        entries.append(
+            UtmpEntry(type=fields[0], pid=fields[1], line=_c_string(fields[2]), user=_c_string(fields[4]))
+        )
+    return entries
+
+
+def interactive_ttys(entries: list[UtmpEntry]) -> list[str]:
+    """Terminal lines (``pts/0``, ``tty1``) of logged-in users, without duplicates or unsafe paths."""
+    lines: list[str] = []
+    for entry in entries:
+        if entry.type != USER_PROCESS or not entry.line:
+            continue
+        path = PurePosixPath(entry.line)
+        if path.is_absolute() or ".." in path.parts or entry.line in lines:
+            continue
+        lines.append(entry.line)
+    return lines
+
+
+def wall_message(now: datetime, grace: timedelta) -> str:
+    minutes = max(1, round(grace.total_seconds() / 60))
+    when = f"{minutes} minute{'s' if minutes != 1 else ''}"
+    header = f"Broadcast message from locksmithd at {now:%Y-%m-%d %H:%M:%S %Z}:"
+    return f"\r\n{header}\a\a\r\n\r\nSystem reboot in {when}!\r\n"
+
+
+def logged_in_ttys(root: Path) -> list[str]:
+    """Lines of interactive sessions from ``<root>/run/utmp``; none when the file is missing or unreadable."""
+    path = root / UTMP_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot read %s to look for logged-in users: %s", path, exc.strerror or exc)
+        return []
+    return interactive_ttys(parse_utmp(data))
+
+
+def notify_sessions(root: Path, lines: list[str], message: str) -> list[str]:
+    """Write ``message`` to each existing ``<root>/dev/<line>``; returns the lines that were reached."""
+    reached = []
+    for line in lines:
+        path = root / "dev" / line
+        try:
+            # No O_CREAT: only existing terminals. O_NONBLOCK: a stuck terminal must not stall the reboot.
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot write the reboot notice to %s: %s", path, exc.strerror or exc)
+            continue
+        try:
+            os.write(fd, message.encode())
+            reached.append(line)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                log.warning("cannot write the reboot notice to %s: %s", path, exc.strerror or exc)
+        finally:
+            os.close(fd)
+    return reached

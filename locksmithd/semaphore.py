@@ -1,0 +1,192 @@
+"""The cluster reboot semaphore: key paths, JSON value and lock transitions, with no I/O.
+
+Theory of operation: one etcd key per group holds ``{"semaphore":S,"max":M,"holders":[ids]}``, the key and
+value format locksmith uses, so nodes running either can share a cluster. A node may reboot while its machine
+id is in ``holders``. Every change is a pure transition from one value to the next; the I/O shell writes the
+result with a compare-and-swap on the key's revision, so two nodes can never both take the last slot.
+
+Invariant, checked on every decode and kept by every transition: ``semaphore == max - len(holders)``,
+``max >= 0``, holders unique and sorted. ``semaphore`` is negative only when ``set_max`` lowered ``max`` below
+the number of current holders: they keep their slots (taking them away would not stop a reboot already under
+way) and nobody else gets one until enough of them release.
+
+Deliberate difference from locksmith: a holder asking for the lock again succeeds without a change (locksmith
+checks capacity first and answers ``semaphore is at 0`` to its own holder, locksmith#58), so
+``locksmithctl reboot`` on a node that already holds the lock, or a daemon restarted mid-reboot, is not stuck.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import urllib.parse
+from dataclasses import dataclass, field
+
+SEMAPHORE_KEY = "coreos.com/updateengine/rebootlock/semaphore"
+GROUPS_PREFIX = "coreos.com/updateengine/rebootlock/groups/"
+
+# How much of a bad stored value an error message quotes.
+_QUOTE_LIMIT = 200
+
+
+def key_for_group(group: str) -> str:
+    """The etcd key of ``group``'s semaphore; the empty group is the cluster-wide default key.
+
+    Group names are escaped like Go's ``url.QueryEscape`` (``prod/database`` → ``prod%2Fdatabase``, a space
+    → ``+``), so the keys are the ones locksmith uses.
+    """
+    if not group:
+        return SEMAPHORE_KEY
+    return f"{GROUPS_PREFIX}{urllib.parse.quote_plus(group)}/semaphore"
+
+
+class SemaphoreError(Exception):
+    """A stored value or a requested change breaks the semaphore's rules; the message says which."""
+
+
+class SemaphoreFullError(SemaphoreError):
+    """``lock`` found no free slot (``semaphore is at N``)."""
+
+
+class HolderNotFoundError(SemaphoreError):
+    """``unlock`` of an id that holds no slot (``holder does not exist``)."""
+
+
+def _quote(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+    if len(text) > _QUOTE_LIMIT:
+        text = text[:_QUOTE_LIMIT] + "…"
+    return repr(text)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Semaphore:
+    """One group's reboot semaphore; constructing one that breaks the invariant raises SemaphoreError."""
+
+    semaphore: int
+    max: int
+    holders: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.semaphore) or not _is_int(self.max):
+            raise SemaphoreError(
+                f"semaphore and max must be integers, got {self.semaphore!r} and {self.max!r}"
+            )
+        if not all(isinstance(h, str) for h in self.holders):
+            raise SemaphoreError(f"holders must be strings, got {self.holders!r}")
+        # Holders are a set kept in sorted order, as locksmith stores them; accept any order or sequence here.
+        object.__setattr__(self, "holders", tuple(sorted(self.holders)))
+        problem = _invariant_problem(self.semaphore, self.max, self.holders)
+        if problem:
+            raise SemaphoreError(f"invalid semaphore {self.encode()}: {problem}")
+
+    @classmethod
+    def default(cls) -> Semaphore:
+        """The value a missing key is created with: one slot, free."""
+        return cls(semaphore=1, max=1, holders=())
+
+    # -- codec -----------------------------------------------------------------------------------------------
+
+    def encode(self) -> str:
+        """Compact JSON in locksmith's field order: ``{"semaphore":0,"max":1,"holders":["a"]}``."""
+        return json.dumps(
+            {"semaphore": self.semaphore, "max": self.max, "holders": list(self.holders)},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Semaphore:
+        """Parse a stored value; raises SemaphoreError quoting ``raw`` for anything but a valid semaphore.
+
+        ``holders`` may be ``null`` or missing (locksmith writes ``null`` for a fresh key); unknown fields are
+        ignored; holders are returned sorted.
+        """
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            doc = json.loads(text)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SemaphoreError(f"semaphore value {_quote(raw)} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SemaphoreError(f"semaphore value {_quote(raw)} is not a JSON object")
+        for name in ("semaphore", "max"):
+            if name not in doc:
+                raise SemaphoreError(f"semaphore value {_quote(raw)} has no {name!r} field")
+            if not _is_int(doc[name]):
+                raise SemaphoreError(f"semaphore value {_quote(raw)}: {name!r} must be an integer")
+        holders_doc = doc.get("holders")
+        if holders_doc is None:
+            holders_doc = []
+        if not isinstance(holders_doc, list) or not all(isinstance(h, str) for h in holders_doc):
+            raise SemaphoreError(
+                f"semaphore value {_quote(raw)}: 'holders' must be a list of strings or null"
+            )
+        holders = tuple(sorted(holders_doc))
+        problem = _invariant_problem(doc["semaphore"], doc["max"], holders)
+        if problem:
+            raise SemaphoreError(f"semaphore value {_quote(raw)}: {problem}")
+        return cls(semaphore=doc["semaphore"], max=doc["max"], holders=holders)
+
+    # -- transitions -----------------------------------------------------------------------------------------
+
+    def holds(self, holder: str) -> bool:
+        return holder in self.holders
+
+    def lock(self, holder: str) -> Semaphore:
+        """Give ``holder`` a slot; a current holder gets the value back unchanged (checked first)."""
+        _check_id(holder)
+        if holder in self.holders:
+            return self
+        if self.semaphore <= 0:
+            raise SemaphoreFullError(f"semaphore is at {self.semaphore}")
+        holders = list(self.holders)
+        bisect.insort(holders, holder)
+        return Semaphore(semaphore=self.semaphore - 1, max=self.max, holders=tuple(holders))
+
+    def unlock(self, holder: str) -> Semaphore:
+        """Free ``holder``'s slot; raises HolderNotFoundError when it has none."""
+        _check_id(holder)
+        if holder not in self.holders:
+            raise HolderNotFoundError("holder does not exist")
+        holders = tuple(h for h in self.holders if h != holder)
+        return Semaphore(semaphore=self.semaphore + 1, max=self.max, holders=holders)
+
+    def unlock_if_held(self, holder: str) -> Semaphore:
+        """``unlock`` that leaves the value unchanged when ``holder`` has no slot (used after a reboot)."""
+        return self.unlock(holder) if holder in self.holders else self
+
+    def set_max(self, new_max: int) -> Semaphore:
+        """Change the number of slots; holders keep theirs even when ``new_max`` is below their count."""
+        if not _is_int(new_max) or new_max < 0:
+            raise SemaphoreError(f"max must be >= 0, got {new_max!r}")
+        return Semaphore(semaphore=new_max - len(self.holders), max=new_max, holders=self.holders)
+
+    def describe(self) -> str:
+        """``semaphore is at 0 (max 1, holders: a, b)`` for log lines."""
+        holders = ", ".join(self.holders) if self.holders else "none"
+        return f"semaphore is at {self.semaphore} (max {self.max}, holders: {holders})"
+
+
+def _check_id(holder: str) -> None:
+    if not isinstance(holder, str) or not holder:
+        raise SemaphoreError(f"holder id must be a non-empty string, got {holder!r}")
+
+
+def _invariant_problem(semaphore: int, max_: int, holders: tuple[str, ...]) -> str:
+    """Why these fields do not form a valid semaphore, or '' when they do."""
+    if max_ < 0:
+        return f"max is {max_}, must be >= 0"
+    if any(not h for h in holders):
+        return "holders contain an empty id"
+    if len(set(holders)) != len(holders):
+        dupes = sorted({h for h in holders if holders.count(h) > 1})
+        return f"duplicate holders {dupes}"
+    if semaphore != max_ - len(holders):
+        return (
+            f"semaphore is {semaphore} but max {max_} minus {len(holders)} holder(s) is {max_ - len(holders)}"
+        )
+    return ""

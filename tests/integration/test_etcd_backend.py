@@ -1,0 +1,497 @@
+"""The etcd v3 semaphore on real etcd: CAS, groups, corrupt values, watch hand-off, failover, load, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import itertools
+import logging
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from locksmithd.backends import LockBackendError
+from locksmithd.backends.etcd import (
+    EtcdLockBackend,
+    EtcdSemaphoreStore,
+    EtcdSettings,
+    EtcdTransientError,
+    go_duration,
+)
+from locksmithd.semaphore import Semaphore, key_for_group
+from tests.conftest import require_tool
+from tests.helpers.etcd import EtcdCluster, ServerTls, etcd_cluster3, etcd_single, free_port, start_cluster
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["etcd_cluster3", "etcd_single"]  # fixtures used by name below
+
+# Bounds on waiting for something that should happen promptly; exceeding one is a failure, not a measurement.
+SETTLE = 30.0
+_groups = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One member for the tests that only read and write their own group's key."""
+    cluster = start_cluster(1, tmp_path_factory.mktemp("etcd-shared"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+@pytest.fixture
+def group() -> str:
+    """A group of its own for each test on the shared member."""
+    return f"test-{next(_groups)}"
+
+
+def settings_for(cluster: EtcdCluster, group: str = "", **kw: object) -> EtcdSettings:
+    return EtcdSettings(endpoints=tuple(cluster.endpoints), group=group, **kw)  # type: ignore[arg-type]
+
+
+def values_of(cluster: EtcdCluster, key: str) -> list[Semaphore]:
+    """Every value the key ever had, decoded (each must be a valid semaphore)."""
+    return [Semaphore.decode(raw) for _, raw in cluster.key_history(key) if raw is not None]
+
+
+def watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("etcd-watch")]
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+
+
+def test_settings_accept_comma_separated_endpoints() -> None:
+    s = EtcdSettings(endpoints=" http://a:1 ,https://b:2,, ")  # type: ignore[arg-type]
+    assert s.endpoints == ("http://a:1", "https://b:2")
+    assert EtcdSettings().endpoints == ("http://127.0.0.1:2379",)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"endpoints": ("ftp://127.0.0.1:2379",)}, "must start with http:// or https://"),
+        ({"endpoints": ("http://127.0.0.1:2379/v2",)}, "no path"),
+        ({"endpoints": ("http://:2379",)}, "has no host"),
+        ({"endpoints": ("http://127.0.0.1:99999",)}, "not a valid URL"),
+        ({"endpoints": ()}, "no etcd endpoint"),
+        ({"cert_file": "/etc/hostname"}, "cert file given without a key file"),
+        ({"key_file": "/etc/hostname"}, "key file given without a cert file"),
+        ({"ca_file": "/nonexistent/ca.pem"}, "cannot read etcd CA file /nonexistent/ca.pem"),
+        ({"password": "secret"}, "password given without a user name"),
+    ],
+)
+def test_settings_validation_names_the_problem(kwargs: dict[str, object], problem: str) -> None:
+    with pytest.raises(LockBackendError, match=problem.replace("(", r"\(")):
+        EtcdSettings(**kwargs).validate()  # type: ignore[arg-type]
+
+
+def test_empty_strings_mean_not_given() -> None:
+    s = EtcdSettings(ca_file="", cert_file="", key_file="", username="", password="")
+    s.validate()
+    assert (s.ca_file, s.cert_file, s.username) == (None, None, None)
+
+
+def test_backoff_log_durations_read_like_locksmith() -> None:
+    durations = [go_duration(x) for x in (10, 20, 40, 80, 160, 300)]
+    assert durations == ["10s", "20s", "40s", "1m20s", "2m40s", "5m0s"]
+
+
+# -- store ---------------------------------------------------------------------------------------------------
+
+
+def test_ensure_exists_creates_the_key_once(shared_etcd: EtcdCluster, group: str) -> None:
+    store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
+    assert store.ensure_exists() is True
+    assert store.ensure_exists() is False
+    assert shared_etcd.get(store.key) == b'{"semaphore":1,"max":1,"holders":[]}'
+    assert len(shared_etcd.key_history(store.key)) == 1
+    store.close()
+
+
+def test_lock_unlock_and_idempotent_lock(shared_etcd: EtcdCluster, group: str) -> None:
+    store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
+    first = store.try_acquire("node-a")
+    assert first.acquired
+    assert shared_etcd.get(store.key) == b'{"semaphore":0,"max":1,"holders":["node-a"]}'
+    writes = len(shared_etcd.key_history(store.key))
+    again = store.try_acquire("node-a")  # a holder asking again succeeds and writes nothing
+    assert again.acquired and again.revision == first.revision
+    assert len(shared_etcd.key_history(store.key)) == writes
+    other = store.try_acquire("node-b")
+    assert not other.acquired
+    assert other.semaphore.holders == ("node-a",)
+    assert store.release("node-a") is True
+    assert store.release("node-a") is False
+    assert store.get()[0] == Semaphore.default()
+    store.close()
+
+
+def test_groups_have_their_own_key_and_max(shared_etcd: EtcdCluster, group: str) -> None:
+    name = f"{group} prod/database"
+    grouped = EtcdSemaphoreStore(settings_for(shared_etcd, name))
+    assert grouped.key == f"coreos.com/updateengine/rebootlock/groups/{group}+prod%2Fdatabase/semaphore"
+    grouped.update(lambda sem: sem.set_max(2))
+    assert grouped.try_acquire("a").acquired
+    assert grouped.try_acquire("b").acquired
+    assert not grouped.try_acquire("c").acquired
+    other = EtcdSemaphoreStore(settings_for(shared_etcd, f"{group}-other"))
+    assert other.try_acquire("c").acquired  # another group's slots are untouched
+    assert shared_etcd.get(grouped.key) == b'{"semaphore":0,"max":2,"holders":["a","b"]}'
+    assert shared_etcd.get(other.key) == b'{"semaphore":0,"max":1,"holders":["c"]}'
+    grouped.close()
+    other.close()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [b"{not json", b'{"semaphore":1,"max":1,"holders":["a"]}', b'{"semaphore":-2,"max":-2}'],
+)
+async def test_corrupt_value_is_reported_and_left_as_it_was(
+    shared_etcd: EtcdCluster, group: str, corrupt: bytes
+) -> None:
+    settings = settings_for(shared_etcd, group)
+    shared_etcd.put(settings.key, corrupt)
+    store = EtcdSemaphoreStore(settings)
+    for action in (store.get, lambda: store.try_acquire("a"), lambda: store.release("a")):
+        with pytest.raises(LockBackendError) as info:
+            action()
+        assert settings.key in str(info.value)
+        assert repr(corrupt.decode()) in str(info.value)
+    backend = EtcdLockBackend(settings, first_backoff=3600)
+    with pytest.raises(LockBackendError, match="corrupt"):
+        await asyncio.wait_for(backend.acquire("a"), SETTLE)
+    await backend.close()
+    assert shared_etcd.get(settings.key) == corrupt
+    assert len(shared_etcd.key_history(settings.key)) == 1
+    store.close()
+
+
+def test_endpoint_failover_and_all_down(shared_etcd: EtcdCluster, group: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    store = EtcdSemaphoreStore(EtcdSettings(endpoints=(dead, *shared_etcd.endpoints), group=group))
+    assert store.try_acquire("a").acquired
+    assert store.current_endpoint == shared_etcd.endpoints[0]
+    store.close()
+
+    other_dead = f"http://127.0.0.1:{free_port()}"
+    down = EtcdSemaphoreStore(EtcdSettings(endpoints=(dead, other_dead), group=group))
+    with pytest.raises(EtcdTransientError) as info:
+        down.get()
+    assert dead in str(info.value) and other_dead in str(info.value)
+    assert "connection refused" in str(info.value)
+    assert down.ping(timeout=1) is False
+
+
+async def test_reachable(shared_etcd: EtcdCluster, group: str) -> None:
+    backend = EtcdLockBackend(settings_for(shared_etcd, group))
+    assert await backend.reachable() is True
+    await backend.close()
+    gone = EtcdLockBackend(EtcdSettings(endpoints=(f"http://127.0.0.1:{free_port()}",)))
+    assert await gone.reachable() is False
+    await gone.close()
+
+
+# -- waiting -------------------------------------------------------------------------------------------------
+
+
+async def test_watch_hands_the_slot_over_without_backoff(shared_etcd: EtcdCluster, group: str) -> None:
+    """With a one-hour backoff, only the watch can explain the waiter getting the slot."""
+    settings = settings_for(shared_etcd, group)
+    holder = EtcdLockBackend(settings, first_backoff=3600)
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    await holder.acquire("node-a")
+    task = asyncio.create_task(waiter.acquire("node-b"))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    assert await holder.release("node-a") is True
+    await asyncio.wait_for(task, SETTLE)
+    assert shared_etcd.get(settings.key) == b'{"semaphore":0,"max":1,"holders":["node-b"]}'
+    assert watch_threads() == []
+    await holder.close()
+    await waiter.close()
+
+
+async def test_waiter_follows_changes_that_do_not_free_a_slot(shared_etcd: EtcdCluster, group: str) -> None:
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.set_max(1).lock("a"))
+    waiter = EtcdLockBackend(settings, first_backoff=3600, handoff_jitter=0.0)
+    task = asyncio.create_task(waiter.acquire("w"))
+    await asyncio.sleep(0.3)
+    store.update(lambda sem: sem.set_max(2).lock("b"))  # a slot appears and is taken in the same write
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    store.update(lambda sem: sem.unlock("a"))
+    await asyncio.wait_for(task, SETTLE)
+    assert store.get()[0].holders == ("b", "w")
+    await waiter.close()
+    store.close()
+
+
+async def test_deleted_key_is_recreated_by_a_waiter(shared_etcd: EtcdCluster, group: str) -> None:
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    assert store.try_acquire("a").acquired
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    task = asyncio.create_task(waiter.acquire("w"))
+    await asyncio.sleep(0.3)
+    store._post("kv/deleterange", {"key": store._key_b64})
+    await asyncio.wait_for(task, SETTLE)
+    assert shared_etcd.get(settings.key) == b'{"semaphore":0,"max":1,"holders":["w"]}'
+    await waiter.close()
+    store.close()
+
+
+async def test_polling_only_mode_retries_with_backoff(
+    shared_etcd: EtcdCluster, group: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(shared_etcd, group)
+    holder = EtcdLockBackend(settings)
+    await holder.acquire("a")
+    poller = EtcdLockBackend(settings, use_watch=False, first_backoff=0.05, max_backoff=0.2)
+    with caplog.at_level(logging.WARNING, logger="locksmithd.backends.etcd"):
+        task = asyncio.create_task(poller.acquire("b"))
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        await holder.release("a")
+        await asyncio.wait_for(task, SETTLE)
+    assert "Failed to acquire lock: semaphore is at 0. Retrying in 50ms." in caplog.text
+    assert watch_threads() == []
+    await holder.close()
+    await poller.close()
+
+
+async def test_cancelled_acquire_stops_its_watch(shared_etcd: EtcdCluster, group: str) -> None:
+    settings = settings_for(shared_etcd, group)
+    holder = EtcdLockBackend(settings)
+    await holder.acquire("a")
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    task = asyncio.create_task(waiter.acquire("b"))
+    for _ in range(100):
+        if watch_threads():
+            break
+        await asyncio.sleep(0.02)
+    assert len(watch_threads()) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert watch_threads() == []
+    assert EtcdSemaphoreStore(settings).get()[0].holders == ("a",)  # the waiter took nothing
+    await holder.close()
+    await waiter.close()
+
+
+async def test_unreachable_etcd_falls_back_to_backoff_then_recovers(
+    etcd_single: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(etcd_single, "recover", request_timeout=1.0)
+    etcd_single.stop(0)
+    backend = EtcdLockBackend(settings, first_backoff=0.05, max_backoff=0.2)
+    with caplog.at_level(logging.WARNING, logger="locksmithd.backends.etcd"):
+        task = asyncio.create_task(backend.acquire("a"))
+        for _ in range(200):
+            if "Failed to acquire lock: no etcd endpoint answered" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "Retrying in 50ms." in caplog.text
+        etcd_single.start(0)
+        await asyncio.wait_for(task, SETTLE)
+    assert etcd_single.get(settings.key) == b'{"semaphore":0,"max":1,"holders":["a"]}'
+    await backend.close()
+
+
+# -- load and faults -----------------------------------------------------------------------------------------
+
+
+async def _fleet(
+    endpoint_orders: list[tuple[str, ...]], group: str, clients: int, hold: float, **backend_kw: object
+) -> int:
+    """``clients`` nodes each acquire, hold, release once; returns the most holders the nodes saw at once."""
+    inside = 0
+    most = 0
+
+    async def node(i: int) -> None:
+        nonlocal inside, most
+        endpoints = endpoint_orders[i % len(endpoint_orders)]
+        backend = EtcdLockBackend(
+            EtcdSettings(endpoints=endpoints, group=group, request_timeout=2.0),
+            **backend_kw,  # type: ignore[arg-type]
+        )
+        try:
+            await backend.acquire(f"node-{i:02d}")
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(hold)
+            inside -= 1
+            while True:  # a release may meet a member going down; retry it like the daemon's unlock loop
+                try:
+                    await backend.release(f"node-{i:02d}")
+                    break
+                except EtcdTransientError:
+                    await asyncio.sleep(0.1)
+        finally:
+            await backend.close()
+
+    await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(clients))), 120)
+    return most
+
+
+def assert_never_over(cluster: EtcdCluster, key: str, limit: int, clients: int) -> None:
+    values = values_of(cluster, key)
+    assert values, "the key has no history"
+    for sem in values:
+        assert len(sem.holders) <= limit, f"{len(sem.holders)} holders in {sem.encode()}"
+        assert sem.semaphore == sem.max - len(sem.holders)
+    everyone = {h for sem in values for h in sem.holders}
+    assert everyone == {f"node-{i:02d}" for i in range(clients)}
+    assert values[-1].holders == ()
+
+
+async def test_fifty_clients_never_exceed_max_three(shared_etcd: EtcdCluster, group: str) -> None:
+    store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
+    store.update(lambda sem: sem.set_max(3))
+    store.close()
+    most = await _fleet(
+        [tuple(shared_etcd.endpoints)],
+        group,
+        50,
+        0.02,
+        first_backoff=0.2,
+        max_backoff=1.0,
+        handoff_jitter=0.05,
+    )
+    assert most <= 3
+    assert_never_over(shared_etcd, key_for_group(group), 3, 50)
+    assert watch_threads() == []
+
+
+async def test_member_killed_and_restarted_mid_traffic(etcd_cluster3: EtcdCluster) -> None:
+    cluster = etcd_cluster3
+    group = "faults"
+    store = EtcdSemaphoreStore(EtcdSettings(endpoints=tuple(cluster.endpoints), group=group))
+    store.update(lambda sem: sem.set_max(2))
+    store.close()
+    eps = cluster.endpoints
+    orders = [tuple(eps[i:] + eps[:i]) for i in range(3)]  # a third of the nodes start on each member
+    victim = cluster.leader_index()
+    assert victim is not None
+
+    async def faults() -> None:
+        await asyncio.sleep(0.4)
+        cluster.kill(victim)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.start, victim)
+
+    fault_task = asyncio.create_task(faults())
+    most = await _fleet(orders, group, 24, 0.1, first_backoff=0.1, max_backoff=0.5, handoff_jitter=0.05)
+    await fault_task
+    assert most <= 2
+    assert cluster.running(victim)
+    assert_never_over(cluster, key_for_group(group), 2, 24)
+    assert watch_threads() == []
+
+
+# -- TLS and authentication ----------------------------------------------------------------------------------
+
+
+def _write_test_pki(directory: Path) -> ServerTls:
+    """A CA and a server certificate for 127.0.0.1, written as PEM files."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test etcd CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = ServerTls(directory / "server.pem", directory / "server-key.pem", directory / "ca.pem")
+    paths.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+def test_ca_only_tls(tmp_path: Path) -> None:
+    """A CA file alone is enough to reach an https etcd (locksmith also wanted a client cert, Flatcar#948)."""
+    tls = _write_test_pki(tmp_path / "pki")
+    cluster = start_cluster(1, tmp_path / "etcd-tls", tls=tls)
+    try:
+        assert cluster.endpoints[0].startswith("https://")
+        store = EtcdSemaphoreStore(EtcdSettings(endpoints=tuple(cluster.endpoints), ca_file=str(tls.ca_file)))
+        assert store.try_acquire("tls-node").acquired
+        assert cluster.get(store.key) == b'{"semaphore":0,"max":1,"holders":["tls-node"]}'
+        store.close()
+        untrusted = EtcdSemaphoreStore(EtcdSettings(endpoints=tuple(cluster.endpoints)))
+        with pytest.raises(EtcdTransientError, match="TLS certificate verification failed"):
+            untrusted.get()
+    finally:
+        cluster.stop_all()
+
+
+def test_username_and_password(etcd_single: EtcdCluster) -> None:
+    etcdctl = require_tool("etcdctl")
+    endpoint = etcd_single.endpoints[0]
+
+    def ctl(*args: str) -> None:
+        subprocess.run(
+            [etcdctl, f"--endpoints={endpoint}", *args],
+            check=True,
+            capture_output=True,
+            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+            timeout=30,
+        )
+
+    ctl("user", "add", "root:rootpw")
+    ctl("user", "add", "node:nodepw")
+    ctl("role", "add", "locksmith")
+    ctl("role", "grant-permission", "locksmith", "--prefix=true", "readwrite", "coreos.com/updateengine/")
+    ctl("user", "grant-role", "node", "locksmith")
+    ctl("auth", "enable")
+
+    store = EtcdSemaphoreStore(EtcdSettings(endpoints=(endpoint,), username="node", password="nodepw"))
+    assert store.try_acquire("authed").acquired
+    store.close()
+    with pytest.raises(LockBackendError, match=r"refused user 'node': .*authentication failed"):
+        EtcdSemaphoreStore(EtcdSettings(endpoints=(endpoint,), username="node", password="wrong")).get()
+    with pytest.raises(LockBackendError, match="user name is empty"):
+        EtcdSemaphoreStore(EtcdSettings(endpoints=(endpoint,))).get()

@@ -1,0 +1,538 @@
+"""The real locksmithd on a private system-like bus, with real etcd and logind/update-engine stand-ins.
+
+Each "node" is a private dbus-daemon with the update-engine and logind stand-ins on it, plus a config root
+holding its machine id; locksmithd runs as a subprocess with ``--bus-address`` and ``--config-root``.  Retry
+delays are shortened through ``LOCKSMITHD_BACKOFF_INITIAL``/``_MAX`` so every wait stays short and bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
+from tests.conftest import require_tool
+from tests.helpers.dbus import PrivateBus, start_private_bus
+from tests.helpers.etcd import EtcdCluster, free_port, start_cluster
+from tests.helpers.login1 import Login1StandIn, start_login1
+from tests.helpers.systemd import start_systemd_standin
+from tests.helpers.update_engine_standin import (
+    UpdateEngineStandIn,
+    emit_from_other_connection,
+    policy_files,
+    status_of,
+)
+from update_engine.status import StatusSnapshot, UpdateStatus
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 30.0  # upper bound for any single wait; passing runs take a fraction of it
+SEMAPHORE_KEY = "coreos.com/updateengine/rebootlock/semaphore"
+IDLE = status_of(UpdateStatus.IDLE)
+NEED_REBOOT = status_of(UpdateStatus.UPDATED_NEED_REBOOT, "3975.2.1", 123456)
+DOWNLOADING = status_of(UpdateStatus.DOWNLOADING, "3975.2.1", 123456)
+
+
+class Locksmithd:
+    """One locksmithd subprocess; its log (stderr) is collected line by line for ``wait_for_log``."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._new_line = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> Locksmithd:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "locksmithd.daemon", *self.args,
+            env=self.env, cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._new_line.set()
+        self._new_line.set()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_for_log(self, text: str, timeout: float = WAIT) -> str:
+        """The first log line containing ``text``; fails with the whole log if it does not come in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for line in self.lines:
+                if text in line:
+                    return line
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (self._reader is not None and self._reader.done()):
+                pytest.fail(f"locksmithd never logged {text!r}; its log:\n{self.log}")
+            self._new_line.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_line.wait(), remaining)
+
+    async def wait_exit(self, timeout: float = WAIT) -> int:
+        assert self.process is not None
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
+        return code
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def stop(self) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return await self.wait_exit(10)
+            except TimeoutError:
+                self.process.kill()
+        return await self.wait_exit(10)
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LOCKSMITHD_", "REBOOT_", "NOTIFY_SOCKET", "WATCHDOG_", "DBUS_"))
+    }
+    env.update(
+        TZ="UTC", LOCKSMITHD_BACKOFF_INITIAL="100ms", LOCKSMITHD_BACKOFF_MAX="400ms", PYTHONUNBUFFERED="1"
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Node:
+    """A machine: its own bus with update-engine and logind stand-ins, a config root, and its daemons."""
+
+    name: str
+    workdir: Path
+    machine_id: str
+    bus: PrivateBus | None = None
+    update_engine: UpdateEngineStandIn | None = None
+    logind: Login1StandIn | None = None
+    daemons: list[Locksmithd] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def reboots(self) -> list[bool]:
+        assert self.logind is not None
+        return self.logind.manager.reboots
+
+    async def setup(self, status: StatusSnapshot = IDLE, logind_failures: int = 0) -> Node:
+        (self.root / "etc").mkdir(parents=True)
+        (self.root / "etc/machine-id").write_text(self.machine_id + "\n")
+        self.bus = start_private_bus(self.workdir / "dbus", policy_files(self.workdir / "policy"))
+        self.update_engine = await UpdateEngineStandIn(self.bus.address, status).start()
+        self.logind = await start_login1(self.bus.address, fail_times=logind_failures)
+        return self
+
+    async def locksmithd(self, *args: str, **env: str) -> Locksmithd:
+        assert self.bus is not None
+        daemon = Locksmithd(
+            ["--bus-address", self.bus.address, "--config-root", str(self.root), *args], base_env(**env)
+        )
+        self.daemons.append(daemon)
+        return await daemon.start()
+
+    async def wait_for_reboot(self, timeout: float = WAIT) -> None:
+        assert self.logind is not None
+        await asyncio.wait_for(self.logind.manager.called.wait(), timeout)
+
+    def coordinator_state(self) -> str:
+        return (self.root / "run/update-engine/coordinator.conf").read_text()
+
+    async def teardown(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process is not None:
+                await daemon.stop()
+        if self.update_engine is not None:
+            await self.update_engine.stop()
+        if self.logind is not None:
+            self.logind.stop()
+        if self.bus is not None:
+            self.bus.stop()
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[dict[str, Node]]:
+    require_tool("dbus-daemon")
+    made: dict[str, Node] = {}
+    ids = {"a": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "b": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}
+    for name, machine_id in ids.items():
+        made[name] = Node(name, tmp_path / f"node-{name}", machine_id)
+    try:
+        yield made
+    finally:
+        for node in made.values():
+            await node.teardown()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.setblocking(False)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """One real etcd member on a free loopback port."""
+    cluster = start_cluster(1, tmp_path / "etcd")
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def semaphore(cluster: EtcdCluster) -> dict[str, object]:
+    raw = cluster.get(SEMAPHORE_KEY)
+    assert raw is not None
+    value = json.loads(raw)
+    assert isinstance(value, dict)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reboot strategy: the whole path, sd_notify, coordinator file, logind refusal, sessions, second instance
+
+
+async def test_reboot_strategy(nodes: dict[str, Node], notify_socket: socket.socket, tmp_path: Path) -> None:
+    node = await nodes["a"].setup(logind_failures=1)
+    (node.root / "run").mkdir()
+    (node.root / "dev/pts").mkdir(parents=True)
+    (node.root / "dev/pts/0").write_text("")
+    record = UTMP_RECORD.pack(
+        USER_PROCESS, 4242, b"pts/0", b"ts/0", b"core", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, b""
+    )
+    (node.root / "run/utmp").write_bytes(record)
+    daemon = await node.locksmithd(
+        "--strategy",
+        "reboot",
+        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+        WATCHDOG_USEC="60000000",
+        LOCKSMITHD_SESSION_GRACE="300ms",
+    )
+    await daemon.wait_for_log('locksmithd starting currentOperation="UPDATE_STATUS_IDLE" strategy="reboot"')
+    loop = asyncio.get_running_loop()
+    notified: set[bytes] = set()
+    while not {b"READY=1", b"WATCHDOG=1"} <= notified or not any(m.startswith(b"STATUS=") for m in notified):
+        notified.add(await asyncio.wait_for(loop.sock_recv(notify_socket, 4096), WAIT))
+    assert "STATE=running" in node.coordinator_state()
+
+    second = await node.locksmithd("--strategy", "reboot")
+    assert await second.wait_exit() == 1
+    assert "unable to become 'update coordinator'" in second.log
+
+    assert node.update_engine is not None
+    await node.update_engine.set_status(NEED_REBOOT)
+    await node.wait_for_reboot()
+    assert node.reboots == [False]
+    assert "Logins detected on pts/0, delaying reboot for 300ms." in daemon.log
+    assert "System reboot in 1 minute!" in (node.root / "dev/pts/0").read_text()
+    assert "logind refused to reboot: org.freedesktop.login1.OperationInProgress" in daemon.log
+    await wait_until(lambda: "STATE=rebooting" in node.coordinator_state(), "STATE=rebooting")
+    assert node.coordinator_state() == "NAME=locksmithd\nSTRATEGY=reboot\nSTATE=rebooting\n"
+    assert daemon.running  # never exits after asking for the reboot
+    assert await daemon.stop() == 0
+    assert "locksmithd is exiting" in daemon.log
+    assert node.reboots == [False]
+
+
+async def test_need_reboot_at_start_acts_at_once(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    daemon = await node.locksmithd(REBOOT_STRATEGY="reboot")
+    await node.wait_for_reboot()
+    assert node.reboots == [False]
+    assert "No configured reboot window" in daemon.log
+
+
+async def test_closed_window_postpones_the_reboot(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    opens = (datetime.now(UTC) + timedelta(hours=3)).replace(second=0, microsecond=0)
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="reboot", REBOOT_WINDOW_START=opens.strftime("%a %H:%M"), REBOOT_WINDOW_LENGTH="30m"
+    )
+    line = await daemon.wait_for_log("Next window begins at")
+    assert f"Next window begins at {opens:%Y-%m-%d %H:%M:%S} +0000 UTC" in line
+    await daemon.wait_for_log("to reboot.")
+    assert "STATE=reboot-planned" in node.coordinator_state()
+    assert node.reboots == []
+
+
+async def test_malformed_status_update_is_ignored(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup()
+    daemon = await node.locksmithd(REBOOT_STRATEGY="reboot")
+    await daemon.wait_for_log("locksmithd starting")
+    assert node.update_engine is not None
+    await node.update_engine.emit_raw("sdssx", ["0", 0.0, UpdateStatus.UPDATED_NEED_REBOOT.value, "1.0", 0])
+    await node.update_engine.emit_raw("xdss", [0, 0.0, UpdateStatus.UPDATED_NEED_REBOOT.value, "1.0"])
+    await daemon.wait_for_log("signature 'sdssx', expected 'xdssx'")
+    await daemon.wait_for_log("signature 'xdss', expected 'xdssx'")
+    await node.update_engine.set_status(DOWNLOADING)
+    await daemon.wait_for_log('CurrentOperation="UPDATE_STATUS_DOWNLOADING"')
+    assert node.reboots == []
+    await node.update_engine.set_status(NEED_REBOOT)
+    await node.wait_for_reboot()
+    assert node.reboots == [False]
+
+
+async def test_need_reboot_from_another_sender_is_ignored_unless_allowed(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup()
+    assert node.bus is not None and node.update_engine is not None
+    daemon = await node.locksmithd(REBOOT_STRATEGY="reboot")
+    await daemon.wait_for_log("locksmithd starting")
+    forger = await emit_from_other_connection(node.bus.address, NEED_REBOOT)
+    line = await daemon.wait_for_log(f"ignoring a StatusUpdate signal from {forger}")
+    assert f"the owner is {node.update_engine.unique_name}" in line
+    await node.update_engine.set_status(DOWNLOADING)
+    await daemon.wait_for_log('CurrentOperation="UPDATE_STATUS_DOWNLOADING"')
+    assert node.reboots == []
+    await daemon.stop()
+
+    trusting = await node.locksmithd(REBOOT_STRATEGY="reboot", LOCKSMITHD_ACCEPT_ANY_SENDER="true")
+    await trusting.wait_for_log("locksmithd starting")
+    await emit_from_other_connection(node.bus.address, NEED_REBOOT)
+    await node.wait_for_reboot()
+    assert node.reboots == [False]
+
+
+async def test_off_exits_zero(tmp_path: Path) -> None:
+    daemon = await Locksmithd(["--config-root", str(tmp_path)], base_env(REBOOT_STRATEGY="off")).start()
+    assert await daemon.wait_exit() == 0
+    assert 'Reboot strategy is "off" - locksmithd is exiting.' in daemon.log
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"REBOOT_STRATEGY": "sometimes"},
+            "unknown reboot strategy 'sometimes'; valid: best-effort, etcd-lock",
+        ),
+        ({"REBOOT_WINDOW_START": "14", "REBOOT_WINDOW_LENGTH": "1h"}, "time '14' is not H:MM"),
+        ({"REBOOT_WINDOW_START": "Thu 4:00"}, "Either both or neither"),
+        ({"REBOOT_STRATEGY": "fleet-lock"}, "needs the FleetLock server's base URL"),
+        (
+            {"REBOOT_STRATEGY": "etcd-lock", "LOCKSMITHD_ETCD_CAFILE": "/nonexistent/ca.pem"},
+            "/nonexistent/ca.pem",
+        ),
+    ],
+)
+async def test_bad_settings_exit_one_with_the_reason(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/machine-id").write_text("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n")
+    daemon = await Locksmithd(["--config-root", str(tmp_path)], base_env(**env)).start()
+    assert await daemon.wait_exit() == 1
+    assert message in daemon.log
+
+
+# ------------------------------------------------------------------------------------------------------------
+# etcd-lock and best-effort against a real etcd
+
+
+async def test_etcd_lock_lets_one_node_reboot_at_a_time(nodes: dict[str, Node], etcd: EtcdCluster) -> None:
+    endpoint = etcd.endpoint(0)
+    a, b = nodes["a"], nodes["b"]
+    await a.setup()
+    await b.setup()
+    daemon_a = await a.locksmithd("--endpoint", endpoint, REBOOT_STRATEGY="etcd-lock")
+    daemon_b = await b.locksmithd(REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=endpoint)
+    for daemon in (daemon_a, daemon_b):
+        await daemon.wait_for_log("holds no reboot lock: nothing to release")
+
+    assert a.update_engine is not None and b.update_engine is not None
+    await a.update_engine.set_status(NEED_REBOOT)
+    await a.wait_for_reboot()
+    assert semaphore(etcd)["holders"] == [a.machine_id]
+    await b.update_engine.set_status(NEED_REBOOT)
+    await daemon_b.wait_for_log("waiting for a release")
+    assert b.reboots == []
+
+    # Node a "boots": a fresh locksmithd sees update-engine idle and gives the slot back.
+    await daemon_a.stop()
+    await a.update_engine.set_status(IDLE, emit=False)
+    restarted = await a.locksmithd("--endpoint", endpoint, REBOOT_STRATEGY="etcd-lock")
+    await restarted.wait_for_log("not waiting for boot-complete.target")
+    await b.wait_for_reboot()
+    assert b.reboots == [False]
+    assert a.reboots == [False]
+    assert semaphore(etcd)["holders"] == [b.machine_id]
+
+
+async def test_best_effort_without_etcd_reboots_without_a_lock(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    nothing_there = f"http://127.0.0.1:{free_port()}"
+    daemon = await node.locksmithd(LOCKSMITHD_ENDPOINT=nothing_there)
+    await node.wait_for_reboot()
+    assert f"best-effort: etcd does not answer at {nothing_there}: rebooting without a lock" in daemon.log
+
+
+async def test_best_effort_with_etcd_takes_the_lock(nodes: dict[str, Node], etcd: EtcdCluster) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    daemon = await node.locksmithd(LOCKSMITHD_ENDPOINT=etcd.endpoint(0))
+    await node.wait_for_reboot()
+    assert "best-effort: etcd answers at" in daemon.log
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fleet-lock against a small FleetLock server
+
+
+@dataclass
+class FleetLockServer:
+    """One slot per group; records every request as (path, header, body)."""
+
+    holder: str | None = None
+    calls: list[tuple[str, str | None, dict[str, object]]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.calls.append((request.path, request.headers.get("fleet-lock-protocol"), body))
+        self.changed.set()
+        if request.headers.get("fleet-lock-protocol") != "true":
+            return web.json_response({"kind": "missing_header", "value": "no protocol header"}, status=400)
+        node_id = body["client_params"]["id"]
+        if request.path.endswith("/v1/pre-reboot"):
+            if self.holder not in (None, node_id):
+                return web.json_response({"kind": "lock_held", "value": f"held by {self.holder}"}, status=423)
+            self.holder = node_id
+        elif self.holder == node_id:
+            self.holder = None
+        return web.Response(status=200)
+
+
+@pytest.fixture
+async def fleetlock_server() -> AsyncIterator[tuple[FleetLockServer, str]]:
+    server = FleetLockServer()
+    app = web.Application()
+    app.router.add_post("/fleet/v1/pre-reboot", server.handle)
+    app.router.add_post("/fleet/v1/steady-state", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}/fleet"  # no trailing slash: locksmithd adds it
+    finally:
+        await runner.cleanup()
+
+
+async def test_fleet_lock(nodes: dict[str, Node], fleetlock_server: tuple[FleetLockServer, str]) -> None:
+    server, url = fleetlock_server
+    server.holder = "another-node"
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    env = {
+        "REBOOT_STRATEGY": "fleet-lock",
+        "LOCKSMITHD_FLEETLOCK_URL": url,
+        "LOCKSMITHD_FLEETLOCK_GROUP": "workers",
+    }
+    daemon = await node.locksmithd(**env)
+    await daemon.wait_for_log("code 423, lock_held: held by another-node. Retrying in")
+    assert node.reboots == []
+    server.holder = None
+    await node.wait_for_reboot()
+    assert server.holder == node.machine_id
+    path, header, body = server.calls[-1]
+    assert (path, header) == ("/fleet/v1/pre-reboot", "true")
+    assert body == {"client_params": {"id": node.machine_id, "group": "workers"}}
+
+    await daemon.stop()
+    assert node.update_engine is not None
+    await node.update_engine.set_status(IDLE, emit=False)
+    await node.locksmithd(**env)
+    await wait_until(lambda: server.holder is None, "the FleetLock slot is released")
+    assert server.calls[-1][0] == "/fleet/v1/steady-state"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# releasing the lock waits for boot-complete.target when systemd has it queued
+
+async def test_lock_is_released_only_after_boot_complete(
+    nodes: dict[str, Node], fleetlock_server: tuple[FleetLockServer, str]
+) -> None:
+    server, url = fleetlock_server
+    node = await nodes["a"].setup()
+    server.holder = node.machine_id  # still held from before the reboot
+    assert node.bus is not None
+    systemd_bus, unit = await start_systemd_standin(node.bus.address)
+    try:
+        daemon = await node.locksmithd(REBOOT_STRATEGY="fleet-lock", LOCKSMITHD_FLEETLOCK_URL=url)
+        await daemon.wait_for_log(
+            "Waiting for boot-complete.target (now inactive) before releasing the reboot lock"
+        )
+        assert server.holder == node.machine_id and server.calls == []
+        unit.state = "active"
+        await wait_until(lambda: server.holder is None, "the lock is released after boot-complete.target")
+        assert "boot-complete.target is active" in daemon.log
+        assert [call[0] for call in server.calls] == ["/fleet/v1/steady-state"]
+    finally:
+        systemd_bus.disconnect()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# update-engine coming and going
+
+
+async def test_update_engine_appearing_later_and_restarting(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup()
+    assert node.bus is not None and node.update_engine is not None
+    await node.update_engine.stop()
+    daemon = await node.locksmithd(REBOOT_STRATEGY="reboot")
+    await daemon.wait_for_log("Cannot get update engine status")
+    node.update_engine = await UpdateEngineStandIn(node.bus.address, IDLE).start()
+    await daemon.wait_for_log('locksmithd starting currentOperation="UPDATE_STATUS_IDLE"')
+    # update-engine restarts already in NEED_REBOOT and says nothing: locksmithd asks it.
+    await node.update_engine.stop()
+    node.update_engine = await UpdateEngineStandIn(node.bus.address, NEED_REBOOT).start()
+    await node.wait_for_reboot()
+    assert node.reboots == [False]

@@ -1,0 +1,274 @@
+"""locksmithd settings: flag > environment > update.conf, defaults, and the start-up validation errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from locksmithd.config import (
+    STRING_FLAGS,
+    BackoffPolicy,
+    SettingsError,
+    Strategy,
+    env_name,
+    load_settings,
+    resolve_settings,
+)
+
+MACHINE_ID = "0123456789abcdef0123456789abcdef"
+
+
+def no_flags(**given: str) -> dict[str, str | None]:
+    flags: dict[str, str | None] = dict.fromkeys(STRING_FLAGS)
+    flags.update({name.replace("_", "-"): value for name, value in given.items()})
+    return flags
+
+
+def test_defaults() -> None:
+    settings = resolve_settings(no_flags(), {}, {})
+    assert settings.strategy is Strategy.BEST_EFFORT
+    assert settings.window is None
+    assert settings.etcd.endpoints == ("http://127.0.0.1:2379",)
+    assert settings.etcd.group == ""
+    assert settings.fleetlock_url is None and settings.fleetlock_group == "default"
+    assert settings.accept_any_sender is False
+    assert settings.backoff == BackoffPolicy(10.0, 300.0)
+    assert settings.session_grace == timedelta(minutes=5)
+    assert settings.config_root == Path("/")
+
+
+def test_env_names() -> None:
+    assert env_name("etcd-cafile") == "LOCKSMITHD_ETCD_CAFILE"
+    assert env_name("reboot-window-start") == "LOCKSMITHD_REBOOT_WINDOW_START"
+
+
+def test_flag_beats_environment_beats_update_conf() -> None:
+    conf = {"LOCKSMITHD_GROUP": "from-conf", "LOCKSMITHD_ENDPOINT": "http://conf:2379"}
+    env = {"LOCKSMITHD_GROUP": "from-env"}
+    settings = resolve_settings(no_flags(), env, conf)
+    assert settings.etcd.group == "from-env"
+    assert settings.etcd.endpoints == ("http://conf:2379",)
+    settings = resolve_settings(no_flags(group="from-flag"), env, conf)
+    assert settings.etcd.group == "from-flag"
+
+
+def test_empty_values_count_as_unset() -> None:
+    settings = resolve_settings(
+        no_flags(), {"LOCKSMITHD_GROUP": "", "REBOOT_STRATEGY": ""}, {"LOCKSMITHD_GROUP": "g"}
+    )
+    assert settings.etcd.group == "g"
+    assert settings.strategy is Strategy.BEST_EFFORT
+
+
+def test_strategy_sources() -> None:
+    assert resolve_settings(no_flags(), {}, {"REBOOT_STRATEGY": "reboot"}).strategy is Strategy.REBOOT
+    assert resolve_settings(
+        no_flags(), {"REBOOT_STRATEGY": "off"}, {"REBOOT_STRATEGY": "reboot"}
+    ).strategy is (Strategy.OFF)
+    prefixed_first = {"LOCKSMITHD_STRATEGY": "etcd-lock", "REBOOT_STRATEGY": "reboot"}
+    assert resolve_settings(no_flags(), prefixed_first, {}).strategy is Strategy.ETCD_LOCK
+    assert resolve_settings(no_flags(strategy="off"), prefixed_first, {}).strategy is Strategy.OFF
+
+
+def test_prefixed_window_names_come_first() -> None:
+    env = {
+        "REBOOT_WINDOW_START": "Mon 1:00",
+        "REBOOT_WINDOW_LENGTH": "1h",
+        "LOCKSMITHD_REBOOT_WINDOW_START": "Thu 04:00",
+        "LOCKSMITHD_REBOOT_WINDOW_LENGTH": "30m",
+    }
+    window = resolve_settings(no_flags(), env, {}).window
+    assert window is not None
+    assert window.describe() == 'Reboot window start is "Thu 04:00" and length is "30m"'
+
+
+def test_window_from_update_conf() -> None:
+    window = resolve_settings(
+        no_flags(), {}, {"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "1h"}
+    ).window
+    assert window is not None and window.length == timedelta(hours=1)
+
+
+def test_unknown_strategy_lists_valid_ones() -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(no_flags(), {"REBOOT_STRATEGY": "sometimes"}, {})
+    text = str(info.value)
+    assert "REBOOT_STRATEGY (environment)" in text and "'sometimes'" in text
+    for name in ("best-effort", "etcd-lock", "reboot", "off", "fleet-lock"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REBOOT_WINDOW_START": "14", "REBOOT_WINDOW_LENGTH": "1h"}, "'14'"),
+        ({"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "1d"}, "'1d'"),
+        ({"REBOOT_WINDOW_START": "4:00"}, "Either both or neither"),
+        ({"LOCKSMITHD_REBOOT_WINDOW_LENGTH": "1h"}, "LOCKSMITHD_REBOOT_WINDOW_LENGTH (environment)"),
+        ({"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "25h"}, "shorter than 24h0m0s"),
+    ],
+)
+def test_window_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match="invalid reboot window") as info:
+        resolve_settings(no_flags(), env, {})
+    assert message in str(info.value)
+
+
+def test_window_errors_even_for_the_reboot_strategy_at_start_up() -> None:
+    with pytest.raises(SettingsError):
+        resolve_settings(
+            no_flags(strategy="reboot"), {"REBOOT_WINDOW_START": "25:00", "REBOOT_WINDOW_LENGTH": "1h"}, {}
+        )
+
+
+def test_fleetlock_url_gets_a_trailing_slash() -> None:
+    settings = resolve_settings(
+        no_flags(strategy="fleet-lock", fleetlock_url="http://127.0.0.1:8080/fleet"), {}, {}
+    )
+    assert settings.fleetlock_url == "http://127.0.0.1:8080/fleet/"
+    settings = resolve_settings(
+        no_flags(strategy="fleet-lock"), {"LOCKSMITHD_FLEETLOCK_URL": "https://h/"}, {}
+    )
+    assert settings.fleetlock_url == "https://h/"
+    assert settings.fleetlock_group == "default"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"strategy": "fleet-lock"}, "needs the FleetLock server's base URL"),
+        ({"strategy": "fleet-lock", "fleetlock_url": "ftp://h/"}, "must start with http:// or https://"),
+        ({"strategy": "fleet-lock", "fleetlock_url": "http:///x"}, "has no host"),
+        ({"strategy": "fleet-lock", "fleetlock_url": "http://h:99999/"}, "malformed"),
+        (
+            {"strategy": "fleet-lock", "fleetlock_url": "http://h/", "fleetlock_group": "a b"},
+            "FleetLock group 'a b'",
+        ),
+        (
+            {"strategy": "fleet-lock", "fleetlock_url": "http://h/", "fleetlock_group": "ü"},
+            "--fleetlock-group",
+        ),
+    ],
+)
+def test_fleetlock_errors(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        resolve_settings(no_flags(**flags), {}, {})
+
+
+def test_fleetlock_group_only_checked_for_fleet_lock() -> None:
+    assert resolve_settings(no_flags(fleetlock_group="a b"), {}, {}).strategy is Strategy.BEST_EFFORT
+
+
+def test_etcd_settings_from_environment() -> None:
+    env = {
+        "LOCKSMITHD_ENDPOINT": " http://a:2379 , http://b:2379",
+        "LOCKSMITHD_ETCD_CAFILE": "/ca.pem",
+        "LOCKSMITHD_ETCD_CERTFILE": "/c.pem",
+        "LOCKSMITHD_ETCD_KEYFILE": "/k.pem",
+        "LOCKSMITHD_ETCD_USERNAME": "u",
+        "LOCKSMITHD_ETCD_PASSWORD": "p",
+        "LOCKSMITHD_GROUP": "prod/db",
+    }
+    etcd = resolve_settings(no_flags(), env, {}).etcd
+    assert etcd.endpoints == ("http://a:2379", "http://b:2379")
+    assert (etcd.ca_file, etcd.cert_file, etcd.key_file) == ("/ca.pem", "/c.pem", "/k.pem")
+    assert (etcd.username, etcd.password, etcd.group) == ("u", "p", "prod/db")
+
+
+def test_test_knobs() -> None:
+    env = {
+        "LOCKSMITHD_BACKOFF_INITIAL": "200ms",
+        "LOCKSMITHD_BACKOFF_MAX": "1s",
+        "LOCKSMITHD_SESSION_GRACE": "0s",
+        "LOCKSMITHD_ACCEPT_ANY_SENDER": "true",
+    }
+    settings = resolve_settings(no_flags(), env, {})
+    assert settings.backoff == BackoffPolicy(0.2, 1.0)
+    assert list(zip(range(4), settings.backoff.delays(), strict=False)) == [
+        (0, 0.2),
+        (1, 0.4),
+        (2, 0.8),
+        (3, 1.0),
+    ]
+    assert settings.session_grace == timedelta(0)
+    assert settings.accept_any_sender is True
+    # A short first delay alone keeps the default cap.
+    assert resolve_settings(no_flags(backoff_initial="1s"), {}, {}).backoff == BackoffPolicy(1.0, 300.0)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCKSMITHD_BACKOFF_INITIAL": "0s"}, "longer than 0s"),
+        ({"LOCKSMITHD_BACKOFF_INITIAL": "ten"}, "LOCKSMITHD_BACKOFF_INITIAL"),
+        ({"LOCKSMITHD_BACKOFF_INITIAL": "10s", "LOCKSMITHD_BACKOFF_MAX": "1s"}, "shorter than the first"),
+        ({"LOCKSMITHD_SESSION_GRACE": "-1s"}, "must not be negative"),
+        ({"LOCKSMITHD_ACCEPT_ANY_SENDER": "maybe"}, "not a boolean"),
+    ],
+)
+def test_knob_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        resolve_settings(no_flags(), env, {})
+
+
+def _root(tmp_path: Path, machine_id: str | None = MACHINE_ID, conf: str | None = None) -> Path:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    if machine_id is not None:
+        (root / "etc/machine-id").write_text(machine_id + "\n")
+    if conf is not None:
+        (root / "etc/flatcar").mkdir()
+        (root / "etc/flatcar/update.conf").write_text(conf)
+    return root
+
+
+def test_load_reads_update_conf_and_machine_id(tmp_path: Path) -> None:
+    root = _root(
+        tmp_path,
+        MACHINE_ID.upper(),
+        "GROUP=stable\nREBOOT_STRATEGY=reboot\nREBOOT_WINDOW_START=4:00\nREBOOT_WINDOW_LENGTH=1h\n",
+    )
+    (root / "usr/share/flatcar").mkdir(parents=True)
+    (root / "usr/share/flatcar/update.conf").write_text("REBOOT_STRATEGY=etcd-lock\n")
+    settings = load_settings(no_flags(config_root=str(root)), {})
+    assert settings.strategy is Strategy.REBOOT  # /etc before /usr/share
+    assert settings.window is not None
+    assert settings.machine_id == MACHINE_ID
+    assert settings.config_root == root
+    assert settings.etcd.group == ""  # update-engine's GROUP is not locksmithd's
+
+
+def test_load_config_root_from_environment(tmp_path: Path) -> None:
+    root = _root(tmp_path, conf="REBOOT_STRATEGY=reboot\n")
+    settings = load_settings(no_flags(), {"LOCKSMITHD_CONFIG_ROOT": str(root)})
+    assert settings.strategy is Strategy.REBOOT
+
+
+def test_missing_machine_id(tmp_path: Path) -> None:
+    root = _root(tmp_path, machine_id=None)
+    with pytest.raises(SettingsError, match="Cannot read machine-id"):
+        load_settings(no_flags(config_root=str(root), strategy="reboot"), {})
+
+
+def test_off_needs_no_machine_id(tmp_path: Path) -> None:
+    root = _root(tmp_path, machine_id=None)
+    assert load_settings(no_flags(config_root=str(root), strategy="off"), {}).strategy is Strategy.OFF
+
+
+def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    env = {"LOCKSMITHD_ETCD_CAFILE": str(tmp_path / "missing-ca.pem")}
+    with pytest.raises(SettingsError, match=r"missing-ca\.pem"):
+        load_settings(no_flags(config_root=str(root), strategy="etcd-lock"), env)
+    # The reboot strategy does not talk to etcd, so etcd files are not its concern.
+    assert load_settings(no_flags(config_root=str(root), strategy="reboot"), env).strategy is Strategy.REBOOT
+
+
+def test_half_a_client_certificate_is_refused(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(SettingsError, match="etcd settings"):
+        load_settings(no_flags(config_root=str(root), strategy="best-effort", etcd_certfile=str(cert)), {})

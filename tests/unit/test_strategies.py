@@ -1,0 +1,206 @@
+"""Strategy decisions with fake lock backends and a fake clock: windows, lock retries, release after boot."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from locksmithd.backends import LockBackendError
+from locksmithd.config import BackoffPolicy
+from locksmithd.strategies import clear_to_reboot
+from locksmithd.strategies.best_effort import BestEffortStrategy
+from locksmithd.strategies.etcd_lock import EtcdLockStrategy
+from locksmithd.strategies.reboot import RebootStrategy
+from locksmithd.window import RebootWindow, parse_reboot_window
+
+MACHINE = "0123456789abcdef0123456789abcdef"
+BACKOFF = BackoffPolicy(10.0, 300.0)
+
+
+class FakeClock:
+    """Time moves only when someone sleeps."""
+
+    def __init__(self, now: datetime) -> None:
+        self.current = now
+        self.sleeps: list[float] = []
+
+    def now(self) -> datetime:
+        return self.current
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.current += timedelta(seconds=seconds)
+
+
+class FakeBackend:
+    """Records calls; ``acquire_plan`` lists, per call, how long the lock wait lasts or what it raises."""
+
+    name = "fake"
+
+    def __init__(self, clock: FakeClock, *, reachable: bool = True) -> None:
+        self.clock = clock
+        self.is_reachable = reachable
+        self.calls: list[str] = []
+        self.acquire_plan: list[float | Exception] = []
+        self.release_plan: list[bool | Exception] = []
+        self.held = False
+
+    async def reachable(self) -> bool:
+        self.calls.append("reachable")
+        return self.is_reachable
+
+    async def acquire(self, machine_id: str) -> None:
+        assert machine_id == MACHINE
+        self.calls.append("acquire")
+        step = self.acquire_plan.pop(0) if self.acquire_plan else 0.0
+        if isinstance(step, Exception):
+            raise step
+        if step:
+            await self.clock.sleep(step)
+        self.held = True
+
+    async def release(self, machine_id: str) -> bool:
+        self.calls.append("release")
+        step = self.release_plan.pop(0) if self.release_plan else self.held
+        if isinstance(step, Exception):
+            raise step
+        self.held = False
+        return step
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+def window(start: str, length: str) -> RebootWindow:
+    parsed = parse_reboot_window(start, length)
+    assert parsed is not None
+    return parsed
+
+
+async def test_no_window_reboots_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    await clear_to_reboot(RebootStrategy(), None, clock)
+    assert clock.sleeps == []
+    assert "No configured reboot window" in caplog.text
+
+
+async def test_inside_the_window_no_wait_and_no_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 4, 30, tzinfo=UTC))
+    await clear_to_reboot(RebootStrategy(), window("4:00", "1h"), clock)
+    assert clock.sleeps == []
+    assert caplog.text == ""
+
+
+async def test_closed_window_waits_for_the_next_opening(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 0, 57, 59, tzinfo=UTC))  # a Thursday
+    await clear_to_reboot(RebootStrategy(), window("Thu 04:00", "1h"), clock)
+    assert clock.current == datetime(2024, 5, 2, 4, 0, tzinfo=UTC)
+    assert 'Reboot window start is "Thu 04:00" and length is "1h"' in caplog.text
+    assert (
+        "Next window begins at 2024-05-02 04:00:00 +0000 UTC and ends at 2024-05-02 05:00:00 +0000 UTC"
+        in (caplog.text)
+    )
+    assert "Waiting for 3h2m1s to reboot." in caplog.text
+    assert max(clock.sleeps) <= 300  # long waits are cut into pieces so clock steps are noticed
+
+
+async def test_zero_length_window_still_reboots_at_its_minute() -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 3, 0, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    backend.acquire_plan = [0.5]  # the lock answers half a second after the window "closed"
+    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    await clear_to_reboot(strategy, window("4:00", "0s"), clock)
+    assert backend.calls == ["acquire"]
+
+
+async def test_lock_wait_past_the_window_gives_the_lock_back(caplog: pytest.LogCaptureFixture) -> None:
+    """coreos/bugs#1886: a long lock wait must not end in a reboot outside the window."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 4, 30, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    backend.acquire_plan = [3 * 3600.0, 60.0]  # first wait ends at 07:30, the next one a minute after 04:00
+    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    await clear_to_reboot(strategy, window("4:00", "1h"), clock)
+    assert backend.calls == ["acquire", "release", "acquire"]
+    assert clock.current == datetime(2024, 5, 3, 4, 1, tzinfo=UTC)
+    assert "The reboot window ended at 2024-05-02 05:00:00 +0000 UTC" in caplog.text
+    assert "giving the lock back and waiting for the next window" in caplog.text
+
+
+async def test_lock_errors_are_retried_with_doubling_delays(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    backend.acquire_plan = [LockBackendError("etcd refused: permission denied")] * 7
+    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    await strategy.can_finalize()
+    assert backend.calls == ["acquire"] * 8
+    assert clock.sleeps == [10, 20, 40, 80, 160, 300, 300]
+    assert "Failed to acquire lock: etcd refused: permission denied. Retrying in 10s." in caplog.text
+    assert "Retrying in 2m40s." in caplog.text and "Retrying in 5m0s." in caplog.text
+
+
+async def test_report_steady_waits_then_releases_with_retries(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    backend.release_plan = [LockBackendError("no etcd endpoint answered"), True]
+    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    order: list[str] = []
+
+    async def steady() -> None:
+        order.append("steady")
+        assert backend.calls == []
+
+    await strategy.report_steady(steady)
+    assert order == ["steady"]
+    assert backend.calls == ["release", "release"]
+    assert clock.sleeps == [10]
+    assert "Unlocking old locks failed: no etcd endpoint answered. Retrying in 10s." in caplog.text
+
+
+async def test_best_effort_without_etcd_reboots_without_lock(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    backend = FakeBackend(clock, reachable=False)
+    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="http://127.0.0.1:2379")
+    await clear_to_reboot(strategy, None, clock)
+    assert backend.calls == ["reachable"]
+    assert (
+        "best-effort: etcd does not answer at http://127.0.0.1:2379: rebooting without a lock" in caplog.text
+    )
+
+    async def steady() -> None:
+        return None
+
+    await strategy.report_steady(steady)
+    assert "release" not in backend.calls
+    assert "no reboot lock to release" in caplog.text
+
+
+async def test_best_effort_with_etcd_takes_the_lock(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="http://etcd:2379")
+    await clear_to_reboot(strategy, None, clock)
+    assert backend.calls == ["reachable", "acquire"]
+    assert "best-effort: etcd answers at http://etcd:2379: taking the reboot lock" in caplog.text
+
+    async def steady() -> None:
+        return None
+
+    await strategy.report_steady(steady)
+    assert backend.calls[-2:] == ["reachable", "release"]
+
+
+async def test_best_effort_abandon_only_releases_a_lock_it_took() -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    backend = FakeBackend(clock, reachable=False)
+    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="x")
+    await strategy.can_finalize()
+    await strategy.abandon()
+    assert backend.calls == ["reachable"]
