@@ -306,7 +306,7 @@ REGION = 128 * 1024
 
 
 class MemoryDisk:
-    """An :class:`update_engine.gpt.BlockIO` over the first and last ``REGION`` bytes of an image; the middle reads as zeros.
+    """A :class:`update_engine.gpt.BlockIO` over the first and last ``REGION`` bytes of an image; zeros between.
 
     Only the GPT areas matter here, and copying 256 KiB per trial instead of the whole image keeps thousands of
     trials cheap. A write outside the two regions fails the test (the GPT code must not write there).
