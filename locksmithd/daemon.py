@@ -387,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not strategy.keeps_running:
         log.info("%s", EXIT_MESSAGE)
+        # Under Type=notify a clean exit before READY=1 counts as a failure and Restart= would loop.
+        Notifier(environ).send("READY=1\nSTATUS=Reboot strategy is off")
         return 0
     coordinator = Coordinator(settings.config_root, strategy.name)
     try:

@@ -478,11 +478,10 @@ class UpdateAttempter:
             self._fire(Trigger.DOWNLOAD_FINISHED)
             log.info("Download complete (%d bytes, %d resumes); verifying size, SHA-256, signature and %s",
                      delivered, resumes, target.label)
-            verified = await asyncio.to_thread(sink.close)
+            await asyncio.to_thread(sink.close)
         except BaseException:
             sink.abort()
             raise
-        log.info("Payload verified: %s", verified)
         return resumes > 0
 
     async def _run_postinstall(self, target: UsrSlot) -> None:
