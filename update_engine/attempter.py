@@ -351,6 +351,12 @@ class UpdateAttempter:
                     self._fire(Trigger.NO_UPDATE)
                     return CheckOutcome(UpdateStatus.IDLE, poll_interval=response.poll_interval)
                 offer = response
+                if settings.server.startswith("https:") and not offer.urls[0].startswith("https:"):
+                    raise UpdateEngineError(
+                        ErrorCode.OMAHA_RESPONSE_INVALID,
+                        f"Omaha server {host_of(settings.server)} is https but offered the payload over plain http "
+                        f"({host_of(offer.urls[0])}); refusing the downgrade",
+                    )
                 failed_version = self.prefs.get_str(PREF_FAILED_BOOT_VERSION)
                 if failed_version and offer.version == failed_version:
                     raise UpdateEngineError(

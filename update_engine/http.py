@@ -141,11 +141,19 @@ async def download(
     check_url(url, what="payload URL")
     progress = _Progress()
     resumes = 0
+    first_byte_seen = False
+
+    def first_byte() -> None:
+        nonlocal first_byte_seen
+        if not first_byte_seen:
+            first_byte_seen = True
+            if on_first_byte is not None:
+                on_first_byte()
+
     while True:
         try:
             await _fetch_from(
-                session, url, progress, deliver, expected_size=expected_size, auth=auth,
-                on_first_byte=on_first_byte if progress.offset == 0 else None,
+                session, url, progress, deliver, expected_size=expected_size, auth=auth, on_first_byte=first_byte,
             )
             if progress.offset == expected_size:
                 return resumes

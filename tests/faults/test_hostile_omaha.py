@@ -64,11 +64,6 @@ QUICK = HttpLimits(
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-EARLY_DROP_DEFECT = (
-    "update_engine/http.py download(): after a drop or stall before the first 1 MiB was delivered, the retry calls "
-    "on_first_byte again; the attempter fires DOWNLOAD_STARTED in DOWNLOADING and the attempt ends with "
-    "'internal error' (code 1) instead of resuming"
-)
 
 
 # --- hostile answers -------------------------------------------------------------------------------------------
@@ -258,11 +253,8 @@ CASES = [
           package=lambda r: html_page("application/octet-stream")),
     Hostile("payload stalls at 1.5 MiB, every time", TRANSFER, "resumes",
           package=lambda r: stall_at(r.data, 3 * MIB // 2)),
-    pytest.param(
-        Hostile("payload stalls at 1000 bytes, every time", TRANSFER, "resumes",
-              package=lambda r: stall_at(r.data, 1000)),
-        marks=pytest.mark.xfail(strict=True, reason=EARLY_DROP_DEFECT), id="payload stalls at 1000 bytes, every time",
-    ),
+    Hostile("payload stalls at 1000 bytes, every time", TRANSFER, "resumes",
+          package=lambda r: stall_at(r.data, 1000)),
     Hostile("payload longer than announced", ErrorCode.DOWNLOAD_SIZE_MISMATCH, "bytes",
           offer=lambda r: Offer(NEW_VERSION, r.size - 1, r.sha256_b64)),
 ]
@@ -369,10 +361,6 @@ def drop_once(data: bytes, count: int) -> Handler:
     return handler
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=EARLY_DROP_DEFECT,
-)
 async def test_connection_dropped_early_is_resumed(
     tmp_path: Path, keys: Keys, stub: OmahaStub, release_for_hostile: Release
 ) -> None:
@@ -470,12 +458,7 @@ async def _once(node: Node, keys: Keys, env: dict[str, str]) -> subprocess.Compl
     "payload_scheme",
     [
         "https",
-        pytest.param("http", marks=pytest.mark.xfail(
-            strict=True,
-            reason="update_engine/attempter.py check_and_update() / omaha.parse_response(): a payload URL is "
-            "accepted as long as it is http(s); an Omaha server reached over https may offer a plain-http "
-            "payload URL (a downgrade the redirect rules refuse but the offer does not)",
-        )),
+        "http",
     ],
 )
 async def test_https_server_offering_http_payload(
