@@ -30,7 +30,8 @@ class HttpLimits:
     """Timeouts and retry counts; tests shrink them, the defaults are the original's."""
 
     connect_timeout: float = 30.0
-    stall_timeout: float = 90.0  # no byte for this long → abandon (the original: < 10 B/s for 90 s)
+    stall_timeout: float = 90.0  # no byte for this long, or too few (see min_rate), → resume or abandon
+    min_rate: float = 10.0  # bytes/s averaged over each stall_timeout window, as the original's low-speed limit
     omaha_total_timeout: float = 120.0
     resume_attempts: int = 20
     resume_delay: float = 20.0
@@ -154,12 +155,15 @@ async def download(
         try:
             await _fetch_from(
                 session, url, progress, deliver, expected_size=expected_size, auth=auth, on_first_byte=first_byte,
+                limits=limits,
             )
             if progress.offset == expected_size:
                 return resumes
             reason = f"connection closed after {progress.offset} of {expected_size} bytes"
         except HttpError:
             raise
+        except TransferTooSlow as exc:
+            reason = str(exc)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         offset = progress.offset
@@ -174,6 +178,37 @@ async def download(
             host_of(url), offset, expected_size, reason, limits.resume_delay, resumes, limits.resume_attempts,
         )
         await asyncio.sleep(limits.resume_delay)
+
+
+class TransferTooSlow(Exception):
+    """A window of ``stall_timeout`` seconds brought fewer bytes than ``min_rate`` asks: treated like a stall."""
+
+
+@dataclass
+class RateWatch:
+    """Sans-IO low-speed rule: each ``window`` seconds must bring at least ``min_rate × window`` bytes.
+
+    A server dripping a byte just often enough to dodge the read timeout would otherwise hold the download, and
+    with it the daemon, for as long as it likes.
+    """
+
+    window: float
+    min_rate: float
+    started: float
+    received: int = 0
+
+    def feed(self, count: int, now: float) -> None:
+        """Count ``count`` bytes arrived at ``now``; raise TransferTooSlow when a full window fell short."""
+        self.received += count
+        elapsed = now - self.started
+        if elapsed < self.window:
+            return
+        if self.received < self.min_rate * elapsed:
+            raise TransferTooSlow(
+                f"transfer slower than {self.min_rate:g} B/s: {self.received} bytes in {elapsed:.1f} s"
+            )
+        self.started = now
+        self.received = 0
 
 
 @dataclass
@@ -192,6 +227,7 @@ async def _fetch_from(
     expected_size: int,
     auth: aiohttp.BasicAuth | None,
     on_first_byte: Callable[[], None] | None,
+    limits: HttpLimits,
 ) -> None:
     """One GET from ``progress.offset``, advancing it per delivered chunk (may stop short on a drop)."""
     offset = progress.offset
@@ -227,7 +263,10 @@ async def _fetch_from(
                     f"payload on {host_of(current)} is {offset + declared} bytes, Omaha said {expected_size}",
                 )
             buf = bytearray()
+            loop = asyncio.get_running_loop()
+            rate = RateWatch(limits.stall_timeout, limits.min_rate, loop.time())
             async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+                rate.feed(len(chunk), loop.time())
                 if on_first_byte is not None:
                     on_first_byte()
                     on_first_byte = None

@@ -329,11 +329,6 @@ async def test_hostile_server_is_refused_and_nothing_changes(
         assert case.sent.bytes < HUNDRED_MIB
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="update_engine/http.py download(): only a complete stall (no byte for stall_timeout) is abandoned; a "
-    "server dripping a byte more often than that holds the download (and the daemon) forever",
-)
 async def test_slow_drip_payload_is_abandoned(
     tmp_path: Path, keys: Keys, stub: OmahaStub, release_for_hostile: Release
 ) -> None:
