@@ -389,6 +389,9 @@ class UpdateAttempter:
                 log.info("%s armed for the next boot: priority=%d tries=%d successful=%d", target.label,
                          flags.priority, flags.tries, int(flags.successful))
                 await self._run_postinstall(target)
+                # The boot id first: previous-version alone, left by a crash before the reboot marker, would
+                # read as a rollback at the next check although the node never rebooted.
+                self.prefs.set_str(PREF_INSTALLED_BOOT_ID, params.boot_id)
                 self.prefs.set_str(PREF_PREVIOUS_VERSION, params.version)
                 self.prefs.set_str(PREF_INSTALLED_VERSION, offer.version)
                 self._pending_target, self._pending_kind = target.index, "update"
@@ -411,6 +414,13 @@ class UpdateAttempter:
     ) -> omaha.NoUpdate | omaha.UpdateOffer:
         previous = self.prefs.get_str(PREF_PREVIOUS_VERSION)
         rollback_detected = bool(previous) and previous == params.version
+        installed_boot = self.prefs.get_str(PREF_INSTALLED_BOOT_ID)
+        if rollback_detected and installed_boot == params.boot_id:
+            # Installed during this very boot and the reboot marker is gone: the daemon stopped (a crash, a kill)
+            # between arming and writing the marker. Nothing failed to boot; install again.
+            log.info("Update installed earlier in this boot (%s) was not finished; not a rollback", params.boot_id)
+            rollback_detected = False
+            previous = ""
         if rollback_detected:
             failed = self.prefs.get_str(PREF_INSTALLED_VERSION) or ""
             log.warning("Rollback detected: the update to %s did not boot, %s is running again; %s will not be "
@@ -629,6 +639,8 @@ PREF_RESPONSE_HASH = "update-check-response-hash"
 # failed to boot and was rolled back from: offering it again is refused until a newer one comes.
 PREF_INSTALLED_VERSION = "installed-version"
 PREF_FAILED_BOOT_VERSION = "failed-boot-version"
+# The boot id of the boot that installed previous-version's successor: the same id at the next check means no reboot.
+PREF_INSTALLED_BOOT_ID = "installed-boot-id"
 
 
 def describe_outcome(outcome: CheckOutcome) -> str:

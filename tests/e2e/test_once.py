@@ -226,6 +226,7 @@ def test_rolled_back_version_is_reported_and_not_installed_again(
     assert run_once(node, disk, keys.public).returncode == 0
     # The bootloader tried USR-B once, it failed, and the node is back on USR-A (1.0.0): /run is empty again.
     (node.run_dir / "update_engine_autoupdate_completed").unlink()
+    node.new_boot()
     subprocess.run(["cgpt", "add", "-i", str(USR_B), "-T", "0", str(disk)], check=True)
     usr_b_before = partition_bytes(disk, USR_B)
 

@@ -239,12 +239,6 @@ async def test_kill_minus_9_at_every_phase_of_an_update(tmp_path: Path, keys: Ke
 ROLLBACK_MISREAD = "Rollback detected"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="update_engine/attempter.py: check_and_update() writes previous-version (and installed-version) before "
-    "the /run reboot marker; a crash between the two leaves previous-version == the running version without a "
-    "reboot, and the next check (_update_check) reports a rollback (44) and refuses the update (36)",
-)
 async def test_crash_after_arming_is_not_mistaken_for_a_failed_boot(
     tmp_path: Path, keys: Keys, crash_release: Release
 ) -> None:

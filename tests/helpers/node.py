@@ -68,6 +68,10 @@ class NodeRoot:
             "COREOS_RELEASE_APPID={e96281a6-d1af-4bde-9a0a-97b76e56dc57}\n"
         )
 
+    def new_boot(self) -> None:
+        """What a reboot changes for the update-engine: a new kernel boot id (the caller empties /run)."""
+        (self.root / "proc/sys/kernel/random/boot_id").write_text(str(uuid.uuid4()) + "\n")
+
     def prefs(self, key: str) -> str | None:
         path = self.state_dir / "prefs" / key
         return path.read_text() if path.exists() else None
