@@ -457,6 +457,8 @@ class UpdateAttempter:
         if kernel_path is None:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
+        else:
+            remove_partial_kernels(kernel_path)
         self.prefs.set_str(PREF_RESPONSE_HASH, offer.sha256_b64)
         sink = PayloadSink(
             WriteTarget(path=self._disk_path(), offset=target.offset, size=target.size),
@@ -641,6 +643,20 @@ PREF_INSTALLED_VERSION = "installed-version"
 PREF_FAILED_BOOT_VERSION = "failed-boot-version"
 # The boot id of the boot that installed previous-version's successor: the same id at the next check means no reboot.
 PREF_INSTALLED_BOOT_ID = "installed-boot-id"
+
+
+def remove_partial_kernels(kernel_path: Path) -> None:
+    """Delete the temporary kernel files (``.<name>.*.partial``, PayloadSink's naming) that an attempt killed
+    before its rename left beside ``kernel_path``: without this each crash would leave one more in /boot."""
+    for stale in kernel_path.parent.glob(f".{kernel_path.name}.*.partial"):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("Cannot remove the unfinished kernel file %s: %s; remove it by hand", stale, exc.strerror)
+            continue
+        log.info("Removed %s, an unfinished kernel file left by an interrupted attempt", stale)
 
 
 def describe_outcome(outcome: CheckOutcome) -> str:

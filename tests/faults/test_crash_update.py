@@ -259,12 +259,6 @@ async def test_crash_after_arming_is_not_mistaken_for_a_failed_boot(
         await stub.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="update_engine/payload/apply.py PayloadSink: the kernel is written to a temporary "
-    ".vmlinuz-<slot>.*.partial file in the kernel directory; after a kill -9 (or power loss) nothing removes "
-    "it, and every crashed attempt leaves another one in /boot",
-)
 async def test_crashes_leave_no_partial_kernel_files(tmp_path: Path, keys: Keys, crash_release: Release) -> None:
     stub = await OmahaStub(payload=crash_release.data, throttle=THROTTLE).start()
     try:
