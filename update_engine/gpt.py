@@ -886,14 +886,17 @@ class GptDisk:
         ss = snapshot.sector_size
         primary_header, array = serialize_copy(primary, entries)
         backup_header, _ = serialize_copy(backup, entries)
+        # The copy readers use now is written last: a write cut short anywhere leaves it intact until the other
+        # copy is whole again. Usually that is the primary; when the primary is the damaged one, it is rebuilt
+        # first and the backup, which readers fall back on meanwhile, is rewritten after.
+        copies = [(backup, backup_header), (primary, primary_header)]
+        if snapshot.source == "backup":
+            copies.reverse()
         try:
-            # Backup first: if the write is cut short the primary, which readers prefer, is still intact.
-            self._io.pwrite(array, backup.partition_entry_lba * ss)
-            self._io.pwrite(backup_header, backup.my_lba * ss)
-            self._io.fsync()
-            self._io.pwrite(array, primary.partition_entry_lba * ss)
-            self._io.pwrite(primary_header, primary.my_lba * ss)
-            self._io.fsync()
+            for header, header_bytes in copies:
+                self._io.pwrite(array, header.partition_entry_lba * ss)
+                self._io.pwrite(header_bytes, header.my_lba * ss)
+                self._io.fsync()
         except OSError as exc:
             raise self._io_error("write the partition table of", exc) from exc
         after = self._read()

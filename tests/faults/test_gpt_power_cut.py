@@ -191,17 +191,9 @@ SCENARIOS = [
         "arm USR-B while the backup entries are damaged", _usr_disk, FRESH,
         lambda d: d.arm_for_next_boot(USR_B_INDEX), AB, damage=_damage_backup_entries,
     ),
-    pytest.param(
-        Scenario(
-            "arm USR-B while the primary header is damaged", _usr_disk, FRESH,
-            lambda d: d.arm_for_next_boot(USR_B_INDEX), AB, damage=_damage_primary_header,
-        ),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="GptDisk._write always writes the backup copy first; when the primary is the damaged copy, "
-            "a cut inside the backup write leaves no valid copy (the copy being rebuilt must be written first)",
-        ),
-        id="arm USR-B while the primary header is damaged",
+    Scenario(
+        "arm USR-B while the primary header is damaged", _usr_disk, FRESH,
+        lambda d: d.arm_for_next_boot(USR_B_INDEX), AB, damage=_damage_primary_header,
     ),
 ]
 
