@@ -2,10 +2,12 @@
 """Idle footprint of the daemons: memory and wake-ups while there is nothing to do.
 
 Starts ``update_engine`` (and ``locksmithd`` with the ``reboot`` strategy, waiting for an update) on a private
-system-like bus with a GPT image, lets them settle, then watches them for ``--seconds`` (default 60): RSS and PSS
-from ``/proc/PID/smaps_rollup`` at the end, and the voluntary context switches during the window (each one is a
-wake-up). An idle daemon should sleep until its next timer: a handful of switches at most, not one per second.
-Figures, not pass/fail.
+system-like bus with a GPT image and a dev server on 127.0.0.1 that has no update to offer, lets them settle, then
+watches them for ``--seconds`` (default 60) twice: before update-engine's first check, and again after it made one
+check (``update_engine_client -update``: the server answers "no update"), which is the state a node spends its life
+in between hourly checks. For each window: RSS and PSS from ``/proc/PID/smaps_rollup`` at its end, and the
+voluntary context switches during it (each one is a wake-up). An idle daemon should sleep until its next timer: a
+handful of switches at most, not one per second. Figures, not pass/fail.
 
     .venv/bin/python bench/idle_footprint.py [--seconds 60]
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers.dbus import start_private_bus
 from tests.helpers.disks import make_usr_disk
-from tests.helpers.node import VENV_BIN, make_node_root
+from tests.helpers.node import VENV_BIN, DevServerProcess, make_node_root, start_devserver
 
 POLICY = Path(__file__).resolve().parent.parent / "units" / "com.coreos.update1.conf"
 
@@ -62,8 +64,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="idle-bench-"))
     bus = start_private_bus(work / "dbus", [POLICY])
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    devserver: DevServerProcess | None = None
     try:
-        node = make_node_root(work / "root", server="http://127.0.0.1:9/v1/update/")
+        # The only release is on another track: every check of this "stable" node is answered "no update".
+        other_track = work / "beta.payload"
+        other_track.write_bytes(b"not offered to this node")
+        devserver = start_devserver(work / "devserver", [(other_track, "9.9.9", "beta")])
+        node = make_node_root(work / "root", server=devserver.url)
         disk = make_usr_disk(work / "disk.img")
         key = work / "unused.pub.pem"
         key.write_text("")
@@ -80,20 +87,27 @@ def main() -> int:
             [str(VENV_BIN / "locksmithd"), *common, "--strategy", "reboot"],
             stdout=logs["locksmithd"], stderr=subprocess.STDOUT,
         )
-        time.sleep(args.settle)
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {proc.returncode}; see {work}/{name}.log")
-        before = {name: sample(p.pid) for name, p in procs.items()}
-        print(f"… watching for {args.seconds:.0f} s", flush=True)
-        time.sleep(args.seconds)
-        after = {name: sample(p.pid) for name, p in procs.items()}
-        print(f"\n{'daemon':<14} {'RSS MiB':>8} {'PSS MiB':>8} {'wake-ups':>9} {'per minute':>10}")
-        for name in procs:
-            a, b = after[name], before[name]
-            wakeups = a.voluntary - b.voluntary
-            print(f"{name:<14} {a.rss_kib / 1024:>8.1f} {a.pss_kib / 1024:>8.1f} {wakeups:>9} "
-                  f"{wakeups * 60 / args.seconds:>10.1f}")
+        print(f"{'daemon':<14} {'window':<26} {'RSS MiB':>8} {'PSS MiB':>8} {'wake-ups':>9} {'per minute':>10}")
+        for window in ("before the first check", "after a no-update check"):
+            if window.startswith("after"):
+                check = subprocess.run(
+                    [str(VENV_BIN / "update_engine_client"), "-update", "--bus-address", bus.address],
+                    capture_output=True, text=True, timeout=120,
+                )
+                if "UPDATE_STATUS_IDLE" not in check.stdout + check.stderr:
+                    raise SystemExit(f"the check did not end in IDLE: {check.stdout}{check.stderr}")
+            time.sleep(args.settle)
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise SystemExit(f"{name} exited with {proc.returncode}; see {work}/{name}.log")
+            before = {name: sample(p.pid) for name, p in procs.items()}
+            time.sleep(args.seconds)
+            after = {name: sample(p.pid) for name, p in procs.items()}
+            for name in procs:
+                a, b = after[name], before[name]
+                wakeups = a.voluntary - b.voluntary
+                print(f"{name:<14} {window:<26} {a.rss_kib / 1024:>8.1f} {a.pss_kib / 1024:>8.1f} {wakeups:>9} "
+                      f"{wakeups * 60 / args.seconds:>10.1f}", flush=True)
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -101,6 +115,9 @@ def main() -> int:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if devserver is not None:
+            devserver.process.terminate()
+            devserver.process.wait(timeout=10)
         bus.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -53,7 +53,6 @@ from update_engine.errors import (
 from update_engine.gpt import GptDisk, PartitionFlags
 from update_engine.http import HttpError, HttpLimits, download, host_of, make_session, post_omaha
 from update_engine.partitions import UsrSlot, ensure_not_running, find_boot_disk, resolve_slots
-from update_engine.payload.apply import PayloadSink, WriteTarget
 from update_engine.prefs import Prefs
 from update_engine.status import StatusSnapshot, UpdateStatus
 
@@ -460,6 +459,9 @@ class UpdateAttempter:
         else:
             remove_partial_kernels(kernel_path)
         self.prefs.set_str(PREF_RESPONSE_HASH, offer.sha256_b64)
+        # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
+        from update_engine.payload.apply import PayloadSink, WriteTarget
+
         sink = PayloadSink(
             WriteTarget(path=self._disk_path(), offset=target.offset, size=target.size),
             public_key_pem=public_key,
