@@ -293,7 +293,8 @@ class UpdateAttempter:
             kind = "update"
         self._pending_kind = kind
         self._fire(Trigger.REBOOT_PENDING_FOUND)
-        log.info("Reboot marker %s found: an %s is pending, status restored to %s", marker, kind,
+        log.info("Reboot marker %s found: %s %s is pending, status restored to %s", marker,
+                 "an" if kind[:1] in "aeiou" else "a", kind,
                  UpdateStatus.UPDATED_NEED_REBOOT.value)
         return True
 
@@ -402,7 +403,7 @@ class UpdateAttempter:
         except UpdateEngineError as exc:
             if isinstance(exc, HttpError):
                 http_status = exc.status
-            return await self._fail(exc.code, str(exc), settings, touched_target, resumed, http_status)
+            return await self._fail(exc.code, exc.message, settings, touched_target, resumed, http_status)
         except Exception as exc:  # a bug must not kill the daemon nor leave the target armed
             log.exception("Unexpected error during the update attempt")
             return await self._fail(ErrorCode.ERROR, f"internal error: {exc!r}", settings, touched_target, resumed,
@@ -528,8 +529,8 @@ class UpdateAttempter:
         resumed: bool,
         http_status: int | None,
     ) -> CheckOutcome:
-        log.error("Update attempt failed: %s. The running system is unchanged; the next check will try again.",
-                  message)
+        log.error("Update attempt failed: %s (error %d %s). The running system is unchanged; the next check will "
+                  "try again.", message, code, describe(code))
         if self.machine.can(Trigger.FAILED):
             self._fire(Trigger.FAILED)
         if touched_target is not None:

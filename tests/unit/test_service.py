@@ -1,0 +1,342 @@
+"""The daemon shell's own decisions: what systemd is told, when the running partition is marked good, and how the
+check loop reacts to each outcome. The bus parts use a real private dbus-daemon, with the systemd stand-in where
+``boot-complete.target`` matters; the disk is a real GPT image."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+
+from tests.conftest import require_tool
+from tests.helpers.dbus import PrivateBus, start_private_bus
+from tests.helpers.disks import cgpt_flags, make_usr_disk
+from tests.helpers.node import NodeRoot, free_port, make_node_root
+from tests.helpers.systemd import start_systemd_standin
+from update_engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
+from update_engine.http import HttpLimits
+from update_engine.scheduler import CheckScheduler
+from update_engine.service import (
+    BOOT_COMPLETE,
+    BOOT_MARKED_NAME,
+    DaemonTiming,
+    Notifier,
+    mark_boot_healthy,
+    scheduler_loop,
+    systemd_unit_state,
+    wait_for_healthy_boot,
+)
+from update_engine.status import StatusSnapshot, UpdateStatus
+
+USR_A = 3
+WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
+FAST = DaemonTiming(healthy_boot_delay=0.0, boot_complete_poll=0.05)
+
+# --- sd_notify ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A datagram socket standing where systemd's notify socket would be (short path: AF_UNIX limit)."""
+    with tempfile.TemporaryDirectory(prefix="notify-") as directory:
+        path = f"{directory}/s"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        try:
+            yield sock
+        finally:
+            sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting on the socket now."""
+    messages = []
+    sock.setblocking(False)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except BlockingIOError:
+        pass
+    finally:
+        sock.settimeout(WAIT)
+    return messages
+
+
+def test_systemctl_status_shows_the_update_status_and_download_percentage(notify_socket: socket.socket) -> None:
+    notifier = Notifier()
+    notifier.status(StatusSnapshot())
+    notifier.status(StatusSnapshot(1, 0.0, UpdateStatus.CHECKING_FOR_UPDATE.value, "0.0.0", 0))
+    notifier.status(StatusSnapshot(1, 0.426, UpdateStatus.DOWNLOADING.value, "2.0.0", 100))
+    notifier.status(StatusSnapshot(1, 1.0, UpdateStatus.VERIFYING.value, "2.0.0", 100))
+    assert received(notify_socket) == [
+        "STATUS=UPDATE_STATUS_IDLE",
+        "STATUS=UPDATE_STATUS_CHECKING_FOR_UPDATE",
+        "STATUS=UPDATE_STATUS_DOWNLOADING 42%",
+        "STATUS=UPDATE_STATUS_VERIFYING",
+    ]
+
+
+def test_status_is_sent_only_when_its_text_changes(notify_socket: socket.socket) -> None:
+    notifier = Notifier()
+    for progress in (0.10, 0.101, 0.109, 0.11, 0.11):
+        notifier.status(StatusSnapshot(1, progress, UpdateStatus.DOWNLOADING.value, "2.0.0", 100))
+    notifier.status(StatusSnapshot(1, 0.0, UpdateStatus.IDLE.value, "0.0.0", 0))
+    notifier.status(StatusSnapshot(2, 0.0, UpdateStatus.IDLE.value, "0.0.0", 0))
+    assert received(notify_socket) == [
+        "STATUS=UPDATE_STATUS_DOWNLOADING 10%",
+        "STATUS=UPDATE_STATUS_DOWNLOADING 11%",
+        "STATUS=UPDATE_STATUS_IDLE",
+    ]
+
+
+def test_nothing_is_sent_when_not_started_by_systemd(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notifier = Notifier()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    notifier.notify("READY=1")
+    notifier.status(StatusSnapshot())
+    assert received(notify_socket) == []
+
+
+async def test_watchdog_pings_at_half_the_interval_systemd_asked_for(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    notifier = Notifier()
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        task = asyncio.create_task(notifier.watchdog())
+        try:
+            pings = [await asyncio.to_thread(notify_socket.recv, 64) for _ in range(3)]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert pings == [b"WATCHDOG=1"] * 3
+    assert "systemd watchdog enabled: pinging every 0.1 s" in caplog.text
+
+
+@pytest.mark.parametrize("value", [None, "0", "", "twenty", "-5"])
+async def test_no_watchdog_unless_systemd_asks_for_one(
+    value: str | None, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if value is None:
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    else:
+        monkeypatch.setenv("WATCHDOG_USEC", value)
+    await asyncio.wait_for(Notifier().watchdog(), WAIT)  # returns at once instead of looping
+    assert received(notify_socket) == []
+
+
+# --- healthy boot -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    bus = start_private_bus(tmp_path / "dbus")
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+@pytest.fixture
+async def client(private_bus: PrivateBus) -> AsyncIterator[MessageBus]:
+    bus = await MessageBus(bus_address=private_bus.address, bus_type=BusType.SYSTEM).connect()
+    try:
+        yield bus
+    finally:
+        bus.disconnect()
+
+
+@pytest.fixture
+async def systemd(private_bus: PrivateBus) -> AsyncIterator[object]:
+    """The systemd stand-in owning org.freedesktop.systemd1 on the private bus; yields boot-complete's unit."""
+    bus, unit = await start_systemd_standin(private_bus.address)
+    try:
+        yield unit
+    finally:
+        bus.disconnect()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeRoot:
+    return make_node_root(tmp_path / "root")
+
+
+def attempter_for(node: NodeRoot, disk: Path, **overrides: object) -> UpdateAttempter:
+    values: dict[str, object] = {
+        "config_root": node.root, "state_dir": node.state_dir, "run_dir": node.run_dir, "disk": disk,
+        "booted": "USR-A", "http": HttpLimits(connect_timeout=5, omaha_total_timeout=10),
+    }
+    values.update(overrides)
+    return UpdateAttempter(EngineOptions(**values))  # type: ignore[arg-type]
+
+
+async def test_without_systemd_on_the_bus_boot_complete_is_unknown(client: MessageBus) -> None:
+    assert await systemd_unit_state(client, BOOT_COMPLETE) is None
+
+
+async def test_boot_complete_state_and_queued_job_are_read_from_systemd(client: MessageBus, systemd: object) -> None:
+    state = await systemd_unit_state(client, BOOT_COMPLETE)
+    assert state is not None and (state.active_state, state.job_pending) == ("inactive", True)
+    systemd.state = "active"  # type: ignore[attr-defined]
+    state = await systemd_unit_state(client, BOOT_COMPLETE)
+    assert state is not None and (state.active_state, state.job_pending) == ("active", False)
+    assert await systemd_unit_state(client, "no-such.target") is None
+
+
+async def test_active_boot_complete_counts_at_once(client: MessageBus, systemd: object) -> None:
+    systemd.state = "active"  # type: ignore[attr-defined]
+    slow = DaemonTiming(healthy_boot_delay=3600.0, boot_complete_poll=3600.0)
+    reason = await asyncio.wait_for(wait_for_healthy_boot(client, slow), WAIT)
+    assert reason == "boot-complete.target is active"
+
+
+async def test_without_boot_complete_the_delay_decides(client: MessageBus, caplog: pytest.LogCaptureFixture) -> None:
+    timing = DaemonTiming(healthy_boot_delay=0.2, boot_complete_poll=3600.0)
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        reason = await asyncio.wait_for(wait_for_healthy_boot(client, timing), WAIT)
+    assert reason == "up for 0 s"
+    assert "boot-complete.target is not part of this boot; marking the boot good after 0 s up" in caplog.text
+
+
+async def test_healthy_boot_marks_the_running_partition_and_remembers_it(
+    tmp_path: Path, node: NodeRoot, client: MessageBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_tool("cgpt")
+    disk = make_usr_disk(tmp_path / "disk.img")
+    attempter = attempter_for(node, disk)
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await asyncio.wait_for(mark_boot_healthy(attempter, client, FAST), WAIT)
+    assert (node.run_dir / BOOT_MARKED_NAME).read_text() == "USR-A\n"
+    prio, tries, ok = cgpt_flags(disk, USR_A)
+    assert (tries, ok) == (0, 1) and prio > 0
+    assert f"Boot is healthy (up for 0 s): USR-A marked good (priority={prio} tries=0 successful=1)" in caplog.text
+
+
+async def test_already_marked_during_this_boot_touches_nothing(
+    node: NodeRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.run_dir.mkdir(parents=True, exist_ok=True)
+    (node.run_dir / BOOT_MARKED_NAME).write_text("USR-A\n")
+    attempter = attempter_for(node, node.root / "no-disk.img")
+    bus_never_used: MessageBus = None  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await asyncio.wait_for(mark_boot_healthy(attempter, bus_never_used, FAST), WAIT)
+    assert "Running partition already marked good during this boot" in caplog.text
+    assert "Could not mark" not in caplog.text
+
+
+async def test_pending_reboot_is_not_undone_by_marking_the_running_partition(
+    tmp_path: Path, node: NodeRoot, client: MessageBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_tool("cgpt")
+    disk = make_usr_disk(tmp_path / "disk.img")
+    before = cgpt_flags(disk, USR_A), cgpt_flags(disk, USR_A + 1)
+    node.run_dir.mkdir(parents=True, exist_ok=True)
+    (node.run_dir / REBOOT_MARKER_NAME).write_text("update USR-B\n")
+    attempter = attempter_for(node, disk)
+    attempter.restore_reboot_pending()
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await asyncio.wait_for(mark_boot_healthy(attempter, client, FAST), WAIT)
+    assert "Not marking the running partition good: a reboot into the other partition is pending" in caplog.text
+    assert (cgpt_flags(disk, USR_A), cgpt_flags(disk, USR_A + 1)) == before
+    # Not remembered as done: the next boot (into the update) still gets marked.
+    assert not (node.run_dir / BOOT_MARKED_NAME).exists()
+
+
+async def test_failure_to_mark_is_logged_and_retried_at_the_next_start(
+    node: NodeRoot, client: MessageBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = node.root / "no-disk.img"
+    attempter = attempter_for(node, missing)
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await asyncio.wait_for(mark_boot_healthy(attempter, client, FAST), WAIT)
+    line = next(r.getMessage() for r in caplog.records if "Could not mark" in r.getMessage())
+    assert line.startswith("Could not mark the running partition good: ")
+    assert str(missing) in line and line.endswith("; will try again at the next start")
+    assert not (node.run_dir / BOOT_MARKED_NAME).exists()
+
+
+# --- the check loop -----------------------------------------------------------------------------------------------
+
+
+class RecordingScheduler(CheckScheduler):
+    """The real scheduler, also noting what the loop told it after each attempt; parks the loop afterwards."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__(random.Random(0))
+        self.first = first
+        self.told: list[tuple[int | None, int | None, bool]] = []
+        self.told_once = asyncio.Event()
+
+    def first_delay(self) -> int:
+        return self.first
+
+    def next_interval(self, poll: int | None, status: int | None, network_error: bool) -> int:
+        self.told.append((poll, status, network_error))
+        self.told_once.set()
+        return 3600
+
+
+async def run_loop_once(attempter: UpdateAttempter, scheduler: RecordingScheduler) -> None:
+    task = asyncio.create_task(scheduler_loop(attempter, scheduler))
+    try:
+        await asyncio.wait_for(scheduler.told_once.wait(), WAIT)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_attempt_update_wakes_the_loop_long_before_the_timer(
+    node: NodeRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.set_update_conf(SERVER="disabled")
+    attempter = attempter_for(node, node.root / "no-disk.img")
+    scheduler = RecordingScheduler(first=3600)
+    attempter.attempt_update()
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await run_loop_once(attempter, scheduler)
+    assert "Updates are disabled" in caplog.text
+    assert scheduler.told == [(None, None, False)]
+    assert attempter.snapshot().current_operation == "UPDATE_STATUS_IDLE"
+    assert not attempter.check_requested.is_set()
+
+
+async def test_unreachable_server_is_reported_to_the_scheduler_as_a_network_error(node: NodeRoot) -> None:
+    node.set_update_conf(SERVER=f"http://127.0.0.1:{free_port()}/v1/update/")
+    attempter = attempter_for(node, node.root / "no-disk.img")
+    scheduler = RecordingScheduler(first=0)
+    await run_loop_once(attempter, scheduler)
+    assert scheduler.told == [(None, None, True)]
+    assert attempter.snapshot().current_operation == "UPDATE_STATUS_IDLE"
+
+
+async def test_with_a_reboot_pending_the_loop_only_pings(
+    node: NodeRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1/update/"
+    node.set_update_conf(SERVER=url)
+    node.run_dir.mkdir(parents=True, exist_ok=True)
+    (node.run_dir / REBOOT_MARKER_NAME).write_text("update USR-B\n")
+    attempter = attempter_for(node, node.root / "no-disk.img")
+    attempter.restore_reboot_pending()
+    scheduler = RecordingScheduler(first=0)
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        await run_loop_once(attempter, scheduler)
+    assert f"Ping to {url.split('/')[2]} failed" in caplog.text
+    assert "Checking for update" not in caplog.text
+    assert scheduler.told == [(None, None, False)]
+    assert attempter.snapshot().current_operation == "UPDATE_STATUS_UPDATED_NEED_REBOOT"
