@@ -1,6 +1,7 @@
 """Fleet reboot benchmark: N simulated nodes take turns through the etcd reboot semaphore.
 
-Starts a real single-member etcd on 127.0.0.1, then runs the same fleet twice with the real EtcdLockBackend:
+Starts a real single-member etcd on 127.0.0.1, then runs the same fleet in each mode with the real
+EtcdLockBackend, one per node:
 
 * ``watch``: waiters follow the key with an etcd watch (this project's behaviour);
 * ``poll``: waiters only retry with locksmith's backoff (10 s doubling to 5 min).
@@ -11,30 +12,67 @@ backoff 10 s → 5 min becomes 33 ms → 1 s, and the watch fallback uses the sa
 delay (a few hundred ms on a real node) is network-scale, not reboot-scale, and is set with
 ``--handoff-jitter``.
 
+A real fleet runs one node per machine; here the nodes are spread over ``--procs`` worker processes (each
+node keeps its own store, HTTP connections, watch thread and request thread, as on a real node), which start
+together at a time the parent gives them and report when each node took and released its slot
+(``time.monotonic`` is system-wide on Linux, so the times of all workers compare).
+
 Prints per mode: total time against the ideal ``ceil(N / max) × reboot_s``, hand-off latency (release of a
-slot → the next node holding it) p50/p99, the number of writes, and violations found by reading every revision
-of the key from etcd's history (more holders than ``max``, or ``semaphore != max - len(holders)``). These are
-figures to compare, not pass/fail checks.
+slot → the next node holding it) p50/p99, HTTP requests, lost compare-and-swaps, watch events received,
+writes, and violations found by reading every revision of the key from etcd's history (more holders than
+``max``, or a value that is not a valid semaphore). Then the CPU seconds etcd and the simulator used against
+what the machine had (cores × wall time): when that is near 100 %, the machine, not the protocol, sets the
+pace. These are figures to compare, not pass/fail checks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import json
 import logging
 import math
-import statistics
+import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from locksmithd.backends.etcd import EtcdLockBackend, EtcdSemaphoreStore, EtcdSettings
+from locksmithd.backends.etcd import (
+    Backoff,
+    EtcdLockBackend,
+    EtcdSemaphoreStore,
+    EtcdSettings,
+    EtcdTransientError,
+)
 from locksmithd.semaphore import Semaphore, SemaphoreError
 from tests.helpers.etcd_cluster import EtcdCluster
+
+# Seconds between "every worker is ready" and the common start, so that all of them are asleep waiting for it.
+START_MARGIN = 0.5
+
+
+@dataclass
+class WorkerReport:
+    """What one worker process measured; times are ``time.monotonic`` values."""
+
+    acquired: list[float] = field(default_factory=list)
+    released: list[float] = field(default_factory=list)
+    release_calls: list[float] = field(default_factory=list)  # how long each release call took
+    requests: int = 0
+    conflicts: int = 0
+    watch_events: int = 0
+    release_retries: int = 0
+    cpu: float = 0.0
+    threads: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,13 +80,23 @@ class RunResult:
     mode: str
     nodes: int
     max_slots: int
+    procs: int
     total: float
     ideal: float
     handoffs: list[float]
+    release_calls: list[float]
     writes: int
     requests: int
+    conflicts: int
+    watch_events: int
+    release_retries: int
     over_max: int
     broken_invariant: int
+    etcd_cpu: float
+    sim_cpu: float
+    machine_cpu: float
+    threads: int
+    errors: list[str]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -59,49 +107,179 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[index]
 
 
-async def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -> RunResult:
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every process, all cores), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- worker process ------------------------------------------------------------------------------------------
+
+
+async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
+    """Run this worker's share of the fleet, every node starting at ``start_at``."""
+    loop = asyncio.get_running_loop()
+    indices: list[int] = config["indices"]
+    # A real node has a thread of its own for each blocking etcd request; asyncio's default pool (a handful
+    # of threads per process) would queue the requests of hundreds of nodes behind each other.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=max(4, len(indices))))
+    settings = EtcdSettings(endpoints=tuple(config["endpoints"]), group=config["group"])
+    scale = config["reboot_s"] / config["real_reboot_s"]
+    report = WorkerReport()
+    backends = [
+        EtcdLockBackend(
+            settings,
+            use_watch=config["mode"] == "watch",
+            first_backoff=10.0 * scale,
+            max_backoff=300.0 * scale,
+            handoff_jitter=config["handoff_jitter"],
+            max_handoff_jitter=config["max_handoff_jitter"],
+        )
+        for _ in indices
+    ]
+
+    async def node(i: int, backend: EtcdLockBackend) -> None:
+        machine_id = f"node-{i:05d}"
+        try:
+            await backend.acquire(machine_id)
+            report.acquired.append(time.monotonic())
+            await asyncio.sleep(config["reboot_s"])
+            asked = time.monotonic()
+            # Like the daemon's unlock loop: a release that etcd could not take now is retried with backoff.
+            unlock_backoff = Backoff(10.0 * scale, 300.0 * scale)
+            while True:
+                try:
+                    await backend.release(machine_id)
+                    break
+                except EtcdTransientError as exc:
+                    report.release_retries += 1
+                    if report.release_retries <= 3:
+                        logging.getLogger("fleet").error("%s: release failed (%s); retrying", machine_id, exc)
+                    await asyncio.sleep(unlock_backoff.next())
+            report.released.append(time.monotonic())
+            report.release_calls.append(report.released[-1] - asked)
+        except Exception as exc:  # reported to the parent, which counts it against the run
+            report.errors.append(f"{machine_id}: {exc}")
+
+    async def sample_threads() -> None:
+        while True:
+            report.threads = max(report.threads, threading.active_count())
+            await asyncio.sleep(0.25)
+
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    cpu_start = time.process_time()
+    sampler = asyncio.create_task(sample_threads())
+    await asyncio.gather(*(node(i, b) for i, b in zip(indices, backends, strict=True)))
+    sampler.cancel()
+    report.cpu = time.process_time() - cpu_start
+    for backend in backends:
+        report.requests += backend.store.requests_sent
+        report.conflicts += backend.store.conflicts
+        report.watch_events += backend.store.watch_events
+    await asyncio.gather(*(b.close() for b in backends))
+    return report
+
+
+def worker_main(config_json: str) -> int:
+    """Worker: say ``ready``, read the common start time from stdin, run, print the report as JSON."""
+    config = json.loads(config_json)
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(levelname)s %(message)s")
+    print("ready", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return 1
+    report = asyncio.run(run_nodes(config, float(line)))
+    print(json.dumps(report.__dict__), flush=True)
+    return 0
+
+
+# -- parent --------------------------------------------------------------------------------------------------
+
+
+def run_workers(
+    cluster: EtcdCluster, args: argparse.Namespace, mode: str, group: str
+) -> tuple[list[WorkerReport], float, float, float, float]:
+    """Start the workers, release them together.
+
+    Returns their reports, the start and end times, the CPU seconds of etcd and of the whole machine.
+    """
+    shares = [list(range(p, args.nodes, args.procs)) for p in range(args.procs)]
+    shares = [share for share in shares if share]
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        for share in shares:
+            config = {
+                "endpoints": cluster.endpoints,
+                "group": group,
+                "mode": mode,
+                "indices": share,
+                "reboot_s": args.reboot_s,
+                "real_reboot_s": args.real_reboot_s,
+                "handoff_jitter": args.handoff_jitter,
+                "max_handoff_jitter": args.max_handoff_jitter,
+            }
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", json.dumps(config)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for worker in workers:
+            assert worker.stdout is not None
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {worker.pid} did not start")
+        etcd_pid = cluster.members[0].process.pid  # type: ignore[union-attr]
+        start = time.monotonic() + START_MARGIN
+        etcd_cpu_start = process_cpu(etcd_pid)
+        machine_start = machine_busy()
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write(f"{start!r}\n")
+            worker.stdin.close()
+        reports = []
+        for worker in workers:
+            assert worker.stdout is not None
+            out = worker.stdout.read()
+            if worker.wait() != 0 or not out.strip():
+                raise RuntimeError(f"worker {worker.pid} failed (exit {worker.returncode})")
+            reports.append(WorkerReport(**json.loads(out)))
+        etcd_cpu = process_cpu(etcd_pid) - etcd_cpu_start
+        machine = machine_busy() - machine_start
+        end = max(r.released[-1] if r.released else start for r in reports)
+        return reports, start, end, etcd_cpu, machine
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -> RunResult:
     group = f"bench-{mode}"
     settings = EtcdSettings(endpoints=tuple(cluster.endpoints), group=group)
     store = EtcdSemaphoreStore(settings)
     store.update(lambda sem: sem.set_max(args.max))
     store.close()
-    scale = args.reboot_s / args.real_reboot_s
-    acquired: list[float] = []
-    released: list[float] = []
-    requests = 0
 
-    async def node(i: int) -> None:
-        nonlocal requests
-        backend = EtcdLockBackend(
-            settings,
-            use_watch=mode == "watch",
-            first_backoff=10.0 * scale,
-            max_backoff=300.0 * scale,
-            handoff_jitter=args.handoff_jitter,
-            max_handoff_jitter=args.max_handoff_jitter,
-        )
-        machine_id = f"node-{i:05d}"
-        try:
-            await backend.acquire(machine_id)
-            acquired.append(time.monotonic())
-            await asyncio.sleep(args.reboot_s)
-            await backend.release(machine_id)
-            released.append(time.monotonic())
-        finally:
-            requests += backend.store.requests_sent
-            await backend.close()
-
-    start = time.monotonic()
-    await asyncio.gather(*(node(i) for i in range(args.nodes)))
-    total = time.monotonic() - start
-
+    reports, start, end, etcd_cpu, machine_cpu = run_workers(cluster, args, mode, group)
+    acquired = sorted(t for r in reports for t in r.acquired)
+    released = sorted(t for r in reports for t in r.released)
     # The k-th acquisition after the first `max` could only happen once the (k - max)-th release was done.
-    acquired.sort()
-    released.sort()
     handoffs = [a - r for a, r in zip(acquired[args.max :], released, strict=False)]
 
     over = broken = 0
-    history = await asyncio.to_thread(cluster.key_history, settings.key, 300.0)
+    history = cluster.key_history(settings.key, 300.0)
     for _, raw in history:
         if raw is None:
             continue
@@ -116,38 +294,61 @@ async def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -
         mode=mode,
         nodes=args.nodes,
         max_slots=args.max,
-        total=total,
+        procs=len(reports),
+        total=end - start,
         ideal=math.ceil(args.nodes / args.max) * args.reboot_s,
         handoffs=handoffs,
+        release_calls=[t for r in reports for t in r.release_calls],
         writes=len(history),
-        requests=requests,
+        requests=sum(r.requests for r in reports),
+        conflicts=sum(r.conflicts for r in reports),
+        watch_events=sum(r.watch_events for r in reports),
+        release_retries=sum(r.release_retries for r in reports),
         over_max=over,
         broken_invariant=broken,
+        etcd_cpu=etcd_cpu,
+        sim_cpu=sum(r.cpu for r in reports),
+        machine_cpu=machine_cpu,
+        threads=sum(r.threads for r in reports),
+        errors=[e for r in reports for e in r.errors],
     )
 
 
 def report(result: RunResult) -> None:
     p50 = percentile(result.handoffs, 50) * 1000
     p99 = percentile(result.handoffs, 99) * 1000
-    mean = statistics.fmean(result.handoffs) * 1000 if result.handoffs else float("nan")
+    handoffs = max(1, len(result.handoffs))
+    capacity = (os.cpu_count() or 1) * result.total
     print(
         f"{result.mode:>5}: total {result.total:7.2f} s  ideal {result.ideal:6.2f} s  "
         f"ratio {result.total / result.ideal:5.2f}  hand-off p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  "
-        f"mean {mean:7.1f} ms  etcd requests {result.requests}  writes {result.writes}  "
-        f"over-max {result.over_max}  "
-        f"invalid {result.broken_invariant}",
+        f"release call p50 {percentile(result.release_calls, 50) * 1000:.1f} ms "
+        f"(retried {result.release_retries})  "
+        f"etcd requests {result.requests} ({result.requests / handoffs:.1f}/hand-off)  "
+        f"lost CAS {result.conflicts} ({result.conflicts / handoffs:.1f}/hand-off)  "
+        f"watch events {result.watch_events}  writes {result.writes}  "
+        f"over-max {result.over_max}  invalid {result.broken_invariant}  errors {len(result.errors)}",
         flush=True,
     )
+    print(
+        f"       cpu: etcd {result.etcd_cpu:6.1f} s  simulator {result.sim_cpu:6.1f} s "
+        f"({result.procs} procs, {result.threads} threads at most)  of {capacity:6.1f} s available "
+        f"({os.cpu_count()} cores × wall): {100 * (result.etcd_cpu + result.sim_cpu) / capacity:3.0f} % used by "
+        f"the benchmark, {100 * result.machine_cpu / capacity:3.0f} % by the whole machine",
+        flush=True,
+    )
+    for error in result.errors[:5]:
+        print(f"       error: {error}", flush=True)
 
 
-async def main_async(args: argparse.Namespace) -> int:
+def main_parent(args: argparse.Namespace) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="fleet-bench-") as workdir,
         EtcdCluster(1, Path(workdir)) as cluster,
     ):
         scale = args.reboot_s / args.real_reboot_s
         print(
-            f"fleet: {args.nodes} nodes, max {args.max}, reboot {args.reboot_s} s "
+            f"fleet: {args.nodes} nodes in {args.procs} processes, max {args.max}, reboot {args.reboot_s} s "
             f"(stands for {args.real_reboot_s:g} s: time scale 1/{1 / scale:g}; polling backoff "
             f"{10 * scale * 1000:.0f} ms doubling to {300 * scale:.2f} s); hand-off jitter "
             f"{args.handoff_jitter} s (cap {args.max_handoff_jitter} s); etcd at {cluster.endpoints[0]}",
@@ -155,13 +356,16 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         violations = 0
         for mode in args.modes.split(","):
-            result = await run_fleet(cluster, args, mode)
+            result = run_fleet(cluster, args, mode)
             report(result)
-            violations += result.over_max + result.broken_invariant
+            violations += result.over_max + result.broken_invariant + len(result.errors)
         return 1 if violations else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"] and len(argv) == 2:
+        return worker_main(argv[1])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--nodes", type=int, default=200, help="simulated nodes (default 200)")
     parser.add_argument("--max", type=int, default=10, help="semaphore slots (default 10)")
@@ -172,11 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handoff-jitter", type=float, default=0.01, help="initial hand-off delay (0.01 s)")
     parser.add_argument("--max-handoff-jitter", type=float, default=0.2, help="hand-off delay cap (0.2 s)")
     parser.add_argument("--modes", default="watch,poll", help="comma-separated: watch, poll")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes the nodes are spread over (default: the number of cores)",
+    )
     args = parser.parse_args(argv)
-    if args.nodes < 1 or args.max < 1 or args.reboot_s <= 0:
-        parser.error("--nodes and --max must be >= 1 and --reboot-s > 0")
-    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(levelname)s %(message)s")
-    return asyncio.run(main_async(args))
+    if args.nodes < 1 or args.max < 1 or args.reboot_s <= 0 or args.procs < 1:
+        parser.error("--nodes, --max and --procs must be >= 1 and --reboot-s > 0")
+    for mode in args.modes.split(","):
+        if mode not in ("watch", "poll"):
+            parser.error(f"unknown mode {mode!r}: use watch, poll")
+    return main_parent(args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,17 @@ transaction that compares the key's ``mod_revision`` with the one read (``versio
 a lost race returns the current value in the same round trip and the transition is applied again to it, a
 bounded number of times. Reads are linearizable, so ``status`` never shows a stale holder list (locksmith#64).
 
-A node waiting for a slot watches the key from the revision it read. Every value the watch delivers is decoded
-in place; only one that shows a free slot leads to a lock attempt, after a short random delay so that a fleet
-of waiters does not answer one release with a burst of conflicting transactions (the first waiter's write
-reaches the others' watches before most of them fire). If the watch cannot be opened or breaks, or etcd does
-not answer, the node falls back to locksmith's polling: 10 s, 20 s, 40 s … capped at 5 min.
+A node taking the lock first creates the key if it is missing and reads it, in one transaction. If no slot is
+free it watches the key from the revision it read, with one watch for the whole wait. Values that arrive
+faster than the node handles them are folded into the newest, which is decoded in place; only one that shows
+a free slot leads to a lock attempt, after a short random delay so that a fleet of waiters does not answer
+one release with a burst of conflicting transactions (the first waiter's write reaches the others' watches
+before most of them fire). If the watch cannot be opened or breaks, or etcd does not answer, the node falls
+back to locksmith's polling: 10 s, 20 s, 40 s … capped at 5 min.
+
+Every waiter receives every write of the key, so one hand-off costs etcd two events per waiter: the fan-out
+grows with the square of the fleet when the whole fleet waits at once. A real rollout spreads it over hours
+(one hand-off per reboot time); only a time-compressed simulation of a large fleet makes it the limit.
 
 Endpoints are tried in order on connection failures and the one that answered is remembered. Every request
 carries an explicit timeout: etcd3gw 2.0 (Debian bookworm) keeps ``timeout`` as a session attribute that
@@ -221,7 +227,11 @@ class EtcdSemaphoreStore:
         self._current = 0
         self._lock = threading.Lock()
         self._max_conflict_retries = max_conflict_retries
-        self.requests_sent = 0  # for benchmarks and debugging: HTTP requests this store has sent
+        # For benchmarks and debugging: HTTP requests sent, compare-and-swaps lost to another writer, and
+        # changes the watches of this store received.
+        self.requests_sent = 0
+        self.conflicts = 0
+        self.watch_events = 0
         # Passed on every request: a session-level ``verify`` loses to REQUESTS_CA_BUNDLE in the environment.
         self._verify: str | bool = settings.ca_file or True
 
@@ -367,6 +377,33 @@ class EtcdSemaphoreStore:
             log.info("Created semaphore %s with %s", self.key, Semaphore.default().encode())
         return created
 
+    def ensure_exists_and_get(self) -> tuple[Semaphore, int]:
+        """``ensure_exists`` and ``get`` in one transaction: the value and ``mod_revision`` after creation.
+
+        A node about to take the lock needs both; one round trip instead of two matters when a whole fleet
+        starts waiting at once.
+        """
+        read = {"request_range": {"key": self._key_b64}}
+        txn = {
+            "compare": [{"key": self._key_b64, "target": "VERSION", "result": "EQUAL", "version": 0}],
+            "success": [
+                {"request_put": {"key": self._key_b64, "value": _b64(Semaphore.default().encode())}},
+                read,
+            ],
+            "failure": [read],
+        }
+        doc = self._post("kv/txn", txn)
+        created = bool(doc.get("succeeded", False))
+        if created:
+            log.info("Created semaphore %s with %s", self.key, Semaphore.default().encode())
+        responses = doc.get("responses") or []
+        if not isinstance(responses, list) or len(responses) < (2 if created else 1):
+            raise EtcdTransientError(f"etcd answered the creation of {self.key!r} with unexpected JSON")
+        answer = responses[-1]
+        if not isinstance(answer, dict):
+            raise EtcdTransientError(f"etcd answered the creation of {self.key!r} with unexpected JSON")
+        return self._from_kvs((answer.get("response_range") or {}).get("kvs"))
+
     def _compare_and_put(self, revision: int, new: Semaphore) -> tuple[bool, Semaphore, int]:
         """Write ``new`` if the key is still at ``revision``; else return the value that is there now."""
         # Round-trip through the decoder: a value that fails validation is never written.
@@ -383,6 +420,7 @@ class EtcdSemaphoreStore:
         doc = self._post("kv/txn", txn)
         if doc.get("succeeded", False):
             return True, checked, int(doc.get("header", {}).get("revision", 0))
+        self.conflicts += 1
         responses = doc.get("responses") or [{}]
         kvs = responses[0].get("response_range", {}).get("kvs")
         current, current_rev = self._from_kvs(kvs)
@@ -591,6 +629,7 @@ class KeyWatch:
             reason = result.get("cancel_reason", "no reason given")
             raise EtcdTransientError(f"etcd cancelled the watch on {self._store.key!r}: {reason}")
         for event in result.get("events") or []:
+            self._store.watch_events += 1
             kv = event.get("kv") or {}
             revision = int(kv.get("mod_revision", 0))
             if event.get("type") == "DELETE":
@@ -650,14 +689,23 @@ class Backoff:
 
 
 class _ThreadedWatch:
-    """Runs a KeyWatch in its own thread and hands its changes to the event loop through a queue."""
+    """Runs a KeyWatch in its own thread and hands the newest change to the event loop.
+
+    A waiter only acts on the key's latest value, so changes that arrive faster than the loop takes them are
+    folded into the newest one, and the loop is woken once per batch rather than once per event: behind a
+    busy key (every acquire and release of the fleet) that is most of the events.
+    """
 
     _END = object()
 
     def __init__(self, watch: KeyWatch, name: str) -> None:
         self._watch = watch
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._mutex = threading.Lock()
+        self._latest: KeyChange | None = None  # newest change not yet taken by next_change
+        self._ending: object = None  # _END or the exception that ended the stream, after _latest
+        self._wakeup_pending = False  # a call to _ready.set is on its way to the loop
+        self._ready = asyncio.Event()
         self._finished: asyncio.Future[None] = self._loop.create_future()
         # The newest revision the stream has delivered, written by the watch thread; lets an attempt queued
         # behind other work notice that it would compare against an outdated revision.
@@ -665,18 +713,26 @@ class _ThreadedWatch:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def _deliver(self, item: object) -> None:
+    def _offer(self, change: KeyChange | None, ending: object = None) -> None:
+        with self._mutex:
+            if change is not None:
+                self._latest = change
+            if ending is not None:
+                self._ending = ending
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def _run(self) -> None:
         try:
             for change in self._watch.changes():
                 self.latest_revision = max(self.latest_revision, change.revision)
-                self._deliver(change)
-            self._deliver(self._END)
+                self._offer(change)
+            self._offer(None, self._END)
         except BaseException as exc:
-            self._deliver(exc)
+            self._offer(None, exc)
         finally:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._mark_finished)
@@ -685,23 +741,39 @@ class _ThreadedWatch:
         if not self._finished.done():
             self._finished.set_result(None)
 
-    async def next_change(self, timeout: float | None = None) -> KeyChange | None:
-        """The next change; None when ``timeout`` passed first. Raises what the watch raised."""
-        if not self._queue.empty():
-            item: object = self._queue.get_nowait()  # delivered already: never report a timeout over it
-        elif timeout is None:
-            item = await self._queue.get()
-        else:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                return None
-        if item is self._END:
+    def _take(self) -> KeyChange | None:
+        """The pending change, else raise how the stream ended, else None (and arm the next wake-up)."""
+        with self._mutex:
+            change, self._latest = self._latest, None
+            ending = self._ending
+            if change is None and ending is None:
+                self._wakeup_pending = False
+                self._ready.clear()
+        if change is not None:
+            return change
+        if ending is self._END:
             raise _WatchRestart("watch ended")
-        if isinstance(item, BaseException):
-            raise item
-        assert isinstance(item, KeyChange)
-        return item
+        if isinstance(ending, BaseException):
+            raise ending
+        return None
+
+    async def next_change(self, timeout: float | None = None) -> KeyChange | None:
+        """The newest change not yet returned; None when ``timeout`` passed first. Raises what the watch raised.
+
+        A change that has arrived already is returned even with a zero timeout.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            change = self._take()
+            if change is not None:
+                return change
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._ready.wait(), remaining)
+            except TimeoutError:
+                return self._take()
 
     async def close(self) -> None:
         """Stop the watch and wait (without blocking the loop) for its thread to end."""
@@ -769,7 +841,9 @@ class EtcdLockBackend:
             while True:
                 try:
                     if not created:
-                        await asyncio.to_thread(store.ensure_exists)
+                        # Create the key if missing and read it in the same round trip: the first attempt
+                        # starts from that value.
+                        known = await asyncio.to_thread(store.ensure_exists_and_get)
                         created = True
                     attempt = await asyncio.to_thread(self._attempt, machine_id, known, watch)
                     if attempt is None:

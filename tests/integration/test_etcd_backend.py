@@ -119,6 +119,29 @@ def test_ensure_exists_creates_the_key_once(shared_etcd: EtcdCluster, group: str
     store.close()
 
 
+def test_ensure_exists_and_get_creates_and_reads_in_one_request(shared_etcd: EtcdCluster, group: str) -> None:
+    store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
+    sent = store.requests_sent
+    sem, revision = store.ensure_exists_and_get()
+    assert store.requests_sent == sent + 1
+    assert sem == Semaphore.default()
+    assert (sem, revision) == store.get()
+    assert store.try_acquire("a", (sem, revision)).acquired
+    assert store.ensure_exists_and_get() == store.get()  # an existing key is read, not overwritten
+    assert store.get()[0].holders == ("a",)
+    assert len(shared_etcd.key_history(store.key)) == 2
+    store.close()
+
+
+async def test_a_free_slot_takes_two_round_trips(shared_etcd: EtcdCluster, group: str) -> None:
+    """Create-or-read, then compare-and-swap: a fleet starting at once sends no separate read per node."""
+    backend = EtcdLockBackend(settings_for(shared_etcd, group))
+    await backend.acquire("a")
+    assert backend.store.requests_sent == 2
+    assert shared_etcd.get(backend.store.key) == b'{"semaphore":0,"max":1,"holders":["a"]}'
+    await backend.close()
+
+
 def test_lock_unlock_and_idempotent_lock(shared_etcd: EtcdCluster, group: str) -> None:
     store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
     first = store.try_acquire("node-a")
@@ -249,6 +272,34 @@ async def test_deleted_key_is_recreated_by_a_waiter(shared_etcd: EtcdCluster, gr
     store._post("kv/deleterange", {"key": store._key_b64})
     await asyncio.wait_for(task, SETTLE)
     assert shared_etcd.get(settings.key) == b'{"semaphore":0,"max":1,"holders":["w"]}'
+    await waiter.close()
+    store.close()
+
+
+async def test_waiter_sits_out_a_burst_of_changes_without_a_free_slot(shared_etcd: EtcdCluster, group: str) -> None:
+    """Changes that pile up while the loop is busy are folded into the newest; none of them frees a slot."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.lock("a"))
+    waiter = EtcdLockBackend(settings, first_backoff=3600, handoff_jitter=0.0)
+    task = asyncio.create_task(waiter.acquire("w"))
+    for _ in range(200):
+        if waiter.store.watch_events == 0 and watch_threads():
+            break
+        await asyncio.sleep(0.02)
+    # Written from a thread so that the burst reaches the watch while the event loop cannot take it.
+    def burst() -> None:
+        for i in range(30):
+            store.update(lambda sem, i=i: sem.set_max(2).lock(f"b{i}"))
+            store.update(lambda sem, i=i: sem.unlock(f"b{i}").set_max(1))
+
+    await asyncio.to_thread(burst)
+    await asyncio.sleep(0.3)
+    assert not task.done()  # every value of the burst leaves no free slot
+    assert waiter.store.watch_events == 60
+    store.update(lambda sem: sem.unlock("a"))
+    await asyncio.wait_for(task, SETTLE)
+    assert store.get()[0].holders == ("w",)
     await waiter.close()
     store.close()
 
