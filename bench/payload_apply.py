@@ -8,6 +8,9 @@ floor: ``openssl dgst -sha256 PAYLOAD`` followed by ``dd`` of the same image byt
 with ``conv=notrunc,fsync``. Prints both, the ratio floor/ours (> 1 means we are faster than the two tools run one
 after the other) and our peak RSS. Figures, not pass/fail.
 
+Each timed phase starts with a clean page cache (``sync`` first): building the image and the payload leaves
+gigabytes of dirty pages whose writeback would otherwise compete with whichever phase runs first.
+
     .venv/bin/python bench/payload_apply.py [--size-mib 1024] [--sizes 256,1024]
 """
 
@@ -102,6 +105,7 @@ def bench_size(workdir: Path, size_mib: int) -> Figures:
     server = start_devserver(d / "srv", [(payload, "2.0.0", None)])
     try:
         node = make_node_root(d / "root", server=server.url)
+        os.sync()
         ours_s, rss = timed([
             str(VENV_BIN / "update_engine"), "--once", "--disk", str(disk), "--booted", "USR-A",
             "--public-key", str(d / "key.pub.pem"), "--state-dir", str(node.state_dir), "--run-dir",
@@ -113,6 +117,7 @@ def bench_size(workdir: Path, size_mib: int) -> Figures:
     # The floor writes into a fresh image of the same layout, as ours did: same sparse, unallocated target.
     floor_disk = make_usr_disk(d / "floor-disk.img", usr_mib=size_mib + 2)
     offset, _ = partition_range(floor_disk, USR_B)
+    os.sync()
     hash_s, _ = timed(["openssl", "dgst", "-sha256", str(payload)])
     dd_s, _ = timed([
         "dd", f"if={image}", f"of={floor_disk}", "bs=1M", f"seek={offset}", "oflag=seek_bytes",

@@ -477,13 +477,19 @@ class UpdateAttempter:
             self._fire(Trigger.DOWNLOAD_STARTED)
             log.info("Downloading %d bytes from %s", offer.size, host_of(offer.urls[0]))
 
+        notified = 0
+        notify_step = 1 << 20  # progress listeners hear at most once per MiB (chunks are a few hundred KiB)
+
         async def deliver(chunk: bytes) -> None:
-            nonlocal delivered
-            await asyncio.to_thread(sink.write, chunk)
+            # The sink's workers hash and write; this only queues the chunk (awaiting room when they lag behind).
+            nonlocal delivered, notified
+            await sink.write_async(chunk)
             delivered += len(chunk)
-            with self._lock:
-                self.machine.progress = min(delivered / total, 1.0)
-            self._notify()
+            if delivered - notified >= notify_step or delivered >= total:
+                notified = delivered
+                with self._lock:
+                    self.machine.progress = min(delivered / total, 1.0)
+                self._notify()
 
         auth = None
         if self._settings and self._settings.download_user:

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 OMAHA_BODY_LIMIT = 1 << 20
 MAX_REDIRECTS = 10
-DOWNLOAD_CHUNK = 1 << 20
+# aiohttp buffers up to twice this much of a response before it stops reading the socket. The default (64 KiB)
+# makes it stop and restart reading every few hundred KiB; the payload sink bounds what is in flight after it.
+DOWNLOAD_READ_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,9 @@ async def download(
 ) -> int:
     """Stream ``url`` into ``deliver`` in order, resuming with ``Range`` after a short read.
 
-    ``deliver`` gets the bytes exactly once each, in order, in chunks of about 1 MiB. Returns the number of
-    resumes needed. Never delivers more than ``expected_size`` bytes: a longer body is a size mismatch.
+    ``deliver`` gets the bytes exactly once each, in order, in the ``bytes`` chunks the network brought (up to a
+    few hundred KiB each, never copied here); the next chunk waits until ``deliver`` returns. Returns the number
+    of resumes needed. Never delivers more than ``expected_size`` bytes: a longer body is a size mismatch.
     """
     check_url(url, what="payload URL")
     progress = _Progress()
@@ -151,6 +154,7 @@ async def download(
             if on_first_byte is not None:
                 on_first_byte()
 
+    reason = ""
     while True:
         try:
             await _fetch_from(
@@ -160,8 +164,11 @@ async def download(
             if progress.offset == expected_size:
                 return resumes
             reason = f"connection closed after {progress.offset} of {expected_size} bytes"
-        except HttpError:
-            raise
+        except HttpError as exc:
+            if not resumes:
+                raise
+            # A resume refused (say, Range ignored) is the end, but what broke the transfer first is news too.
+            raise HttpError(exc.code, f"{exc.message}, resuming after: {reason}", status=exc.status) from exc
         except TransferTooSlow as exc:
             reason = str(exc)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
@@ -234,7 +241,9 @@ async def _fetch_from(
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        async with session.get(current, headers=headers, allow_redirects=False, auth=auth) as resp:
+        async with session.get(
+            current, headers=headers, allow_redirects=False, auth=auth, read_bufsize=DOWNLOAD_READ_BUFFER
+        ) as resp:
             if resp.status in (301, 302, 303, 307, 308):
                 current = redirect_target(current, resp.headers.get("Location"))
                 continue
@@ -262,29 +271,23 @@ async def _fetch_from(
                     ErrorCode.DOWNLOAD_SIZE_MISMATCH,
                     f"payload on {host_of(current)} is {offset + declared} bytes, Omaha said {expected_size}",
                 )
-            buf = bytearray()
             loop = asyncio.get_running_loop()
             rate = RateWatch(limits.stall_timeout, limits.min_rate, loop.time())
-            async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+            # iter_chunks hands out the parser's buffers as they are (iter_chunked would join them into copies).
+            async for chunk, _ in resp.content.iter_chunks():
+                if not chunk:
+                    continue
                 rate.feed(len(chunk), loop.time())
                 if on_first_byte is not None:
                     on_first_byte()
                     on_first_byte = None
-                if offset + len(buf) + len(chunk) > expected_size:
+                if offset + len(chunk) > expected_size:
                     raise HttpError(
                         ErrorCode.DOWNLOAD_SIZE_MISMATCH,
                         f"payload on {host_of(current)} is longer than the {expected_size} bytes Omaha announced",
                     )
-                buf += chunk
-                if len(buf) >= DOWNLOAD_CHUNK:
-                    data = bytes(buf)
-                    buf.clear()
-                    await deliver(data)
-                    offset += len(data)
-                    progress.offset = offset
-            if buf:
-                await deliver(bytes(buf))
-                offset += len(buf)
+                await deliver(chunk)
+                offset += len(chunk)
                 progress.offset = offset
             return
     raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"more than {MAX_REDIRECTS} redirects from {url}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import bz2
 import hashlib
 import os
 import subprocess
+import threading
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.helpers.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Op, build_payload, key_pair
 from update_engine.errors import ErrorCode
+from update_engine.payload import apply as apply_module
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.apply import PayloadSink, VerifiedPayload, WriteTarget, verify_payload_file
 from update_engine.payload.format import PayloadError, parse_header, parse_manifest
@@ -570,6 +573,122 @@ def test_signature_blob_layout_and_openssl_accepts_it(generated: Generated, tmp_
         check=False,
     )
     assert run.returncode != 0
+
+
+# --- feeding from an event loop ----------------------------------------------------------------------------------
+
+
+async def _apply_async(sink: PayloadSink, data: bytes, chunk: int) -> VerifiedPayload:
+    try:
+        for start in range(0, len(data), chunk):
+            await sink.write_async(data[start : start + chunk])
+        return await asyncio.to_thread(sink.close)
+    finally:
+        sink.abort()
+
+
+def _payload_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("payload-") and t.is_alive()]
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 262144, 3 * MIB])
+async def test_write_async_gives_the_same_partition(generated: Generated, tmp_path: Path, chunk: int) -> None:
+    target = _disk(tmp_path / "disk.img", len(generated.image) + SLACK)
+    sink = PayloadSink(
+        target,
+        public_key_pem=key_pair().public_pem,
+        expected_size=len(generated.payload),
+        expected_sha256_b64=generated.sha256_b64,
+    )
+    result = await _apply_async(sink, generated.payload, chunk)
+    assert result.sha256_b64 == generated.sha256_b64
+    assert _partition(target, len(generated.image)) == generated.image
+    assert _outside_untouched(target, len(generated.image))
+
+
+class _StalledWrites:
+    """Holds every write to the target until released: the pipeline fills up behind it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.reached = threading.Event()
+        real = apply_module._pwrite_all
+
+        def stalled(fd: int, data: memoryview, offset: int, what: str) -> None:
+            self.reached.set()
+            assert self.release.wait(30), "test never released the stalled writes"
+            real(fd, data, offset, what)
+
+        monkeypatch.setattr(apply_module, "_pwrite_all", stalled)
+        monkeypatch.setattr(apply_module, "QUEUE_BYTES", 256 * 1024)
+
+
+async def test_a_full_pipeline_does_not_block_the_event_loop(
+    generated: Generated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stall = _StalledWrites(monkeypatch)
+    target = _disk(tmp_path / "disk.img", len(generated.image))
+    sink = PayloadSink(
+        target, public_key_pem=key_pair().public_pem, expected_size=None, expected_sha256_b64=None
+    )
+    writer = asyncio.create_task(_apply_async(sink, generated.payload, 65536))
+    ticks = 0
+    while ticks < 200 and not writer.done():
+        await asyncio.sleep(0.001)
+        ticks += 1
+    # The writer waits for room while other coroutines (D-Bus, timers) keep running.
+    assert stall.reached.is_set() and not writer.done() and ticks == 200
+    stall.release.set()
+    result = await asyncio.wait_for(writer, 60)
+    assert _partition(target, len(generated.image)) == generated.image
+    assert result.partition_size == len(generated.image)
+
+
+async def test_failure_wakes_a_writer_waiting_for_room(
+    generated: Generated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apply_module, "QUEUE_BYTES", 64 * 1024)
+    first = generated.manifest.partition_operations[0]
+    data = _flip(generated.payload, generated.metadata_size + first.data_offset)
+    target = _disk(tmp_path / "disk.img", len(generated.image))
+    sink = PayloadSink(
+        target, public_key_pem=key_pair().public_pem, expected_size=None, expected_sha256_b64=None
+    )
+    with pytest.raises(PayloadError) as exc:
+        await asyncio.wait_for(_apply_async(sink, data, 65536), 60)
+    assert exc.value.code == ErrorCode.DOWNLOAD_OPERATION_HASH_MISMATCH
+    assert _outside_untouched(target, 0)
+    assert _payload_threads() == []
+
+
+async def test_cancelled_writer_then_abort_leaves_no_thread_and_no_kernel_file(
+    generated: Generated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stall = _StalledWrites(monkeypatch)
+    target = _disk(tmp_path / "disk.img", len(generated.image))
+    sink = PayloadSink(
+        target,
+        public_key_pem=key_pair().public_pem,
+        expected_size=None,
+        expected_sha256_b64=None,
+        kernel_path=tmp_path / "vmlinuz-b",
+    )
+
+    async def feed() -> None:
+        for start in range(0, len(generated.payload), 65536):
+            await sink.write_async(generated.payload[start : start + 65536])
+
+    writer = asyncio.create_task(feed())
+    assert await asyncio.to_thread(stall.reached.wait, 30)
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    stall.release.set()
+    sink.abort()
+    assert _payload_threads() == []
+    assert os.listdir(tmp_path) == ["disk.img"]
+    with pytest.raises(PayloadError):
+        await sink.write_async(b"more")
 
 
 # --- memory ----------------------------------------------------------------------------------------------------

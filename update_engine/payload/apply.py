@@ -2,23 +2,28 @@
 
 Theory of operation
 -------------------
-The downloader calls :meth:`PayloadSink.write` from one thread with the payload's bytes in order. Each chunk is
-put on two bounded queues (a few MiB in flight each), read by two workers:
+The downloader hands the payload's bytes in order to :meth:`PayloadSink.write` (from a thread) or
+:meth:`PayloadSink.write_async` (from the event loop, which then never blocks: it only queues a reference and,
+when the pipeline is full, awaits room). Chunks are not copied: a bounded fan-out queue (a few MiB in flight)
+shows every chunk to two workers, each at its own pace:
 
-* the **apply worker** feeds :class:`~update_engine.payload.format.PayloadStreamParser`, which hands out each
-  operation once its data blob is complete and matches its SHA-256, and executes it with ``os.pwrite`` on the
-  target (or on the kernel's temporary file);
 * the **digest worker** computes the SHA-256 of the whole payload. On the way it snapshots the hash state where
   the signature blob starts: that snapshot is exactly the digest the signature covers, so the signed region is
-  hashed once, not twice.
-
-hashlib, bz2 and ``os.pwrite`` release the GIL, so the workers really run in parallel.
+  hashed once, not twice;
+* the **apply worker** feeds :class:`~update_engine.payload.format.PayloadStreamParser`, which hands out each
+  operation once its data blob is complete and matches its SHA-256, and executes it with ``os.pwrite`` on the
+  target (or on the kernel's temporary file). Nothing reaches the target before its operation's hash matched.
+  The worker feeds the parser whole blobs: a blob split across network chunks is gathered into a reused buffer
+  from a small pool, so no memory is allocated (and page-faulted in) per operation.
 
 Partition hash. When the partition operations write the partition from block 0 upward with no gaps or holes and
 cover ``new_partition_info.size`` (every full payload does), a third worker hashes the bytes as they are written,
 which saves reading the whole partition back at the end. Otherwise (MOVE, holes, any other order) the target is
 read back in :meth:`PayloadSink.close`. The in-flight hash trusts that the data ``pwrite`` accepted is what the
 page cache holds; write and ``fsync`` errors are still checked.
+
+hashlib (for buffers over 2 KiB), bz2 and ``os.pwrite`` release the GIL, so the three hashes really run in
+parallel; the Python work per chunk is a few queue operations.
 
 Checks at :meth:`PayloadSink.close`, in this order, the first failure wins: payload size, base64 SHA-256 of the
 whole payload, ``new_partition_info`` present, signature (mandatory: no public key, no update), payload complete,
@@ -28,8 +33,11 @@ extents outside the partition…) end the attempt at once.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import bz2
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -65,8 +73,13 @@ from update_engine.payload.format import (
 
 log = logging.getLogger(__name__)
 
-# Bytes in flight per queue. Small enough for flat memory, large enough to ride out scheduling jitter.
-QUEUE_BYTES = 2 * 1024 * 1024
+# Bytes in flight between the downloader and the slower of the digest and apply workers. Small enough for flat
+# memory, large enough to ride out scheduling jitter. The async writer is woken when half of it is free again.
+QUEUE_BYTES = 4 * 1024 * 1024
+# Bytes written but not yet hashed by the partition-hash worker (references, not copies).
+_PARTITION_QUEUE_BYTES = 4 * 1024 * 1024
+# Reused buffers that gather operation blobs split across chunks; one blob may exceed it (it is then the only one).
+_GATHER_POOL_BYTES = 4 * 1024 * 1024
 # Chunks smaller than this are gathered before being queued: per-item costs (locks, calls) dominate below it.
 _COALESCE_BELOW = 64 * 1024
 _COALESCE_TARGET = 256 * 1024
@@ -123,8 +136,123 @@ _END = _EndOfStream()
 _Item = bytes | bytearray | memoryview | _EndOfStream
 
 
+# Consumers of the fan-out queue.
+_APPLY = 0
+_DIGEST = 1
+
+
 class _Stopped(Exception):
     """Raised inside a worker when the pipeline was stopped (by abort() or by another worker's failure)."""
+
+
+class _FanOut:
+    """One producer, a fixed number of consumers that each get every item in order; bounded by bytes in flight.
+
+    An item leaves the queue (and stops counting) once every consumer has taken it, so the bound holds between
+    the producer and the slowest consumer, and each chunk is shared rather than copied per consumer. A producer
+    on an event loop uses :meth:`try_put` and :meth:`call_when_room`; :meth:`stop` wakes and releases everyone.
+    """
+
+    def __init__(self, limit: int, consumers: int) -> None:
+        self._limit = limit
+        self._low_water = limit // 2
+        self._items: deque[tuple[_Item, int]] = deque()
+        self._first = 0  # sequence number of _items[0]
+        self._cursors = [0] * consumers
+        self._bytes = 0
+        self._stopped = False
+        self._room_callback: Callable[[], None] | None = None
+        self._room_for = 0
+        lock = threading.Lock()
+        self._not_full = threading.Condition(lock)
+        self._not_empty = threading.Condition(lock)
+
+    def _fits(self, size: int) -> bool:
+        return not self._bytes or self._bytes + size <= self._limit
+
+    def _append(self, item: _Item, size: int) -> None:
+        self._items.append((item, size))
+        self._bytes += size
+        self._not_empty.notify_all()
+
+    def put(self, item: _Item, size: int) -> bool:
+        """Queue ``item``, waiting while the queue is full; False when the queue was stopped."""
+        with self._not_full:
+            while not self._stopped and not self._fits(size):
+                self._not_full.wait()
+            if self._stopped:
+                return False
+            self._append(item, size)
+            return True
+
+    def try_put(self, item: _Item, size: int) -> bool | None:
+        """Queue ``item`` if it fits now: True; False when full; None when the queue was stopped."""
+        with self._not_full:
+            if self._stopped:
+                return None
+            if not self._fits(size):
+                return False
+            self._append(item, size)
+            return True
+
+    def _has_room(self, size: int) -> bool:
+        return self._bytes <= self._low_water and self._fits(size)
+
+    def call_when_room(self, size: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once (from a consumer's thread, or now) when half the queue is free and ``size``
+        bytes fit, or when the queue stopped."""
+        with self._not_full:
+            ready = self._stopped or self._has_room(size)
+            if not ready:
+                self._room_callback, self._room_for = callback, size
+        if ready:
+            callback()
+
+    def get(self, consumer: int) -> _Item | None:
+        """The next item for ``consumer``, waiting for one; None when the queue was stopped."""
+        callback = None
+        with self._not_empty:
+            while not self._stopped and self._cursors[consumer] - self._first >= len(self._items):
+                self._not_empty.wait()
+            if self._stopped:
+                return None
+            item = self._items[self._cursors[consumer] - self._first][0]
+            self._cursors[consumer] += 1
+            freed = False
+            while self._items and min(self._cursors) > self._first:
+                self._bytes -= self._items.popleft()[1]
+                self._first += 1
+                freed = True
+            if freed:
+                self._not_full.notify()
+                if self._room_callback is not None and self._has_room(self._room_for):
+                    callback, self._room_callback = self._room_callback, None
+        if callback is not None:
+            callback()
+        return item
+
+    def stop(self) -> None:
+        with self._not_full:
+            self._stopped = True
+            self._items.clear()
+            self._bytes = 0
+            callback, self._room_callback = self._room_callback, None
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
+        if callback is not None:
+            callback()
+
+
+class _Release:
+    """Queued behind the data it covers: the partition-hash worker gives ``buffer`` back to the pool."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+
+
+_PartItem = bytes | bytearray | memoryview | _Release | _EndOfStream
 
 
 class _ByteQueue:
@@ -132,14 +260,14 @@ class _ByteQueue:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._items: deque[tuple[_Item, int]] = deque()
+        self._items: deque[tuple[_PartItem, int]] = deque()
         self._bytes = 0
         self._stopped = False
         lock = threading.Lock()
         self._not_full = threading.Condition(lock)
         self._not_empty = threading.Condition(lock)
 
-    def put(self, item: _Item, size: int) -> bool:
+    def put(self, item: _PartItem, size: int) -> bool:
         """Queue ``item``, waiting while the queue is full; False when the queue was stopped."""
         with self._not_full:
             while not self._stopped and self._bytes and self._bytes + size > self._limit:
@@ -151,7 +279,7 @@ class _ByteQueue:
             self._not_empty.notify()
             return True
 
-    def get(self) -> _Item | None:
+    def get(self) -> _PartItem | None:
         """Next item, waiting for one; None when the queue was stopped."""
         with self._not_empty:
             while not self._items and not self._stopped:
@@ -170,6 +298,62 @@ class _ByteQueue:
             self._bytes = 0
             self._not_full.notify_all()
             self._not_empty.notify_all()
+
+
+class _BufferPool:
+    """Reused buffers for gathering operation blobs, bounded by their total size.
+
+    A fresh buffer per blob would cost an allocation that the C library often returns to the kernel on release,
+    and so a page fault per 4 KiB on the next one: more CPU than the copy itself.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._free: list[bytearray] = []
+        self._in_use = 0
+        self._stopped = False
+        self._cond = threading.Condition(threading.Lock())
+
+    def acquire(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes, waiting while the pool is exhausted; raises _Stopped."""
+        with self._cond:
+            while not self._stopped and self._in_use and self._in_use + size > self._limit:
+                self._cond.wait()
+            if self._stopped:
+                raise _Stopped()
+            buffer = next((b for b in self._free if len(b) >= size), None)
+            if buffer is not None:
+                self._free.remove(buffer)
+            else:
+                cached = sum(len(b) for b in self._free)
+                while self._free and self._in_use + cached + size > self._limit:
+                    cached -= len(self._free.pop(0))
+                buffer = bytearray(size)
+            self._in_use += len(buffer)
+            return buffer
+
+    def release(self, buffer: bytearray) -> None:
+        with self._cond:
+            self._in_use -= len(buffer)
+            self._free.append(buffer)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._free.clear()
+            self._cond.notify_all()
+
+
+def _wake_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` on its loop from any thread; harmless if it was cancelled or the loop is gone."""
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # the loop was closed: nobody awaits any more
+        loop.call_soon_threadsafe(wake)
 
 
 def _as_payload_error(exc: BaseException) -> PayloadError:
@@ -276,10 +460,11 @@ class _ExtentWriter:
 class PayloadSink:
     """Consumes a payload as it downloads: writes the partition (and kernel), verifies everything at close().
 
-    :meth:`write` and :meth:`close` must be called from one thread; :meth:`write` may block while the workers
-    catch up. ``on_progress`` is called from that same thread with the number of bytes accepted so far. Any
-    exception from :meth:`write` or :meth:`close` leaves the sink aborted (workers stopped, files closed, the
-    kernel's temporary file removed); calling :meth:`abort` again is harmless.
+    :meth:`write` (or :meth:`write_async`) and :meth:`close` are called one at a time, never concurrently;
+    :meth:`write` may block while the workers catch up, :meth:`write_async` awaits instead. ``on_progress`` is
+    called by them with the number of bytes accepted so far. Any exception from :meth:`write`,
+    :meth:`write_async` or :meth:`close` leaves the sink aborted (workers stopped, files closed, the kernel's
+    temporary file removed); calling :meth:`abort` again is harmless.
     """
 
     def __init__(
@@ -346,9 +531,15 @@ class PayloadSink:
                     ErrorCode.INSTALL_DEVICE_OPEN_ERROR, f"cannot open the target {target.path}: {exc}"
                 ) from exc
 
-        self._apply_q = _ByteQueue(QUEUE_BYTES)
-        self._digest_q = _ByteQueue(QUEUE_BYTES)
-        self._part_q = _ByteQueue(QUEUE_BYTES)
+        self._chunks = _FanOut(QUEUE_BYTES, consumers=2)
+        self._part_q = _ByteQueue(_PARTITION_QUEUE_BYTES)
+        self._gather_pool = _BufferPool(_GATHER_POOL_BYTES)
+        # Apply worker: sizes of the blobs still to come (known from the manifest), and the one being gathered.
+        self._blob_sizes: deque[int] = deque()
+        self._unit_left = 0
+        self._unit_is_blob = False
+        self._gather: bytearray | None = None
+        self._gathered = 0
         self._workers = [
             threading.Thread(target=self._apply_main, name="payload-apply", daemon=True),
             threading.Thread(target=self._digest_main, name="payload-digest", daemon=True),
@@ -360,13 +551,34 @@ class PayloadSink:
     # --- caller side ---------------------------------------------------------------------------------------------
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        """Accept the next bytes of the payload."""
+        """Accept the next bytes of the payload; a ``bytes`` chunk is kept by reference, anything else copied."""
+        for item in self._accept(chunk):
+            self._dispatch(item)
+        if self._on_progress is not None:
+            self._on_progress(self._received)
+
+    async def write_async(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Like :meth:`write`, for an event loop: never blocks it, awaits room in the pipeline instead.
+
+        If the awaiting task is cancelled, the sink must still be aborted (as after any failure).
+        """
+        for item in self._accept(chunk):
+            while not self._try_dispatch(item):
+                loop = asyncio.get_running_loop()
+                room: asyncio.Future[None] = loop.create_future()
+                self._chunks.call_when_room(len(item), functools.partial(_wake_from_thread, loop, room))
+                await room
+        if self._on_progress is not None:
+            self._on_progress(self._received)
+
+    def _accept(self, chunk: bytes | bytearray | memoryview) -> tuple[bytes | bytearray, ...]:
+        """Count ``chunk``; the items to queue now (none while short chunks are being gathered)."""
         self._raise_failure()
         if self._closed or self._aborted:
             raise PayloadError(ErrorCode.ERROR, "write() on a payload sink that is closed")
         size = len(chunk)
         if not size:
-            return
+            return ()
         self._received += size
         if self._expected_size is not None and self._received > self._expected_size:
             self._fail(
@@ -378,13 +590,16 @@ class PayloadSink:
             self._raise_failure()
         if size < _COALESCE_BELOW:
             self._pending += chunk
-            if len(self._pending) >= _COALESCE_TARGET:
-                self._flush_pending()
-        else:
-            self._flush_pending()
-            self._dispatch(chunk if isinstance(chunk, bytes) else bytes(chunk))
-        if self._on_progress is not None:
-            self._on_progress(self._received)
+            if len(self._pending) < _COALESCE_TARGET:
+                return ()
+            gathered, self._pending = self._pending, bytearray()
+            return (gathered,)
+        # The caller may reuse a bytearray or a view after we return; bytes cannot change.
+        item = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        if self._pending:
+            gathered, self._pending = self._pending, bytearray()
+            return gathered, item
+        return (item,)
 
     def close(self) -> VerifiedPayload:
         """Wait for the workers, run the final checks, make the result durable; raises PayloadError."""
@@ -393,8 +608,7 @@ class PayloadSink:
             raise PayloadError(ErrorCode.ERROR, "close() on a payload sink that is closed")
         try:
             self._flush_pending()
-            self._apply_q.put(_END, 0)
-            self._digest_q.put(_END, 0)
+            self._chunks.put(_END, 0)
             self._join_workers()
             self._raise_failure()
             result = self._finish()
@@ -425,11 +639,18 @@ class PayloadSink:
             self._dispatch(item)
 
     def _dispatch(self, item: bytes | bytearray) -> None:
-        # The apply queue first: whatever the digest worker holds, the apply worker is sure to get (see
-        # _digest_main, which may wait for the apply worker to parse the manifest).
-        if not self._apply_q.put(item, len(item)) or not self._digest_q.put(item, len(item)):
+        # Both workers see each item: the digest worker may wait for the apply worker to parse the manifest (see
+        # _digest_main), and the apply worker never waits for the digest worker, so the two cannot deadlock.
+        if not self._chunks.put(item, len(item)):
             self._raise_failure()
             raise PayloadError(ErrorCode.ERROR, "the payload sink was aborted")
+
+    def _try_dispatch(self, item: bytes | bytearray) -> bool:
+        queued = self._chunks.try_put(item, len(item))
+        if queued is None:
+            self._raise_failure()
+            raise PayloadError(ErrorCode.ERROR, "the payload sink was aborted")
+        return queued
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, _Stopped):
@@ -448,8 +669,9 @@ class PayloadSink:
     def _stop_workers(self) -> None:
         self._stop.set()
         self._boundary.set()
-        for queue in (self._apply_q, self._digest_q, self._part_q):
-            queue.stop()
+        self._chunks.stop()
+        self._part_q.stop()
+        self._gather_pool.stop()
 
     def _join_workers(self) -> None:
         for worker in self._workers:
@@ -482,26 +704,82 @@ class PayloadSink:
     def _apply_main(self) -> None:
         try:
             while True:
-                item = self._apply_q.get()
+                item = self._chunks.get(_APPLY)
                 if item is None:
                     return
                 if isinstance(item, _EndOfStream):
                     break
-                for event in self._parser.feed(item):
-                    if self._stop.is_set():
-                        return
-                    if isinstance(event, ManifestParsed):
-                        self._prepare(event.manifest)
-                    elif isinstance(event, OperationData):
-                        self._execute(event)
-                    elif isinstance(event, SignatureBlob):
-                        self._signature_blob = event.data
+                self._apply_chunk(memoryview(item))
+            if self._gather is not None:
+                # A truncated payload: the parser sees the partial blob too, so close() says where it ended.
+                self._feed_parser(memoryview(self._gather)[: self._gathered], None)
         except BaseException as exc:
             self._fail(exc)
         finally:
             # A payload that ended before its manifest still releases the digest worker.
             self._boundary.set()
             self._part_q.put(_END, 0)
+
+    def _apply_chunk(self, view: memoryview) -> None:
+        """Feed the parser whole blobs: straight from the chunk when it holds one, else gathered in a pooled buffer.
+
+        The parser would gather a split blob itself, in a new buffer each time. Header, manifest and signature
+        blob are small and go to the parser as they come.
+        """
+        while view:
+            if not self._unit_left:
+                self._next_unit()
+                if not self._unit_left:  # after the last blob: the signature blob, and what must not follow it
+                    self._feed_parser(view, None)
+                    return
+            take = min(self._unit_left, len(view))
+            if self._gather is None and (take == self._unit_left or not self._unit_is_blob):
+                self._unit_left -= take
+                self._feed_parser(view[:take], None)
+                view = view[take:]
+                continue
+            if self._gather is None:
+                self._gather = self._gather_pool.acquire(self._unit_left)
+                self._gathered = 0
+            self._gather[self._gathered : self._gathered + take] = view[:take]
+            self._gathered += take
+            self._unit_left -= take
+            view = view[take:]
+            if not self._unit_left:
+                buffer, self._gather = self._gather, None
+                self._feed_parser(memoryview(buffer)[: self._gathered], buffer)
+
+    def _next_unit(self) -> None:
+        """Size and kind of the next unit the parser expects (0: none known, feed the rest as it comes)."""
+        parser = self._parser
+        if parser.header is None:
+            self._unit_left, self._unit_is_blob = HEADER_SIZE, False
+        elif parser.manifest is None:
+            self._unit_left, self._unit_is_blob = parser.header.manifest_size, False
+        elif self._blob_sizes:
+            self._unit_left, self._unit_is_blob = self._blob_sizes.popleft(), True
+        else:
+            self._unit_left, self._unit_is_blob = 0, False
+
+    def _feed_parser(self, data: memoryview, buffer: bytearray | None) -> None:
+        """Feed the parser and execute what it hands out; ``buffer`` (pooled, holding ``data``) is then returned."""
+        for event in self._parser.feed(data):
+            if self._stop.is_set():
+                raise _Stopped()
+            if isinstance(event, ManifestParsed):
+                self._prepare(event.manifest)
+                self._blob_sizes = deque(op.data_length for op in event.operations if op.data_length)
+            elif isinstance(event, OperationData):
+                self._execute(event)
+            elif isinstance(event, SignatureBlob):
+                self._signature_blob = event.data
+        if buffer is not None:
+            if self._sequential:
+                # The partition-hash worker may still hold views of the buffer: it returns it when done.
+                if not self._part_q.put(_Release(buffer), 0):
+                    raise _Stopped()
+            else:
+                self._gather_pool.release(buffer)
 
     def _digest_main(self) -> None:
         """SHA-256 of the whole payload, with a snapshot at the start of the signature blob."""
@@ -513,7 +791,7 @@ class PayloadSink:
             boundary_known = False
             signed_end: int | None = None
             while True:
-                item = self._digest_q.get()
+                item = self._chunks.get(_DIGEST)
                 if item is None:
                     return
                 if isinstance(item, _EndOfStream):
@@ -562,6 +840,9 @@ class PayloadSink:
                     return
                 if isinstance(item, _EndOfStream):
                     break
+                if isinstance(item, _Release):
+                    self._gather_pool.release(item.buffer)
+                    continue
                 digest.update(item)
                 hashed += len(item)
             self._part_hash_digest = digest.digest()
