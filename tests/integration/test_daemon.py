@@ -387,9 +387,12 @@ async def test_healthy_boot_waits_for_boot_complete_target(
     daemon.start()
     try:
         await wait_for_owner(client, daemon)
-        await asyncio.sleep(1.5)
-        assert cgpt_flags(disk, USR_B) == (2, 0, 0)  # not yet: the boot is not complete
+        deadline = time.monotonic() + 20
+        while "Waiting for boot-complete.target" not in daemon.log() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert "Waiting for boot-complete.target" in daemon.log()
+        await asyncio.sleep(1.0)  # several polls of the unit's state, each still "inactive"
+        assert cgpt_flags(disk, USR_B) == (2, 0, 0)  # not yet: the boot is not complete
         unit.state = "active"
         deadline = time.monotonic() + 20
         while cgpt_flags(disk, USR_B) != (2, 0, 1) and time.monotonic() < deadline:
