@@ -3,7 +3,10 @@
 Starts a real single-member etcd on 127.0.0.1, then runs the same fleet in each mode with the real
 EtcdLockBackend, one per node:
 
-* ``watch``: waiters follow the key with an etcd watch (this project's behaviour);
+* ``watch``: waiters queue in the waiting line and only the first ``max`` of them watch the key (this
+  project's behaviour);
+* ``crowd``: every waiter watches the key, with no line (the behaviour without the line, and that of an
+  etcd that refuses the line's leases);
 * ``poll``: waiters only retry with locksmith's backoff (10 s doubling to 5 min).
 
 Each node acquires a slot, "reboots" (sleeps ``--reboot-s``), and releases. Real durations are scaled down by
@@ -20,9 +23,10 @@ together at a time the parent gives them and report when each node took and rele
 Prints per mode: total time against the ideal ``ceil(N / max) × reboot_s``, hand-off latency (release of a
 slot → the next node holding it) p50/p99, HTTP requests, lost compare-and-swaps, watch events received,
 writes, and violations found by reading every revision of the key from etcd's history (more holders than
-``max``, or a value that is not a valid semaphore). Then the CPU seconds etcd and the simulator used against
-what the machine had (cores × wall time): when that is near 100 %, the machine, not the protocol, sets the
-pace. These are figures to compare, not pass/fail checks.
+``max``, or a value that is not a valid semaphore), and how many nodes watched the semaphore key at
+once (sampled every 0.1 s: peak, and mean over the samples with anyone waiting). Then the CPU seconds etcd
+and the simulator used against what the machine had (cores × wall time): when that is near 100 %, the
+machine, not the protocol, sets the pace. These are figures to compare, not pass/fail checks.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from locksmithd.backends.etcd import (
+    SEMAPHORE,
     Backoff,
     EtcdLockBackend,
     EtcdSemaphoreStore,
@@ -70,6 +75,11 @@ class WorkerReport:
     conflicts: int = 0
     watch_events: int = 0
     release_retries: int = 0
+    semaphore_watches: int = 0
+    line_watches: int = 0
+    # Per sample (every 0.1 s): nodes following the semaphore key, and nodes waiting at all.
+    following: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
     cpu: float = 0.0
     threads: int = 0
     errors: list[str] = field(default_factory=list)
@@ -90,6 +100,10 @@ class RunResult:
     conflicts: int
     watch_events: int
     release_retries: int
+    semaphore_watches: int
+    line_watches: int
+    following_peak: int
+    following_mean: float
     over_max: int
     broken_invariant: int
     etcd_cpu: float
@@ -138,7 +152,8 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
     backends = [
         EtcdLockBackend(
             settings,
-            use_watch=config["mode"] == "watch",
+            use_watch=config["mode"] in ("watch", "crowd"),
+            use_line=config["mode"] == "watch",
             first_backoff=10.0 * scale,
             max_backoff=300.0 * scale,
             handoff_jitter=config["handoff_jitter"],
@@ -170,14 +185,16 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
         except Exception as exc:  # reported to the parent, which counts it against the run
             report.errors.append(f"{machine_id}: {exc}")
 
-    async def sample_threads() -> None:
+    async def sample() -> None:
         while True:
             report.threads = max(report.threads, threading.active_count())
-            await asyncio.sleep(0.25)
+            report.following.append(sum(1 for b in backends if b.waiting_on == SEMAPHORE))
+            report.waiting.append(sum(1 for b in backends if b.waiting_on is not None))
+            await asyncio.sleep(0.1)
 
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     cpu_start = time.process_time()
-    sampler = asyncio.create_task(sample_threads())
+    sampler = asyncio.create_task(sample())
     await asyncio.gather(*(node(i, b) for i, b in zip(indices, backends, strict=True)))
     sampler.cancel()
     report.cpu = time.process_time() - cpu_start
@@ -185,6 +202,8 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
         report.requests += backend.store.requests_sent
         report.conflicts += backend.store.conflicts
         report.watch_events += backend.store.watch_events
+        report.semaphore_watches += backend.store.semaphore_watches
+        report.line_watches += backend.store.line_watches
     await asyncio.gather(*(b.close() for b in backends))
     return report
 
@@ -278,6 +297,12 @@ def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -> RunR
     # The k-th acquisition after the first `max` could only happen once the (k - max)-th release was done.
     handoffs = [a - r for a, r in zip(acquired[args.max :], released, strict=False)]
 
+    # Workers sample on their own clocks; sample i of each worker is about the same moment.
+    samples = min(len(r.following) for r in reports)
+    following = [sum(r.following[i] for r in reports) for i in range(samples)]
+    waiting = [sum(r.waiting[i] for r in reports) for i in range(samples)]
+    busy = [f for f, w in zip(following, waiting, strict=True) if w]
+
     over = broken = 0
     history = cluster.key_history(settings.key, 300.0)
     for _, raw in history:
@@ -304,6 +329,10 @@ def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -> RunR
         conflicts=sum(r.conflicts for r in reports),
         watch_events=sum(r.watch_events for r in reports),
         release_retries=sum(r.release_retries for r in reports),
+        semaphore_watches=sum(r.semaphore_watches for r in reports),
+        line_watches=sum(r.line_watches for r in reports),
+        following_peak=max(following, default=0),
+        following_mean=sum(busy) / len(busy) if busy else 0.0,
         over_max=over,
         broken_invariant=broken,
         etcd_cpu=etcd_cpu,
@@ -327,6 +356,8 @@ def report(result: RunResult) -> None:
         f"etcd requests {result.requests} ({result.requests / handoffs:.1f}/hand-off)  "
         f"lost CAS {result.conflicts} ({result.conflicts / handoffs:.1f}/hand-off)  "
         f"watch events {result.watch_events}  writes {result.writes}  "
+        f"semaphore watchers peak {result.following_peak} mean {result.following_mean:.1f}  "
+        f"watches opened: semaphore {result.semaphore_watches} line {result.line_watches}  "
         f"over-max {result.over_max}  invalid {result.broken_invariant}  errors {len(result.errors)}",
         flush=True,
     )
@@ -375,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--handoff-jitter", type=float, default=0.01, help="initial hand-off delay (0.01 s)")
     parser.add_argument("--max-handoff-jitter", type=float, default=0.2, help="hand-off delay cap (0.2 s)")
-    parser.add_argument("--modes", default="watch,poll", help="comma-separated: watch, poll")
+    parser.add_argument("--modes", default="watch,poll", help="comma-separated: watch, crowd, poll")
     parser.add_argument(
         "--procs",
         type=int,
@@ -386,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 1 or args.max < 1 or args.reboot_s <= 0 or args.procs < 1:
         parser.error("--nodes, --max and --procs must be >= 1 and --reboot-s > 0")
     for mode in args.modes.split(","):
-        if mode not in ("watch", "poll"):
-            parser.error(f"unknown mode {mode!r}: use watch, poll")
+        if mode not in ("watch", "crowd", "poll"):
+            parser.error(f"unknown mode {mode!r}: use watch, crowd, poll")
     return main_parent(args)
 
 

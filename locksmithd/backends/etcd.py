@@ -16,9 +16,25 @@ one release with a burst of conflicting transactions (the first waiter's write r
 before most of them fire). If the watch cannot be opened or breaks, or etcd does not answer, the node falls
 back to locksmith's polling: 10 s, 20 s, 40 s … capped at 5 min.
 
-Every waiter receives every write of the key, so one hand-off costs etcd two events per waiter: the fan-out
-grows with the square of the fleet when the whole fleet waits at once. A real rollout spreads it over hours
-(one hand-off per reboot time); only a time-compressed simulation of a large fleet makes it the limit.
+Were every waiter to watch the key, each hand-off would cost etcd two events per waiter, and a fleet waiting
+at once would cost it the square of its size. So waiters queue in a line, and only about ``max`` of them watch
+the key. A node whose first attempt finds no free slot takes an etcd lease (30 s, renewed every 10 s) and puts
+``<semaphore key>/waiters/<machine id>`` under it; the key's ``create_revision`` is its place. Its rank is the
+number of line keys created before its own. With fewer than ``max`` ahead (at least the head, even at
+``max`` 0), it follows the semaphore key as above; behind that it watches only the line key ``max`` places
+ahead, and when that key goes (its waiter took a slot, gave up or died) it reads its rank again. That read
+also returns the semaphore, so a node reaching the front attempts from it without another round trip. At
+the front, a node delays its attempt on a free slot by one hand-off delay for each waiter ahead of it not
+yet seen among the holders, so the line mostly leaves in order and each departure wakes the next in line.
+The transaction that takes a slot also deletes the taker's line key; when the wait ends in any other way
+the node revokes its lease, which deletes the key (after a success the revoke only tidies up, in the
+background). A crashed node's key goes when its lease expires, and a node whose lease expired (etcd out
+of reach for a whole TTL) queues again. The line is for load and rough fairness only: the compare-and-swap
+on the semaphore key is still all that bounds the holders. The semaphore key, read with an exact range,
+never shows the line, so locksmith and
+``locksmithctl`` see the same value as before, and a node that does not queue (locksmith itself, or this
+daemon on an etcd that refuses leases or the line's keys, which it reports once and then waits as every
+node once did) simply competes for free slots with those at the front.
 
 Endpoints are tried in order on connection failures and the one that answered is remembered. Every request
 carries an explicit timeout: etcd3gw 2.0 (Debian bookworm) keeps ``timeout`` as a session attribute that
@@ -36,6 +52,7 @@ import codecs
 import contextlib
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -55,6 +72,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINTS: tuple[str, ...] = ("http://127.0.0.1:2379",)
 API_PATH = "/v3/"
+
+# The waiting line: ``<semaphore key>/waiters/<machine id>``, each key under a lease of the waiter.
+LINE_SUFFIX = "/waiters/"
+LEASE_GRANT_PATH = "lease/grant"
+LEASE_KEEPALIVE_PATH = "lease/keepalive"
+LEASE_REVOKE_PATH = "lease/revoke"
 
 # HTTP statuses of the gateway that mean "this member cannot serve now" (no leader, timeout, overloaded).
 _UNAVAILABLE_STATUSES = frozenset({408, 500, 502, 503, 504})
@@ -209,6 +232,30 @@ def _short_reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
+def _prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with ``prefix`` (its last byte plus one)."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+class LineUnavailable(LockBackendError):
+    """etcd refuses the waiting line's requests (an etcd without the lease API, or no permission on the
+    line's keys): the node waits without the line."""
+
+
+@dataclass(frozen=True)
+class LinePosition:
+    """One read of a waiter's place: the semaphore and its ``mod_revision``, whether the waiter's own line
+    key is still there, the keys ahead of it (nearest first, as many as asked for), and the store revision
+    of the read (a watch from the next revision misses nothing)."""
+
+    semaphore: Semaphore
+    revision: int
+    present: bool
+    ahead: tuple[str, ...]
+    read_revision: int
+
+
 class _EndpointDown(Exception):
     """This endpoint did not answer usefully; another one may."""
 
@@ -232,6 +279,9 @@ class EtcdSemaphoreStore:
         self.requests_sent = 0
         self.conflicts = 0
         self.watch_events = 0
+        # Watches opened on the semaphore key and on line keys.
+        self.semaphore_watches = 0
+        self.line_watches = 0
         # Passed on every request: a session-level ``verify`` loses to REQUESTS_CA_BUNDLE in the environment.
         self._verify: str | bool = settings.ca_file or True
 
@@ -404,17 +454,26 @@ class EtcdSemaphoreStore:
             raise EtcdTransientError(f"etcd answered the creation of {self.key!r} with unexpected JSON")
         return self._from_kvs((answer.get("response_range") or {}).get("kvs"))
 
-    def _compare_and_put(self, revision: int, new: Semaphore) -> tuple[bool, Semaphore, int]:
-        """Write ``new`` if the key is still at ``revision``; else return the value that is there now."""
+    def _compare_and_put(
+        self, revision: int, new: Semaphore, also_delete: str | None = None
+    ) -> tuple[bool, Semaphore, int]:
+        """Write ``new`` if the key is still at ``revision``; else return the value that is there now.
+
+        ``also_delete`` is deleted in the same transaction when the write succeeds (a waiter's line key: the
+        next waiter moves up without waiting for another round trip).
+        """
         # Round-trip through the decoder: a value that fails validation is never written.
         checked = Semaphore.decode(new.encode())
         if revision == 0:
             compare = {"key": self._key_b64, "target": "VERSION", "result": "EQUAL", "version": 0}
         else:
             compare = {"key": self._key_b64, "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+        success: list[dict[str, Any]] = [{"request_put": {"key": self._key_b64, "value": _b64(checked.encode())}}]
+        if also_delete is not None:
+            success.append({"request_delete_range": {"key": _b64(also_delete)}})
         txn = {
             "compare": [compare],
-            "success": [{"request_put": {"key": self._key_b64, "value": _b64(checked.encode())}}],
+            "success": success,
             "failure": [{"request_range": {"key": self._key_b64}}],
         }
         doc = self._post("kv/txn", txn)
@@ -457,12 +516,18 @@ class EtcdSemaphoreStore:
         return self.apply(fn).current
 
     def try_acquire(
-        self, holder: str, start: tuple[Semaphore, int] | None = None, *, tries: int | None = None
+        self,
+        holder: str,
+        start: tuple[Semaphore, int] | None = None,
+        *,
+        tries: int | None = None,
+        leave_line: bool = False,
     ) -> LockAttempt:
         """Take a slot if there is one (or ``holder`` already has one); never waits for a release.
 
-        A lost race is retried up to ``tries`` times while the value still shows a free slot; after that the
-        attempt reports the value it last saw (which may show a free slot another node is about to take).
+        ``leave_line`` deletes the holder's line key in the transaction that takes the slot. A lost race is
+        retried up to ``tries`` times while the value still shows a free slot; after that the attempt reports
+        the value it last saw (which may show a free slot another node is about to take).
         """
         current, revision = self.get() if start is None else start
         limit = self._max_conflict_retries if tries is None else max(1, tries)
@@ -473,7 +538,9 @@ class EtcdSemaphoreStore:
                 return LockAttempt(False, current, revision)
             if new == current:
                 return LockAttempt(True, current, revision)
-            ok, now, now_rev = self._compare_and_put(revision, new)
+            ok, now, now_rev = self._compare_and_put(
+                revision, new, self.line_key(holder) if leave_line else None
+            )
             if ok:
                 return LockAttempt(True, now, now_rev)
             current, revision = now, now_rev
@@ -493,13 +560,30 @@ class EtcdSemaphoreStore:
             return False
         return True
 
-    def watch(self, after_revision: int, idle_timeout: float = 300.0) -> KeyWatch:
-        """A watch on the key for changes after ``after_revision`` (not connected until iterated)."""
-        return KeyWatch(self, after_revision + 1, idle_timeout)
+    def watch(
+        self, after_revision: int, idle_timeout: float = 300.0, *, key: str | None = None, deletes_only: bool = False
+    ) -> KeyWatch:
+        """A watch on the semaphore key (or ``key``) for changes after ``after_revision``.
 
-    def _open_watch_stream(self, start_revision: int, idle_timeout: float) -> Any:
+        Not connected until iterated; ``deletes_only`` asks etcd not to send puts.
+        """
+        return KeyWatch(self, after_revision + 1, idle_timeout, key=key, deletes_only=deletes_only)
+
+    def _open_watch_stream(
+        self, start_revision: int, idle_timeout: float, key: str | None = None, deletes_only: bool = False
+    ) -> Any:
         """POST a watch create request (with endpoint failover) and return the streaming response."""
-        body: dict[str, Any] = {"create_request": {"key": self._key_b64, "start_revision": start_revision}}
+        request: dict[str, Any] = {
+            "key": self._key_b64 if key is None else _b64(key),
+            "start_revision": start_revision,
+        }
+        if deletes_only:
+            request["filters"] = ["NOPUT"]
+        if key is None:
+            self.semaphore_watches += 1
+        else:
+            self.line_watches += 1
+        body: dict[str, Any] = {"create_request": request}
         connect = self.settings.request_timeout
         failures: list[str] = []
         for step in range(len(self._endpoints)):
@@ -527,7 +611,127 @@ class EtcdSemaphoreStore:
                 resp.close()
                 continue
             return resp
-        raise EtcdTransientError(f"cannot watch {self.key!r} ({'; '.join(failures)})")
+        raise EtcdTransientError(f"cannot watch {key or self.key!r} ({'; '.join(failures)})")
+
+    # -- the waiting line ------------------------------------------------------------------------------------
+
+    @property
+    def line_prefix(self) -> str:
+        """Where waiters queue: below the semaphore key, which is only ever read with an exact range."""
+        return self.key + LINE_SUFFIX
+
+    def line_key(self, machine_id: str) -> str:
+        return self.line_prefix + machine_id
+
+    def _line_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``_post`` for the line: a refusal (unknown path on an old etcd, no permission) is LineUnavailable."""
+        try:
+            return self._post(path, body)
+        except EtcdTransientError:
+            raise
+        except LockBackendError as exc:
+            raise LineUnavailable(str(exc)) from None
+
+    def grant_lease(self, ttl: float) -> int:
+        """A new lease of ``ttl`` seconds (rounded up to whole seconds, as etcd counts them); its ID."""
+        doc = self._line_post(LEASE_GRANT_PATH, {"TTL": max(1, math.ceil(ttl)), "ID": 0})
+        try:
+            lease_id = int(doc["ID"])
+        except (KeyError, TypeError, ValueError):
+            raise LineUnavailable(f"lease grant answered without an ID: {doc}") from None
+        if doc.get("error"):
+            raise LineUnavailable(f"lease grant failed: {doc['error']}")
+        return lease_id
+
+    def keep_lease_alive(self, lease_id: int) -> bool:
+        """Renew the lease once; False when etcd no longer has it (it expired, or was revoked)."""
+        doc = self._line_post(LEASE_KEEPALIVE_PATH, {"ID": lease_id})
+        result = doc.get("result") or {}
+        return int(result.get("TTL", 0) or 0) > 0
+
+    def revoke_lease(self, lease_id: int) -> None:
+        """Revoke the lease and so delete the line key attached to it; a lease already gone is fine."""
+        try:
+            self._line_post(LEASE_REVOKE_PATH, {"ID": lease_id})
+        except LineUnavailable as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+    def join_line(self, machine_id: str, lease_id: int) -> int:
+        """Put this machine's line key under ``lease_id``; its ``create_revision`` (its place in the line).
+
+        A key left by an earlier wait of the same machine keeps its place and moves to the new lease.
+        """
+        key = _b64(self.line_key(machine_id))
+        txn = {
+            "compare": [],
+            "success": [
+                {"request_put": {"key": key, "value": _b64(machine_id), "lease": lease_id}},
+                {"request_range": {"key": key, "keys_only": True}},
+            ],
+            "failure": [],
+        }
+        doc = self._line_post("kv/txn", txn)
+        try:
+            kv = doc["responses"][1]["response_range"]["kvs"][0]
+            return int(kv["create_revision"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EtcdTransientError(f"etcd answered the line put for {machine_id!r} with unexpected JSON") from None
+
+    def line_position(self, machine_id: str, create_revision: int, limit: int) -> LinePosition:
+        """In one linearizable read: the semaphore, whether this machine's line key is still there, and the
+        line keys created before it, nearest first, at most ``limit`` of them.
+
+        etcd's ``count`` ignores ``max_create_revision``, so the rank is the number of keys returned: exact
+        below ``limit``, "at least ``limit``" at it.
+        """
+        prefix = self.line_prefix
+        txn = {
+            "compare": [],
+            "success": [
+                {"request_range": {"key": self._key_b64}},
+                {"request_range": {"key": _b64(self.line_key(machine_id)), "keys_only": True}},
+                {
+                    "request_range": {
+                        "key": _b64(prefix),
+                        "range_end": _b64(_prefix_end(prefix)),
+                        "keys_only": True,
+                        "max_create_revision": create_revision - 1,
+                        "sort_order": "DESCEND",
+                        "sort_target": "CREATE",
+                        "limit": max(1, limit),
+                    }
+                },
+            ],
+            "failure": [],
+        }
+        doc = self._line_post("kv/txn", txn)
+        try:
+            responses = doc["responses"]
+            sem_kvs = responses[0]["response_range"].get("kvs")
+            mine = responses[1]["response_range"].get("kvs") or []
+            ahead_kvs = responses[2]["response_range"].get("kvs") or []
+            header_revision = int(doc["header"]["revision"])
+            ahead = tuple(base64.b64decode(kv["key"]).decode() for kv in ahead_kvs)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise EtcdTransientError(f"etcd answered the line read of {machine_id!r} with unexpected JSON") from None
+        semaphore, revision = self._from_kvs(sem_kvs)
+        return LinePosition(semaphore, revision, bool(mine), ahead, header_revision)
+
+    def line_keys(self) -> list[str]:
+        """Every line key now present, oldest first (for status and tests)."""
+        prefix = self.line_prefix
+        doc = self._post(
+            "kv/range",
+            {
+                "key": _b64(prefix),
+                "range_end": _b64(_prefix_end(prefix)),
+                "keys_only": True,
+                "sort_order": "ASCEND",
+                "sort_target": "CREATE",
+            },
+        )
+        return [base64.b64decode(kv["key"]).decode() for kv in doc.get("kvs") or []]
 
     def close(self) -> None:
         with self._lock:
@@ -560,8 +764,19 @@ class KeyWatch:
     raises EtcdTransientError; compacted history raises _WatchRestart (read the key again).
     """
 
-    def __init__(self, store: EtcdSemaphoreStore, start_revision: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        store: EtcdSemaphoreStore,
+        start_revision: int,
+        idle_timeout: float,
+        *,
+        key: str | None = None,
+        deletes_only: bool = False,
+    ) -> None:
         self._store = store
+        self._key = key
+        self._name = store.key if key is None else key
+        self._deletes_only = deletes_only
         self._start_revision = start_revision
         self._idle_timeout = idle_timeout
         self._stopped = threading.Event()
@@ -571,7 +786,9 @@ class KeyWatch:
     def changes(self) -> Iterator[KeyChange]:
         if self._stopped.is_set():
             return
-        resp = self._store._open_watch_stream(self._start_revision, self._idle_timeout)
+        resp = self._store._open_watch_stream(
+            self._start_revision, self._idle_timeout, self._key, self._deletes_only
+        )
         with self._resp_lock:
             self._response = resp
         try:
@@ -605,29 +822,29 @@ class KeyWatch:
                 return
             cause = exc.args[0] if exc.args else None
             if "Read timed out" in str(cause) or isinstance(exc, requests.Timeout):
-                log.debug("no change of %s for %.0fs; reading it again", self._store.key, self._idle_timeout)
+                log.debug("no change of %s for %.0fs; reading it again", self._name, self._idle_timeout)
                 return
-            raise EtcdTransientError(f"watch on {self._store.key!r} broke: {_short_reason(exc)}") from None
+            raise EtcdTransientError(f"watch on {self._name!r} broke: {_short_reason(exc)}") from None
         except OSError as exc:
             if self._stopped.is_set():
                 return
-            raise EtcdTransientError(f"watch on {self._store.key!r} broke: {exc}") from None
+            raise EtcdTransientError(f"watch on {self._name!r} broke: {exc}") from None
         if not self._stopped.is_set():
-            raise EtcdTransientError(f"etcd closed the watch on {self._store.key!r}")
+            raise EtcdTransientError(f"etcd closed the watch on {self._name!r}")
 
     def _interpret(self, message: object) -> Iterator[KeyChange]:
         if not isinstance(message, dict):
             raise EtcdTransientError(f"unexpected watch message {message!r}")
         if "error" in message and "result" not in message:
             raise EtcdTransientError(
-                f"watch on {self._store.key!r} failed: {message.get('message') or message}"
+                f"watch on {self._name!r} failed: {message.get('message') or message}"
             )
         result = message.get("result") or {}
         if result.get("canceled"):
             if result.get("compact_revision"):
                 raise _WatchRestart(f"history before revision {result['compact_revision']} was compacted")
             reason = result.get("cancel_reason", "no reason given")
-            raise EtcdTransientError(f"etcd cancelled the watch on {self._store.key!r}: {reason}")
+            raise EtcdTransientError(f"etcd cancelled the watch on {self._name!r}: {reason}")
         for event in result.get("events") or []:
             self._store.watch_events += 1
             kv = event.get("kv") or {}
@@ -785,6 +1002,70 @@ class _ThreadedWatch:
             log.debug("watch thread %s still finishing its request", self._thread.name)
 
 
+SEMAPHORE = "semaphore"
+
+
+class _Line:
+    """This node's place in the waiting line: a lease, the key under it, and the task that keeps it alive.
+
+    The lease is renewed every third of its TTL; when etcd reports it gone (the renewals could not reach
+    etcd for a whole TTL), the node joins again at the back rather than wait unseen.
+    """
+
+    def __init__(self, store: EtcdSemaphoreStore, machine_id: str, ttl: float) -> None:
+        self.store = store
+        self.machine_id = machine_id
+        self.key = store.line_key(machine_id)
+        self.ttl = ttl
+        self.lease_id = 0
+        self.create_revision = 0
+        # Near the head: the machine ids of the waiters ahead that have not been seen holding a slot yet.
+        self.ahead: set[str] = set()
+        self._keepalive: asyncio.Task[None] | None = None
+
+    async def join(self) -> None:
+        """Take a lease and put the line key (again, after the lease was lost)."""
+        old = self.lease_id
+        self.lease_id = await asyncio.to_thread(self.store.grant_lease, self.ttl)
+        if old:
+            await self._revoke(old)
+        self.create_revision = await asyncio.to_thread(self.store.join_line, self.machine_id, self.lease_id)
+        if self._keepalive is None:
+            self._keepalive = asyncio.create_task(self._keep_alive(), name=f"etcd-lease {self.key}")
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                alive = await asyncio.to_thread(self.store.keep_lease_alive, self.lease_id)
+            except LockBackendError as exc:
+                log.debug("could not renew the lease of %s: %s", self.key, exc)
+                continue
+            if not alive:
+                log.info("the lease of %s expired; joining the line again", self.key)
+                try:
+                    await self.join()
+                except LockBackendError as exc:
+                    log.debug("could not join the line again: %s", exc)
+
+    async def _revoke(self, lease_id: int) -> None:
+        try:
+            await asyncio.to_thread(self.store.revoke_lease, lease_id)
+        except LockBackendError as exc:
+            log.debug("could not revoke lease %x (%s); %s goes when it expires", lease_id, exc, self.key)
+
+    async def leave(self) -> None:
+        """Stop renewing and revoke the lease, which deletes the line key: the node behind moves up."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
+        if self.lease_id:
+            await self._revoke(self.lease_id)
+            self.lease_id = 0
+
+
 class EtcdLockBackend:
     """The ``etcd-lock`` strategy's LockBackend: locksmith's semaphore in etcd v3, waited on with a watch."""
 
@@ -800,6 +1081,8 @@ class EtcdLockBackend:
         watch_idle_timeout: float = 300.0,
         handoff_jitter: float = 0.2,
         max_handoff_jitter: float = 5.0,
+        use_line: bool = True,
+        line_ttl: float = 30.0,
         store: EtcdSemaphoreStore | None = None,
     ) -> None:
         self.settings = settings
@@ -810,6 +1093,12 @@ class EtcdLockBackend:
         self._watch_idle_timeout = watch_idle_timeout
         self._handoff_jitter = handoff_jitter
         self._max_handoff_jitter = max(handoff_jitter, max_handoff_jitter)
+        self._use_line = use_line and use_watch
+        self._line_ttl = line_ttl
+        # What the current wait follows: None, SEMAPHORE, or the line key of the waiter ahead.
+        self.waiting_on: str | None = None
+        # Lease revocations left running after a successful acquire; ``close`` waits for them.
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def reachable(self) -> bool:
         return await asyncio.to_thread(self.store.ping, min(2.0, self.settings.request_timeout))
@@ -837,6 +1126,10 @@ class EtcdLockBackend:
         # faster, so the more waiters there are, the fewer of them race for each released slot.
         jitter = self._handoff_jitter
         created = False
+        line: _Line | None = None
+        acquired = False
+        # Whether this wait follows the semaphore key: before joining the line, and once near its head.
+        at_front = True
         try:
             while True:
                 try:
@@ -845,19 +1138,40 @@ class EtcdLockBackend:
                         # starts from that value.
                         known = await asyncio.to_thread(store.ensure_exists_and_get)
                         created = True
-                    attempt = await asyncio.to_thread(self._attempt, machine_id, known, watch)
+                    if not at_front:
+                        assert line is not None
+                        if watch is not None:
+                            await watch.close()
+                            watch = None
+                        known = await self._wait_in_line(line)
+                        if known is None:
+                            await line.leave()
+                            line = None
+                        at_front = True
+                    attempt = await asyncio.to_thread(
+                        self._attempt, machine_id, known, watch, line is not None
+                    )
                     if attempt is None:
                         # The key changed while this attempt waited for a thread: look at the news first.
                         assert watch is not None and known is not None
-                        known = await self._wait_for_free_slot(watch, machine_id, known, jitter)
+                        known = await self._wait_for_free_slot(watch, machine_id, known, jitter, line)
                         continue
                     known = None
                     if attempt.acquired:
                         log.info("Lock taken for %s: %s", machine_id, attempt.semaphore.describe())
+                        acquired = True
                         return
                     if not self._use_watch:
                         await self._sleep_backoff(backoff, f"semaphore is at {attempt.semaphore.semaphore}")
                         continue
+                    if line is None and self._use_line:
+                        line = await self._join_line(machine_id)
+                        if line is not None:
+                            log.info(
+                                "%s; waiting in line as %s", attempt.semaphore.describe(), line.key
+                            )
+                            at_front = False
+                            continue
                     if attempt.semaphore.semaphore > 0:
                         jitter = min(jitter * 2, self._max_handoff_jitter)
                         log.debug("another node wrote %s first; trying again within %.3fs", store.key, jitter)
@@ -866,8 +1180,9 @@ class EtcdLockBackend:
                     if watch is None:
                         key_watch = store.watch(attempt.revision, self._watch_idle_timeout)
                         watch = _ThreadedWatch(key_watch, f"etcd-watch {store.key}")
+                        self.waiting_on = SEMAPHORE
                     state = (attempt.semaphore, attempt.revision)
-                    known = await self._wait_for_free_slot(watch, machine_id, state, jitter)
+                    known = await self._wait_for_free_slot(watch, machine_id, state, jitter, line)
                     backoff.reset()
                 except _WatchRestart as exc:
                     log.debug("re-reading %s: %s", store.key, exc)
@@ -882,23 +1197,115 @@ class EtcdLockBackend:
                         watch = None
                     await self._sleep_backoff(backoff, str(exc))
         finally:
+            self.waiting_on = None
+            if line is not None and acquired:
+                # The transaction that took the slot deleted the line key: the lease is only left to
+                # revoke, which must not delay the lock (nor hang on an etcd that went away meanwhile).
+                task = asyncio.create_task(line.leave(), name=f"etcd-lease-revoke {line.key}")
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+            elif line is not None:  # first: the waiter behind may be waiting for this key to go
+                await line.leave()
             if watch is not None:
                 await watch.close()
 
+    async def _join_line(self, machine_id: str) -> _Line | None:
+        """Queue behind the waiters already there; None when etcd refuses the line (wait without it)."""
+        line = _Line(self.store, machine_id, self._line_ttl)
+        try:
+            await line.join()
+        except LineUnavailable as exc:
+            self._refuse_line(exc)
+            await line.leave()
+            return None
+        except BaseException:
+            await line.leave()
+            raise
+        return line
+
+    def _refuse_line(self, exc: LineUnavailable) -> None:
+        log.warning(
+            "etcd refuses the waiting line under %s (%s); every waiter of this node follows the semaphore",
+            self.store.line_prefix,
+            exc,
+        )
+        self._use_line = False
+
+    async def _wait_in_line(self, line: _Line) -> tuple[Semaphore, int] | None:
+        """Wait until fewer than ``max`` line keys are ahead of this node's; the semaphore value and revision
+        read then, to attempt the lock from. None when etcd refuses the line.
+
+        Behind that, the node watches only the key ``max`` places ahead for its deletion (that waiter took a
+        slot, gave up, or its lease expired), so each line key has about one watcher and each hand-off wakes
+        about one line waiter.
+        """
+        store = self.store
+        limit = 1
+        while True:
+            try:
+                position = await asyncio.to_thread(
+                    store.line_position, line.machine_id, line.create_revision, limit
+                )
+                if not position.present:
+                    log.info("%s is gone (its lease expired); joining the line again", line.key)
+                    await line.join()
+                    continue
+            except LineUnavailable as exc:
+                self._refuse_line(exc)
+                return None
+            front = max(1, position.semaphore.max)
+            if len(position.ahead) >= limit and front > limit:
+                limit = front  # ``max`` is larger than the last read assumed: read enough keys
+                continue
+            limit = front
+            if len(position.ahead) < front:
+                log.debug("%d waiters ahead of %s; following %s", len(position.ahead), line.key, store.key)
+                line.ahead = {key[len(store.line_prefix) :] for key in position.ahead}
+                self.waiting_on = SEMAPHORE
+                return position.semaphore, position.revision
+            ahead = position.ahead[front - 1]
+            log.debug("%d or more waiters ahead of %s; waiting for %s to go", front, line.key, ahead)
+            self.waiting_on = ahead
+            key_watch = store.watch(
+                position.read_revision, self._watch_idle_timeout, key=ahead, deletes_only=True
+            )
+            watch = _ThreadedWatch(key_watch, f"etcd-watch {ahead}")
+            try:
+                await watch.next_change()
+            except _WatchRestart:
+                pass  # idle for a long time: look again
+            finally:
+                await watch.close()
+
     def _attempt(
-        self, machine_id: str, known: tuple[Semaphore, int] | None, watch: _ThreadedWatch | None
+        self,
+        machine_id: str,
+        known: tuple[Semaphore, int] | None,
+        watch: _ThreadedWatch | None,
+        in_line: bool = False,
     ) -> LockAttempt | None:
         """One lock attempt (in a worker thread); None when the watch has news newer than ``known``."""
         if known is not None and watch is not None and watch.latest_revision > known[1]:
             return None
         # A watching node makes one compare-and-swap per free slot it sees: after a lost race the watch
         # shows what happened, so retrying at once would only add to the stampede.
-        return self.store.try_acquire(machine_id, known, tries=1 if self._use_watch else None)
+        return self.store.try_acquire(
+            machine_id, known, tries=1 if self._use_watch else None, leave_line=in_line
+        )
 
     async def _wait_for_free_slot(
-        self, watch: _ThreadedWatch, machine_id: str, state: tuple[Semaphore, int], jitter: float
+        self,
+        watch: _ThreadedWatch,
+        machine_id: str,
+        state: tuple[Semaphore, int],
+        jitter: float,
+        line: _Line | None = None,
     ) -> tuple[Semaphore, int] | None:
         """From ``state`` on, follow the watch until a value shows a free slot throughout a random delay.
+
+        In the line, the delay also grows by ``handoff_jitter`` for each waiter ahead that has not been seen
+        among the holders yet, so a freed slot mostly goes to the oldest waiter: the line then leaves in
+        order, and the key each departure deletes is the one the next waiter in line is watching.
 
         Returns that value and revision to attempt the lock from, or None when the key should be read again
         (deleted, or a value that does not decode: the read will report it).
@@ -906,9 +1313,16 @@ class EtcdLockBackend:
         seen_revision = state[1]
         candidate: tuple[Semaphore, int] | None = None
         deadline = 0.0
+
+        def delay(sem: Semaphore) -> float:
+            if line is None:
+                return random.uniform(0, jitter)
+            line.ahead.difference_update(sem.holders)
+            return len(line.ahead) * self._handoff_jitter + random.uniform(0, jitter)
+
         if state[0].semaphore > 0 or state[0].holds(machine_id):
             candidate = state
-            deadline = time.monotonic() + random.uniform(0, jitter)
+            deadline = time.monotonic() + delay(state[0])
         while True:
             timeout = None if candidate is None else max(0.0, deadline - time.monotonic())
             change = await watch.next_change(timeout)
@@ -925,9 +1339,13 @@ class EtcdLockBackend:
                 return None
             if sem.semaphore > 0 or sem.holds(machine_id):
                 if candidate is None:
-                    deadline = time.monotonic() + random.uniform(0, jitter)
+                    deadline = time.monotonic() + delay(sem)
+                elif line is not None:  # fewer waiters ahead now: no need to let them go first
+                    deadline = min(deadline, time.monotonic() + delay(sem))
                 candidate = (sem, change.revision)
             else:
+                if line is not None:
+                    line.ahead.difference_update(sem.holders)
                 candidate = None
 
     async def release(self, machine_id: str) -> bool:
@@ -941,4 +1359,6 @@ class EtcdLockBackend:
         return released
 
     async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         await asyncio.to_thread(self.store.close)

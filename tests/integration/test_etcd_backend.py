@@ -1,4 +1,5 @@
-"""The etcd v3 semaphore on real etcd: CAS, groups, corrupt values, watch hand-off, failover, load, faults."""
+"""The etcd v3 semaphore on real etcd: CAS, groups, corrupt values, watch hand-off, the waiting line, failover,
+load, faults."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import itertools
 import logging
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from locksmithd.backends import LockBackendError
+from locksmithd.backends import etcd as etcd_module
 from locksmithd.backends.etcd import (
+    SEMAPHORE,
     EtcdLockBackend,
     EtcdSemaphoreStore,
     EtcdSettings,
     EtcdTransientError,
+    _b64,
     go_duration,
 )
 from locksmithd.semaphore import Semaphore, key_for_group
@@ -339,8 +343,173 @@ async def test_cancelled_acquire_stops_its_watch(shared_etcd: EtcdCluster, group
         await task
     assert watch_threads() == []
     assert EtcdSemaphoreStore(settings).get()[0].holders == ("a",)  # the waiter took nothing
+    assert waiter.store.line_keys() == []  # and left the line
     await holder.close()
     await waiter.close()
+
+
+# -- the waiting line ----------------------------------------------------------------------------------------
+
+
+async def until_true(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(SETTLE / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+def semaphore_watch_threads(key: str) -> list[threading.Thread]:
+    return [t for t in watch_threads() if t.name == f"etcd-watch {key}"]
+
+
+async def test_waiters_queue_and_only_the_head_watches_the_semaphore(shared_etcd: EtcdCluster, group: str) -> None:
+    """max=1: the first waiter follows the semaphore, each other one the line key ahead of it; the slot
+    passes down the line in order, and the line is empty at the end."""
+    settings = settings_for(shared_etcd, group)
+    holder = EtcdLockBackend(settings, first_backoff=3600)
+    await holder.acquire("a")
+    store = holder.store
+    names = [f"w{i}" for i in range(4)]
+    waiters = {name: EtcdLockBackend(settings, first_backoff=3600) for name in names}
+    order: list[str] = []
+
+    async def wait_and_pass_on(name: str) -> None:
+        await waiters[name].acquire(name)
+        order.append(name)
+        assert store.get()[0].holders == (name,)
+        await waiters[name].release(name)
+
+    tasks = []
+    for i, name in enumerate(names):
+        tasks.append(asyncio.create_task(wait_and_pass_on(name)))
+        await until_true(lambda i=i: len(store.line_keys()) == i + 1, f"{name} in the line")
+    line = [store.line_key(name) for name in names]
+    assert store.line_keys() == line
+    await until_true(lambda: all(w.waiting_on is not None for w in waiters.values()), "everyone waiting")
+    assert [waiters[n].waiting_on for n in names] == [SEMAPHORE, *line[:-1]]
+    assert len(semaphore_watch_threads(store.key)) == 1
+    assert sum(w.store.semaphore_watches for w in waiters.values()) == 1
+    assert shared_etcd.get(store.key) == b'{"semaphore":0,"max":1,"holders":["a"]}'  # the value is locksmith's
+
+    await holder.release("a")
+    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
+    assert order == names
+    assert store.line_keys() == []
+    assert store.get()[0] == Semaphore.default()
+    assert watch_threads() == []
+    for backend in (holder, *waiters.values()):
+        await backend.close()
+
+
+async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etcd: EtcdCluster, group: str) -> None:
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.set_max(2).lock("a").lock("b"))
+    names = [f"w{i}" for i in range(5)]
+    waiters = {name: EtcdLockBackend(settings, first_backoff=3600) for name in names}
+    tasks = []
+    for i, name in enumerate(names):
+        tasks.append(asyncio.create_task(waiters[name].acquire(name)))
+        await until_true(lambda i=i: len(store.line_keys()) == i + 1, f"{name} in the line")
+    await until_true(lambda: all(w.waiting_on is not None for w in waiters.values()), "everyone waiting")
+    line = [store.line_key(name) for name in names]
+    # Each one behind the first two waits for the key two places ahead of it.
+    assert [waiters[n].waiting_on for n in names] == [SEMAPHORE, SEMAPHORE, line[0], line[1], line[2]]
+    assert len(semaphore_watch_threads(store.key)) == 2
+
+    async def hold_briefly(task: asyncio.Task[None], name: str) -> None:
+        await task
+        await waiters[name].release(name)
+
+    store.update(lambda sem: sem.unlock("a").unlock("b"))
+    await asyncio.wait_for(asyncio.gather(*(hold_briefly(t, n) for t, n in zip(tasks, names, strict=True))), SETTLE)
+    assert store.line_keys() == []
+    history = values_of(shared_etcd, store.key)
+    assert max(len(sem.holders) for sem in history) == 2
+    assert {h for sem in history for h in sem.holders} == {"a", "b", *names}
+    assert watch_threads() == []
+    for backend in waiters.values():
+        await backend.close()
+    store.close()
+
+
+async def test_a_dead_waiter_does_not_block_the_one_behind_it(shared_etcd: EtcdCluster, group: str) -> None:
+    """A waiter that died after joining (no keepalive) leaves when its lease expires; the next one moves up."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    assert store.try_acquire("a").acquired
+    dead_lease = store.grant_lease(2)
+    store.join_line("dead", dead_lease)
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    task = asyncio.create_task(waiter.acquire("w"))
+    await until_true(lambda: waiter.waiting_on is not None, "the waiter waiting")
+    assert waiter.waiting_on == store.line_key("dead")  # behind the dead one, not on the semaphore
+    assert store.release("a")
+    await asyncio.wait_for(task, SETTLE)
+    assert store.get()[0].holders == ("w",)
+    assert store.line_keys() == []
+    await waiter.close()
+    store.close()
+
+
+async def test_a_waiter_whose_lease_is_revoked_joins_again(shared_etcd: EtcdCluster, group: str) -> None:
+    """Its key gone (as after an etcd outage longer than the TTL), a waiter queues again instead of hiding."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    assert store.try_acquire("a").acquired
+    first = EtcdLockBackend(settings, first_backoff=3600, line_ttl=3)
+    second = EtcdLockBackend(settings, first_backoff=3600, line_ttl=3)
+    t1 = asyncio.create_task(first.acquire("w1"))
+    await until_true(lambda: store.line_keys() == [store.line_key("w1")], "w1 in the line")
+    t2 = asyncio.create_task(second.acquire("w2"))
+    await until_true(lambda: second.waiting_on == store.line_key("w1"), "w2 behind w1")
+    store.revoke_lease(second_lease := _lease_of(store, "w2"))
+    # w2 was woken by nothing; its keepalive finds the lease gone and puts its key back.
+    await until_true(lambda: store.line_key("w2") in store.line_keys(), "w2 back in the line")
+    assert _lease_of(store, "w2") != second_lease
+    assert store.release("a")
+    await asyncio.wait_for(t1, SETTLE)
+    assert first.store.release("w1")
+    await asyncio.wait_for(t2, SETTLE)
+    assert store.get()[0].holders == ("w2",)
+    assert store.line_keys() == []
+    for backend in (first, second):
+        await backend.close()
+    store.close()
+
+
+def _lease_of(store: EtcdSemaphoreStore, machine_id: str) -> int:
+    doc = store._post("kv/range", {"key": _b64(store.line_key(machine_id))})
+    return int(doc["kvs"][0]["lease"])
+
+
+async def test_without_the_lease_api_every_waiter_watches_and_still_gets_the_lock(
+    shared_etcd: EtcdCluster, group: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(etcd_module, "LEASE_GRANT_PATH", "lease/no-such-call")
+    settings = settings_for(shared_etcd, group)
+    holder = EtcdLockBackend(settings, first_backoff=3600)
+    await holder.acquire("a")
+    waiters = [EtcdLockBackend(settings, first_backoff=3600) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="locksmithd.backends.etcd"):
+        tasks = [asyncio.create_task(w.acquire(f"w{i}")) for i, w in enumerate(waiters)]
+        await until_true(lambda: all(w.waiting_on == SEMAPHORE for w in waiters), "both on the semaphore")
+    refusals = [r for r in caplog.records if "refuses the waiting line" in r.getMessage()]
+    assert len(refusals) == 2  # one line per node
+    assert "lease/no-such-call" in refusals[0].getMessage()
+    assert holder.store.line_keys() == []
+    await holder.release("a")
+    done, _ = await asyncio.wait(tasks, timeout=SETTLE, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1
+    (winner,) = holder.store.get()[0].holders
+    await holder.release(winner)
+    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
+    assert len(holder.store.get()[0].holders) == 1
+    assert watch_threads() == []
+    for w in waiters:
+        await w.close()
+    await holder.close()
 
 
 async def test_unreachable_etcd_falls_back_to_backoff_then_recovers(
