@@ -457,12 +457,12 @@ class UpdateAttempter:
         if kernel_path is None:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
-        else:
+        # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
+        from update_engine.payload.apply import PayloadSink, WriteTarget, remove_partial_kernels
+
+        if kernel_path is not None:
             remove_partial_kernels(kernel_path)
         self.prefs.set_str(PREF_RESPONSE_HASH, offer.sha256_b64)
-        # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
-        from update_engine.payload.apply import PayloadSink, WriteTarget
-
         sink = PayloadSink(
             WriteTarget(path=self._disk_path(), offset=target.offset, size=target.size),
             public_key_pem=public_key,
@@ -652,20 +652,6 @@ PREF_INSTALLED_VERSION = "installed-version"
 PREF_FAILED_BOOT_VERSION = "failed-boot-version"
 # The boot id of the boot that installed previous-version's successor: the same id at the next check means no reboot.
 PREF_INSTALLED_BOOT_ID = "installed-boot-id"
-
-
-def remove_partial_kernels(kernel_path: Path) -> None:
-    """Delete the temporary kernel files (``.<name>.*.partial``, PayloadSink's naming) that an attempt killed
-    before its rename left beside ``kernel_path``: without this each crash would leave one more in /boot."""
-    for stale in kernel_path.parent.glob(f".{kernel_path.name}.*.partial"):
-        try:
-            stale.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("Cannot remove the unfinished kernel file %s: %s; remove it by hand", stale, exc.strerror)
-            continue
-        log.info("Removed %s, an unfinished kernel file left by an interrupted attempt", stale)
 
 
 def describe_outcome(outcome: CheckOutcome) -> str:

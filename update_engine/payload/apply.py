@@ -73,6 +73,9 @@ from update_engine.payload.format import (
 
 log = logging.getLogger(__name__)
 
+# The new kernel is written to ``.<name>.<random>.partial`` beside its final path, then renamed.
+PARTIAL_KERNEL_SUFFIX = ".partial"
+
 # Bytes in flight between the downloader and the slower of the digest and apply workers. Small enough for flat
 # memory, large enough to ride out scheduling jitter. The async writer is woken when half of it is free again.
 QUEUE_BYTES = 4 * 1024 * 1024
@@ -903,7 +906,7 @@ class PayloadSink:
         assert self._kernel_path is not None
         path = self._kernel_path
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_KERNEL_SUFFIX, dir=path.parent)
         except OSError as exc:
             raise PayloadError(
                 ErrorCode.KERNEL_DEVICE_OPEN_ERROR,
@@ -1261,3 +1264,17 @@ def verify_payload_file(path: Path, public_key_pem: bytes | None) -> VerifiedPay
     except BaseException:
         sink.abort()
         raise
+
+
+def remove_partial_kernels(kernel_path: Path) -> None:
+    """Delete the temporary kernel files (``.<name>.*.partial``, as PayloadSink names them) that an attempt
+    killed before its rename left beside ``kernel_path``: without this each crash would leave one more in /boot."""
+    for stale in kernel_path.parent.glob(f".{kernel_path.name}.*{PARTIAL_KERNEL_SUFFIX}"):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("Cannot remove the unfinished kernel file %s: %s; remove it by hand", stale, exc.strerror)
+            continue
+        log.info("Removed %s, an unfinished kernel file left by an interrupted attempt", stale)
