@@ -522,12 +522,14 @@ class EtcdSemaphoreStore:
         *,
         tries: int | None = None,
         leave_line: bool = False,
+        retry_while: Callable[[Semaphore], bool] | None = None,
     ) -> LockAttempt:
         """Take a slot if there is one (or ``holder`` already has one); never waits for a release.
 
         ``leave_line`` deletes the holder's line key in the transaction that takes the slot. A lost race is
-        retried up to ``tries`` times while the value still shows a free slot; after that the attempt reports
-        the value it last saw (which may show a free slot another node is about to take).
+        retried up to ``tries`` times while the value still shows a free slot (and ``retry_while`` holds for
+        it); after that the attempt reports the value it last saw (which may show a free slot another node is
+        about to take).
         """
         current, revision = self.get() if start is None else start
         limit = self._max_conflict_retries if tries is None else max(1, tries)
@@ -544,6 +546,8 @@ class EtcdSemaphoreStore:
             if ok:
                 return LockAttempt(True, now, now_rev)
             current, revision = now, now_rev
+            if retry_while is not None and not retry_while(current):
+                break
         return LockAttempt(current.holds(holder), current, revision)
 
     def release(self, holder: str) -> bool:
@@ -1023,6 +1027,14 @@ class _Line:
         self.ahead: set[str] = set()
         self._keepalive: asyncio.Task[None] | None = None
 
+    def entitled(self, sem: Semaphore) -> bool:
+        """Whether ``sem`` has a free slot left for this node once each waiter ahead has taken one.
+
+        Waiters ahead that ``sem`` shows holding a slot are no longer ahead.
+        """
+        self.ahead.difference_update(sem.holders)
+        return len(self.ahead) < sem.semaphore
+
     async def join(self) -> None:
         """Take a lease and put the line key (again, after the lease was lost)."""
         old = self.lease_id
@@ -1148,9 +1160,7 @@ class EtcdLockBackend:
                             await line.leave()
                             line = None
                         at_front = True
-                    attempt = await asyncio.to_thread(
-                        self._attempt, machine_id, known, watch, line is not None
-                    )
+                    attempt = await asyncio.to_thread(self._attempt, machine_id, known, watch, line)
                     if attempt is None:
                         # The key changed while this attempt waited for a thread: look at the news first.
                         assert watch is not None and known is not None
@@ -1282,16 +1292,21 @@ class EtcdLockBackend:
         machine_id: str,
         known: tuple[Semaphore, int] | None,
         watch: _ThreadedWatch | None,
-        in_line: bool = False,
+        line: _Line | None = None,
     ) -> LockAttempt | None:
         """One lock attempt (in a worker thread); None when the watch has news newer than ``known``."""
         if known is not None and watch is not None and watch.latest_revision > known[1]:
             return None
-        # A watching node makes one compare-and-swap per free slot it sees: after a lost race the watch
-        # shows what happened, so retrying at once would only add to the stampede.
-        return self.store.try_acquire(
-            machine_id, known, tries=1 if self._use_watch else None, leave_line=in_line
-        )
+        if line is not None:
+            # A slot this node is entitled to is raced for only by the other entitled waiters (when several
+            # slots are free at once): after a lost race the answer shows the new value, so try again at once
+            # while it still leaves a slot for this node.
+            return self.store.try_acquire(
+                machine_id, known, leave_line=True, retry_while=line.entitled
+            )
+        # A watching node outside the line makes one compare-and-swap per free slot it sees: after a lost
+        # race the watch shows what happened, so retrying at once would only add to the stampede.
+        return self.store.try_acquire(machine_id, known, tries=1 if self._use_watch else None)
 
     async def _wait_for_free_slot(
         self,
@@ -1303,9 +1318,11 @@ class EtcdLockBackend:
     ) -> tuple[Semaphore, int] | None:
         """From ``state`` on, follow the watch until a value shows a free slot throughout a random delay.
 
-        In the line, the delay also grows by ``handoff_jitter`` for each waiter ahead that has not been seen
-        among the holders yet, so a freed slot mostly goes to the oldest waiter: the line then leaves in
-        order, and the key each departure deletes is the one the next waiter in line is watching.
+        In the line, a node knows its rank: the waiters ahead that have not been seen among the holders yet.
+        When there are more free slots than that, the slot is its own and it tries at once, with no delay and
+        no race. Otherwise the free slots belong to the waiters ahead, and it waits ``handoff_jitter`` for each
+        waiter that is served before it (in case one of them is gone), plus the random delay. The line thus
+        leaves in order, and the key each departure deletes is the one the next waiter in line is watching.
 
         Returns that value and revision to attempt the lock from, or None when the key should be read again
         (deleted, or a value that does not decode: the read will report it).
@@ -1317,8 +1334,10 @@ class EtcdLockBackend:
         def delay(sem: Semaphore) -> float:
             if line is None:
                 return random.uniform(0, jitter)
-            line.ahead.difference_update(sem.holders)
-            return len(line.ahead) * self._handoff_jitter + random.uniform(0, jitter)
+            if line.entitled(sem):
+                return 0.0
+            served_first = len(line.ahead) - sem.semaphore + 1  # waiters ahead that a free slot goes to first
+            return served_first * self._handoff_jitter + random.uniform(0, jitter)
 
         if state[0].semaphore > 0 or state[0].holds(machine_id):
             candidate = state

@@ -434,6 +434,60 @@ async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etc
     store.close()
 
 
+def patient_waiter(settings: EtcdSettings) -> EtcdLockBackend:
+    """A waiter whose hand-off delays would last ten minutes: it only gets a slot promptly without them."""
+    return EtcdLockBackend(settings, first_backoff=3600, handoff_jitter=600, max_handoff_jitter=600)
+
+
+async def test_a_freed_slot_goes_at_once_to_the_first_waiter_and_nobody_races_it(
+    shared_etcd: EtcdCluster, group: str
+) -> None:
+    """max=2, both held, two waiters following the semaphore: each release is taken by the oldest waiter
+    without a hand-off delay, and the one behind does not try for a slot that is not its own."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.set_max(2).lock("a").lock("b"))
+    first, second = patient_waiter(settings), patient_waiter(settings)
+    first_task = asyncio.create_task(first.acquire("w0"))
+    await until_true(lambda: first.waiting_on == SEMAPHORE, "w0 waiting")
+    second_task = asyncio.create_task(second.acquire("w1"))
+    await until_true(lambda: second.waiting_on == SEMAPHORE, "w1 waiting")
+
+    assert store.release("a")
+    await asyncio.wait_for(first_task, SETTLE)
+    assert store.get()[0].holders == ("b", "w0")
+    assert not second_task.done()
+    assert store.release("b")
+    await asyncio.wait_for(second_task, SETTLE)
+    assert store.get()[0].holders == ("w0", "w1")
+    assert first.store.conflicts == second.store.conflicts == 0
+    for backend in (first, second):
+        await backend.close()
+    store.close()
+
+
+async def test_waiters_entitled_to_slots_freed_together_all_get_one(shared_etcd: EtcdCluster, group: str) -> None:
+    """Three slots freed in one write, three waiters: each is entitled to one, so a waiter that loses the race
+    to another tries again at once instead of waiting for a hand-off delay."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.set_max(3).lock("a").lock("b").lock("c"))
+    names = ["w0", "w1", "w2"]
+    waiters = {name: patient_waiter(settings) for name in names}
+    tasks = []
+    for name in names:
+        tasks.append(asyncio.create_task(waiters[name].acquire(name)))
+        await until_true(lambda name=name: waiters[name].waiting_on == SEMAPHORE, f"{name} waiting")
+
+    store.update(lambda sem: sem.unlock("a").unlock("b").unlock("c"))
+    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
+    assert sorted(store.get()[0].holders) == names
+    assert store.line_keys() == []
+    for backend in waiters.values():
+        await backend.close()
+    store.close()
+
+
 async def test_a_dead_waiter_does_not_block_the_one_behind_it(shared_etcd: EtcdCluster, group: str) -> None:
     """A waiter that died after joining (no keepalive) leaves when its lease expires; the next one moves up."""
     settings = settings_for(shared_etcd, group)
