@@ -666,21 +666,51 @@ class EtcdSemaphoreStore:
 
         A key left by an earlier wait of the same machine keeps its place and moves to the new lease.
         """
+        return self.join_line_and_look(machine_id, lease_id, 0)[0]
+
+    def join_line_and_look(self, machine_id: str, lease_id: int, limit: int) -> tuple[int, LinePosition | None]:
+        """``join_line``, and in the same transaction what ``line_position`` with ``limit`` would read.
+
+        The position comes from the newest line keys, so it is known only when this machine's key is the
+        newest (always, for a key just created); otherwise it is None and ``line_position`` must be asked.
+        """
         key = _b64(self.line_key(machine_id))
-        txn = {
-            "compare": [],
-            "success": [
-                {"request_put": {"key": key, "value": _b64(machine_id), "lease": lease_id}},
-                {"request_range": {"key": key, "keys_only": True}},
-            ],
-            "failure": [],
-        }
-        doc = self._line_post("kv/txn", txn)
+        success: list[dict[str, Any]] = [
+            {"request_put": {"key": key, "value": _b64(machine_id), "lease": lease_id}},
+            {"request_range": {"key": key, "keys_only": True}},
+        ]
+        if limit > 0:
+            success += [{"request_range": {"key": self._key_b64}}, self._line_range(limit + 1)]
+        doc = self._line_post("kv/txn", {"compare": [], "success": success, "failure": []})
         try:
-            kv = doc["responses"][1]["response_range"]["kvs"][0]
-            return int(kv["create_revision"])
-        except (KeyError, IndexError, TypeError, ValueError):
+            responses = doc["responses"]
+            create_revision = int(responses[1]["response_range"]["kvs"][0]["create_revision"])
+            if limit <= 0:
+                return create_revision, None
+            sem_kvs = responses[2]["response_range"].get("kvs")
+            newest = [base64.b64decode(kv["key"]).decode() for kv in responses[3]["response_range"].get("kvs") or []]
+            read_revision = int(doc["header"]["revision"])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             raise EtcdTransientError(f"etcd answered the line put for {machine_id!r} with unexpected JSON") from None
+        if not newest or newest[0] != self.line_key(machine_id):
+            return create_revision, None
+        semaphore, revision = self._from_kvs(sem_kvs)
+        return create_revision, LinePosition(semaphore, revision, True, tuple(newest[1:]), read_revision)
+
+    def _line_range(self, limit: int, below_create_revision: int | None = None) -> dict[str, Any]:
+        """A read of the newest line keys (created before ``below_create_revision``), newest first."""
+        prefix = self.line_prefix
+        query: dict[str, Any] = {
+            "key": _b64(prefix),
+            "range_end": _b64(_prefix_end(prefix)),
+            "keys_only": True,
+            "sort_order": "DESCEND",
+            "sort_target": "CREATE",
+            "limit": max(1, limit),
+        }
+        if below_create_revision is not None:
+            query["max_create_revision"] = below_create_revision - 1
+        return {"request_range": query}
 
     def line_position(self, machine_id: str, create_revision: int, limit: int) -> LinePosition:
         """In one linearizable read: the semaphore, whether this machine's line key is still there, and the
@@ -689,23 +719,12 @@ class EtcdSemaphoreStore:
         etcd's ``count`` ignores ``max_create_revision``, so the rank is the number of keys returned: exact
         below ``limit``, "at least ``limit``" at it.
         """
-        prefix = self.line_prefix
         txn = {
             "compare": [],
             "success": [
                 {"request_range": {"key": self._key_b64}},
                 {"request_range": {"key": _b64(self.line_key(machine_id)), "keys_only": True}},
-                {
-                    "request_range": {
-                        "key": _b64(prefix),
-                        "range_end": _b64(_prefix_end(prefix)),
-                        "keys_only": True,
-                        "max_create_revision": create_revision - 1,
-                        "sort_order": "DESCEND",
-                        "sort_target": "CREATE",
-                        "limit": max(1, limit),
-                    }
-                },
+                self._line_range(limit, below_create_revision=create_revision),
             ],
             "failure": [],
         }
@@ -1012,7 +1031,7 @@ SEMAPHORE = "semaphore"
 class _Line:
     """This node's place in the waiting line: a lease, the key under it, and the task that keeps it alive.
 
-    The lease is renewed every third of its TTL; when etcd reports it gone (the renewals could not reach
+    The lease is renewed about every third of its TTL; when etcd reports it gone (the renewals could not reach
     etcd for a whole TTL), the node joins again at the back rather than wait unseen.
     """
 
@@ -1025,6 +1044,9 @@ class _Line:
         self.create_revision = 0
         # Near the head: the machine ids of the waiters ahead that have not been seen holding a slot yet.
         self.ahead: set[str] = set()
+        # The place read with the last join (up to ``read_ahead`` keys ahead), until it is used.
+        self.joined_at: LinePosition | None = None
+        self.read_ahead = 0
         self._keepalive: asyncio.Task[None] | None = None
 
     def entitled(self, sem: Semaphore) -> bool:
@@ -1035,19 +1057,26 @@ class _Line:
         self.ahead.difference_update(sem.holders)
         return len(self.ahead) < sem.semaphore
 
-    async def join(self) -> None:
-        """Take a lease and put the line key (again, after the lease was lost)."""
+    async def join(self, read_ahead: int = 0) -> None:
+        """Take a lease and put the line key (again, after the lease was lost).
+
+        With ``read_ahead``, the same round trip reads the place in the line: ``joined_at``.
+        """
+        self.read_ahead = read_ahead
         old = self.lease_id
         self.lease_id = await asyncio.to_thread(self.store.grant_lease, self.ttl)
         if old:
             await self._revoke(old)
-        self.create_revision = await asyncio.to_thread(self.store.join_line, self.machine_id, self.lease_id)
+        self.create_revision, self.joined_at = await asyncio.to_thread(
+            self.store.join_line_and_look, self.machine_id, self.lease_id, self.read_ahead
+        )
         if self._keepalive is None:
             self._keepalive = asyncio.create_task(self._keep_alive(), name=f"etcd-lease {self.key}")
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            # A little earlier at random each time: nodes that joined together do not renew together.
+            await asyncio.sleep(self.ttl / 3 * random.uniform(0.8, 1.0))
             try:
                 alive = await asyncio.to_thread(self.store.keep_lease_alive, self.lease_id)
             except LockBackendError as exc:
@@ -1175,7 +1204,7 @@ class EtcdLockBackend:
                         await self._sleep_backoff(backoff, f"semaphore is at {attempt.semaphore.semaphore}")
                         continue
                     if line is None and self._use_line:
-                        line = await self._join_line(machine_id)
+                        line = await self._join_line(machine_id, attempt.semaphore.max)
                         if line is not None:
                             log.info(
                                 "%s; waiting in line as %s", attempt.semaphore.describe(), line.key
@@ -1219,11 +1248,15 @@ class EtcdLockBackend:
             if watch is not None:
                 await watch.close()
 
-    async def _join_line(self, machine_id: str) -> _Line | None:
-        """Queue behind the waiters already there; None when etcd refuses the line (wait without it)."""
+    async def _join_line(self, machine_id: str, slots: int) -> _Line | None:
+        """Queue behind the waiters already there; None when etcd refuses the line (wait without it).
+
+        The join also reads the ``slots`` waiters ahead (``max`` of the value last seen), so that the first
+        look at the line costs no round trip of its own.
+        """
         line = _Line(self.store, machine_id, self._line_ttl)
         try:
-            await line.join()
+            await line.join(max(1, slots))
         except LineUnavailable as exc:
             self._refuse_line(exc)
             await line.leave()
@@ -1253,12 +1286,15 @@ class EtcdLockBackend:
         limit = 1
         while True:
             try:
-                position = await asyncio.to_thread(
-                    store.line_position, line.machine_id, line.create_revision, limit
-                )
+                if line.joined_at is not None:
+                    position, line.joined_at, limit = line.joined_at, None, line.read_ahead
+                else:
+                    position = await asyncio.to_thread(
+                        store.line_position, line.machine_id, line.create_revision, limit
+                    )
                 if not position.present:
                     log.info("%s is gone (its lease expired); joining the line again", line.key)
-                    await line.join()
+                    await line.join(limit)
                     continue
             except LineUnavailable as exc:
                 self._refuse_line(exc)

@@ -146,6 +146,46 @@ async def test_a_free_slot_takes_two_round_trips(shared_etcd: EtcdCluster, group
     await backend.close()
 
 
+async def test_a_node_finding_no_free_slot_starts_waiting_in_four_requests(
+    shared_etcd: EtcdCluster, group: str
+) -> None:
+    """Create-or-read, a lease, the line key put together with the read of its place in the line, and the
+    watch: no separate read of the place per waiting node."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    assert store.try_acquire("a").acquired
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    task = asyncio.create_task(waiter.acquire("w"))
+    await until_true(lambda: waiter.waiting_on == SEMAPHORE, "the waiter following the semaphore")
+    assert waiter.store.requests_sent == 4
+    assert waiter.store.semaphore_watches == 1
+    assert store.release("a")
+    await asyncio.wait_for(task, SETTLE)
+    await waiter.close()
+    store.close()
+
+
+def test_joining_the_line_reads_the_waiters_ahead(shared_etcd: EtcdCluster, group: str) -> None:
+    """A new line key learns its place in the join; a key that kept an older place (a second join of the
+    same machine with a newer one behind it) does not, and is read separately."""
+    store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
+    lease = store.grant_lease(60)
+    for name in ("w0", "w1"):
+        store.join_line(name, lease)
+    created, position = store.join_line_and_look("w2", lease, 5)
+    assert position is not None
+    assert position.ahead == (store.line_key("w1"), store.line_key("w0"))
+    assert position.present and position.semaphore == Semaphore.default()
+    assert created == store.line_position("w2", created, 5).read_revision
+    again, kept = store.join_line_and_look("w0", lease, 5)
+    assert kept is None
+    assert store.line_position("w0", again, 5).ahead == ()
+    assert store.line_keys() == [store.line_key(n) for n in ("w0", "w1", "w2")]
+    store.revoke_lease(lease)
+    assert store.line_keys() == []
+    store.close()
+
+
 def test_lock_unlock_and_idempotent_lock(shared_etcd: EtcdCluster, group: str) -> None:
     store = EtcdSemaphoreStore(settings_for(shared_etcd, group))
     first = store.try_acquire("node-a")
