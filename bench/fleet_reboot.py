@@ -3,7 +3,7 @@
 Starts a real single-member etcd on 127.0.0.1, then runs the same fleet in each mode with the real
 EtcdLockBackend, one per node:
 
-* ``watch``: waiters queue in the waiting line and only the first ``max`` of them watch the key (this
+* ``watch``: waiters queue in the waiting line and only the front few of them watch the key (this
   project's behaviour);
 * ``crowd``: every waiter watches the key, with no line (the behaviour without the line, and that of an
   etcd that refuses the line's leases);

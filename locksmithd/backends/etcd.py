@@ -17,15 +17,19 @@ before most of them fire). If the watch cannot be opened or breaks, or etcd does
 back to locksmith's polling: 10 s, 20 s, 40 s … capped at 5 min.
 
 Were every waiter to watch the key, each hand-off would cost etcd two events per waiter, and a fleet waiting
-at once would cost it the square of its size. So waiters queue in a line, and only about ``max`` of them watch
-the key. A node whose first attempt finds no free slot takes an etcd lease (30 s, renewed every 10 s) and puts
-``<semaphore key>/waiters/<machine id>`` under it; the key's ``create_revision`` is its place. Its rank is the
-number of line keys created before its own. With fewer than ``max`` ahead (at least the head, even at
-``max`` 0), it follows the semaphore key as above; behind that it watches only the line key ``max`` places
-ahead, and when that key goes (its waiter took a slot, gave up or died) it reads its rank again. That read
-also returns the semaphore, so a node reaching the front attempts from it without another round trip. At
-the front, a node delays its attempt on a free slot by one hand-off delay for each waiter ahead of it not
-yet seen among the holders, so the line mostly leaves in order and each departure wakes the next in line.
+at once would cost it the square of its size. So waiters queue in a line, and only the front few (at most
+``FRONT_WAITERS``, and no more than ``max``) watch the key. A node whose first attempt finds no free slot takes
+an etcd lease (30 s, renewed about every 10 s) and puts ``<semaphore key>/waiters/<machine id>`` under it; the
+key's ``create_revision`` is its place, and the same transaction reads the semaphore and the keys just ahead.
+Its rank is the number of line keys created before its own. At the front it follows the semaphore key as
+above; behind that it watches only the line key ``FRONT_WAITERS`` places ahead, and when that key goes (its
+waiter took a slot, gave up or died) it reads its rank again, together with the semaphore, so a node reaching
+the front attempts from that value without another round trip. At the front, the rank counts only the
+waiters ahead not yet seen among the holders: a node with fewer of them than free slots is entitled to a slot
+and writes at once, with no delay, and after losing a race (to another entitled waiter, or to a node outside
+the line) tries again at once while the answer still leaves it a slot. A node not entitled waits one
+hand-off delay for each waiter served before it (in case one of them is gone) plus the random delay, so the
+line leaves in order and each departure wakes the next in line.
 The transaction that takes a slot also deletes the taker's line key; when the wait ends in any other way
 the node revokes its lease, which deletes the key (after a success the revoke only tidies up, in the
 background). A crashed node's key goes when its lease expires, and a node whose lease expired (etcd out
@@ -75,6 +79,9 @@ API_PATH = "/v3/"
 
 # The waiting line: ``<semaphore key>/waiters/<machine id>``, each key under a lease of the waiter.
 LINE_SUFFIX = "/waiters/"
+# At most this many waiters (fewer when ``max`` is smaller) follow the semaphore key; each one behind watches
+# the line key this many places ahead of its own.
+FRONT_WAITERS = 3
 LEASE_GRANT_PATH = "lease/grant"
 LEASE_KEEPALIVE_PATH = "lease/keepalive"
 LEASE_REVOKE_PATH = "lease/revoke"
@@ -1256,7 +1263,7 @@ class EtcdLockBackend:
         """
         line = _Line(self.store, machine_id, self._line_ttl)
         try:
-            await line.join(max(1, slots))
+            await line.join(max(1, min(slots, FRONT_WAITERS)))
         except LineUnavailable as exc:
             self._refuse_line(exc)
             await line.leave()
@@ -1275,10 +1282,10 @@ class EtcdLockBackend:
         self._use_line = False
 
     async def _wait_in_line(self, line: _Line) -> tuple[Semaphore, int] | None:
-        """Wait until fewer than ``max`` line keys are ahead of this node's; the semaphore value and revision
-        read then, to attempt the lock from. None when etcd refuses the line.
+        """Wait until fewer than ``max`` (at most ``FRONT_WAITERS``) line keys are ahead of this node's; the
+        semaphore value and revision read then, to attempt the lock from. None when etcd refuses the line.
 
-        Behind that, the node watches only the key ``max`` places ahead for its deletion (that waiter took a
+        Behind that, the node watches only the key that many places ahead for its deletion (that waiter took a
         slot, gave up, or its lease expired), so each line key has about one watcher and each hand-off wakes
         about one line waiter.
         """
@@ -1299,7 +1306,7 @@ class EtcdLockBackend:
             except LineUnavailable as exc:
                 self._refuse_line(exc)
                 return None
-            front = max(1, position.semaphore.max)
+            front = max(1, min(position.semaphore.max, FRONT_WAITERS))
             if len(position.ahead) >= limit and front > limit:
                 limit = front  # ``max`` is larger than the last read assumed: read enough keys
                 continue

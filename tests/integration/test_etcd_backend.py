@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import itertools
 import logging
@@ -469,6 +470,36 @@ async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etc
     assert max(len(sem.holders) for sem in history) == 2
     assert {h for sem in history for h in sem.holders} == {"a", "b", *names}
     assert watch_threads() == []
+    for backend in waiters.values():
+        await backend.close()
+    store.close()
+
+
+async def test_with_a_large_max_only_the_front_waiters_watch_the_semaphore(
+    shared_etcd: EtcdCluster, group: str
+) -> None:
+    """max=5, all held, five waiters: the first three follow the semaphore, the others the key three places
+    ahead; five releases at once still reach all of them."""
+    assert etcd_module.FRONT_WAITERS == 3
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    holders = [f"h{i}" for i in range(5)]
+    store.update(lambda sem: functools.reduce(Semaphore.lock, holders, sem.set_max(5)))
+    names = [f"w{i}" for i in range(5)]
+    waiters = {name: EtcdLockBackend(settings, first_backoff=3600) for name in names}
+    tasks = []
+    for i, name in enumerate(names):
+        tasks.append(asyncio.create_task(waiters[name].acquire(name)))
+        await until_true(lambda i=i: len(store.line_keys()) == i + 1, f"{name} in the line")
+    await until_true(lambda: all(w.waiting_on is not None for w in waiters.values()), "everyone waiting")
+    line = [store.line_key(name) for name in names]
+    assert [waiters[n].waiting_on for n in names] == [SEMAPHORE] * 3 + line[:2]
+    assert len(semaphore_watch_threads(store.key)) == 3
+
+    store.update(lambda sem: functools.reduce(Semaphore.unlock, holders, sem))
+    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
+    assert sorted(store.get()[0].holders) == names
+    assert store.line_keys() == []
     for backend in waiters.values():
         await backend.close()
     store.close()
