@@ -21,6 +21,10 @@ coordinator (locksmithd) reboots the node the same way it would for an update.
 A version that was installed and then rolled back by the bootloader (the next check finds ``previous-version``
 equal to the running version) is remembered and not installed again until the server offers another version: a
 node does not loop through download, reboot, failed boot and rollback.
+
+A payload that keeps failing is not downloaded again at every scheduled check: ``payload_state`` keeps the
+attempts at the offered response (URL, failures per URL, backoff expiry) in the prefs, and a scheduled check
+offered that same response before the expiry ends deferred (code 40, event 3/9) without downloading.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ import aiohttp
 
 from update_engine import config as ue_config
 from update_engine import omaha
+from update_engine import payload_state as attempts
 from update_engine.dbus_service import ResetNotAllowed, RollbackRefused
 from update_engine.errors import (
+    DEFERRED_CODES,
     FLAG_RESUMED,
     FLAG_TEST_OMAHA_URL,
     ErrorCode,
@@ -53,7 +59,15 @@ from update_engine.errors import (
 from update_engine.gpt import GptDisk, PartitionFlags
 from update_engine.http import HttpError, HttpLimits, download, host_of, make_session, post_omaha
 from update_engine.partitions import UsrSlot, ensure_not_running, find_boot_disk, resolve_slots
-from update_engine.prefs import Prefs
+from update_engine.prefs import (
+    BACKOFF_EXPIRY_TIME,
+    CURRENT_RESPONSE_SIGNATURE,
+    CURRENT_URL_FAILURE_COUNT,
+    CURRENT_URL_INDEX,
+    PAYLOAD_ATTEMPT_NUMBER,
+    Prefs,
+    PrefsError,
+)
 from update_engine.status import StatusSnapshot, UpdateStatus
 
 log = logging.getLogger(__name__)
@@ -235,6 +249,10 @@ class UpdateAttempter:
             if failed:
                 self.prefs.delete(PREF_FAILED_BOOT_VERSION)
                 log.info("ResetStatus: version %s, which failed to boot earlier, may be installed again", failed)
+            if self._load_payload_state().attempt_number:
+                log.info("ResetStatus: earlier attempts at the offered payload forgotten; no backoff")
+            for key in _PAYLOAD_STATE_PREFS:
+                self.prefs.delete(key)
             return
         if status is not UpdateStatus.UPDATED_NEED_REBOOT:
             raise ResetNotAllowed(f"ResetStatus is only allowed in IDLE or UPDATED_NEED_REBOOT, not {status.value}")
@@ -331,6 +349,7 @@ class UpdateAttempter:
         if self.machine.status is not UpdateStatus.CHECKING_FOR_UPDATE:  # AttemptUpdate already moved there
             self._fire(Trigger.CHECK)
         touched_target: int | None = None
+        offer: omaha.UpdateOffer | None = None
         resumed = False
         http_status: int | None = None
         settings: ue_config.UpdateSettings | None = None
@@ -351,11 +370,14 @@ class UpdateAttempter:
                     self._fire(Trigger.NO_UPDATE)
                     return CheckOutcome(UpdateStatus.IDLE, poll_interval=response.poll_interval)
                 offer = response
-                if settings.server.startswith("https:") and not offer.urls[0].startswith("https:"):
+                state = attempts.for_offer(self._load_payload_state(), offer)
+                self._store_payload_state(state)
+                url = offer.urls[state.url_index]
+                if settings.server.startswith("https:") and not url.startswith("https:"):
                     raise UpdateEngineError(
                         ErrorCode.OMAHA_RESPONSE_INVALID,
                         f"Omaha server {host_of(settings.server)} is https but offered the payload over plain http "
-                        f"({host_of(offer.urls[0])}); refusing the downgrade",
+                        f"({host_of(url)}); refusing the downgrade",
                     )
                 failed_version = self.prefs.get_str(PREF_FAILED_BOOT_VERSION)
                 if failed_version and offer.version == failed_version:
@@ -365,10 +387,19 @@ class UpdateAttempter:
                         f"back to {params.version}); not installing it again until a newer version is offered "
                         "(update_engine_client -reset_status clears this)",
                     )
+                until = attempts.deferred_until(state, offer, self._clock(), interactive=interactive)
+                if until is not None:
+                    raise UpdateEngineError(
+                        ErrorCode.OMAHA_UPDATE_DEFERRED_FOR_BACKOFF,
+                        f"the payload of {offer.version} failed {state.attempt_number} earlier attempt(s); scheduled "
+                        f"checks wait until {_utc(until)} before downloading it again (an interactive check, "
+                        "update_engine_client -check_for_update, tries now; the server can send "
+                        "DisablePayloadBackoff=\"true\")",
+                    )
                 with self._lock:
                     self.machine.new_version, self.machine.new_size = offer.version, offer.size
                 log.info("Update available: %s → %s, %d bytes, from %s", params.version, offer.version,
-                         offer.size, host_of(offer.urls[0]))
+                         offer.size, host_of(url))
                 self._fire(Trigger.UPDATE_FOUND)
 
                 with self._open_disk() as disk:
@@ -379,7 +410,7 @@ class UpdateAttempter:
                 log.info("Writing %s (running %s); %s disarmed until the payload is verified",
                          target.label, running.label, target.label)
                 await self._send_event(session, settings, params, omaha.OmahaEvent.download_started())
-                resumed = await self._download_and_apply(session, offer, target)
+                resumed = await self._download_and_apply(session, offer, url, target)
                 await self._send_event(session, settings, params, omaha.OmahaEvent.download_finished())
                 self._fire(Trigger.VERIFIED)
 
@@ -394,6 +425,9 @@ class UpdateAttempter:
                 self.prefs.set_str(PREF_INSTALLED_BOOT_ID, params.boot_id)
                 self.prefs.set_str(PREF_PREVIOUS_VERSION, params.version)
                 self.prefs.set_str(PREF_INSTALLED_VERSION, offer.version)
+                # Installed: nothing to back off from, should the same offer come again (a crash before the
+                # reboot marker, or ResetStatus).
+                self._store_payload_state(attempts.PayloadState(response_signature=state.response_signature))
                 self._pending_target, self._pending_kind = target.index, "update"
                 self._write_marker(f"update {target.label}\n")
                 await self._send_event(session, settings, params, omaha.OmahaEvent.update_complete())
@@ -403,11 +437,11 @@ class UpdateAttempter:
         except UpdateEngineError as exc:
             if isinstance(exc, HttpError):
                 http_status = exc.status
-            return await self._fail(exc.code, exc.message, settings, touched_target, resumed, http_status)
+            return await self._fail(exc.code, exc.message, settings, touched_target, resumed, http_status, offer)
         except Exception as exc:  # a bug must not kill the daemon nor leave the target armed
             log.exception("Unexpected error during the update attempt")
             return await self._fail(ErrorCode.ERROR, f"internal error: {exc!r}", settings, touched_target, resumed,
-                                    None)
+                                    None, offer)
 
     async def _update_check(
         self, session: aiohttp.ClientSession, settings: ue_config.UpdateSettings, params: omaha.OmahaRequestParams
@@ -441,7 +475,7 @@ class UpdateAttempter:
         return omaha.parse_response(raw)
 
     async def _download_and_apply(
-        self, session: aiohttp.ClientSession, offer: omaha.UpdateOffer, target: UsrSlot
+        self, session: aiohttp.ClientSession, offer: omaha.UpdateOffer, url: str, target: UsrSlot
     ) -> bool:
         key_path = self.options.public_key_path
         try:
@@ -475,7 +509,7 @@ class UpdateAttempter:
 
         def first_byte() -> None:
             self._fire(Trigger.DOWNLOAD_STARTED)
-            log.info("Downloading %d bytes from %s", offer.size, host_of(offer.urls[0]))
+            log.info("Downloading %d bytes from %s", offer.size, host_of(url))
 
         notified = 0
         notify_step = 1 << 20  # progress listeners hear at most once per MiB (chunks are a few hundred KiB)
@@ -497,7 +531,7 @@ class UpdateAttempter:
         resumes = 0
         try:
             resumes = await download(
-                session, offer.urls[0], deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
+                session, url, deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
                 on_first_byte=first_byte,
             )
             if self.machine.status is UpdateStatus.UPDATE_AVAILABLE:
@@ -509,6 +543,10 @@ class UpdateAttempter:
         except BaseException:
             sink.abort()
             raise
+        # A payload downloaded and verified is an attempt at it, whatever happens to the update from here on.
+        self._store_payload_state(
+            attempts.after_download(self._load_payload_state(), self._clock(), attempts.backoff_fuzz())
+        )
         return resumes > 0
 
     async def _run_postinstall(self, target: UsrSlot) -> None:
@@ -534,9 +572,15 @@ class UpdateAttempter:
         touched_target: int | None,
         resumed: bool,
         http_status: int | None,
+        offer: omaha.UpdateOffer | None = None,
     ) -> CheckOutcome:
-        log.error("Update attempt failed: %s (error %d %s). The running system is unchanged; the next check will "
-                  "try again.", message, code, describe(code))
+        if code in DEFERRED_CODES:
+            log.warning("Update deferred: %s (code %d %s)", message, code, describe(code))
+        else:
+            log.error("Update attempt failed: %s (error %d %s). The running system is unchanged; the next check "
+                      "will try again.", message, code, describe(code))
+        if offer is not None and code not in DEFERRED_CODES:
+            self._count_failed_attempt(offer, code)
         if self.machine.can(Trigger.FAILED):
             self._fire(Trigger.FAILED)
         if touched_target is not None:
@@ -564,6 +608,44 @@ class UpdateAttempter:
             UpdateStatus.IDLE, error_code=int(code), error_message=message, http_status=http_status,
             network_error=http_status is None and int(code) == int(ErrorCode.OMAHA_REQUEST_HTTP_RESPONSE_BASE),
         )
+
+    def _load_payload_state(self) -> attempts.PayloadState:
+        try:
+            return attempts.PayloadState(
+                response_signature=self.prefs.get_str(CURRENT_RESPONSE_SIGNATURE) or "",
+                attempt_number=self.prefs.get_int(PAYLOAD_ATTEMPT_NUMBER) or 0,
+                url_index=self.prefs.get_int(CURRENT_URL_INDEX) or 0,
+                url_failure_count=self.prefs.get_int(CURRENT_URL_FAILURE_COUNT) or 0,
+                backoff_expiry=self.prefs.get_int(BACKOFF_EXPIRY_TIME) or 0,
+            )
+        except (PrefsError, ValueError) as exc:
+            log.warning("Payload attempt prefs unreadable (%s); starting the count again", exc)
+            return attempts.PayloadState()
+
+    def _store_payload_state(self, state: attempts.PayloadState) -> None:
+        if state == self._load_payload_state():
+            return
+        self.prefs.set_str(CURRENT_RESPONSE_SIGNATURE, state.response_signature)
+        self.prefs.set_int(PAYLOAD_ATTEMPT_NUMBER, state.attempt_number)
+        self.prefs.set_int(CURRENT_URL_INDEX, state.url_index)
+        self.prefs.set_int(CURRENT_URL_FAILURE_COUNT, state.url_failure_count)
+        self.prefs.set_int(BACKOFF_EXPIRY_TIME, state.backoff_expiry)
+
+    def _count_failed_attempt(self, offer: omaha.UpdateOffer, code: int) -> None:
+        """Move to the next URL or count the failure; say when scheduled checks will try the payload again."""
+        try:
+            before = self._load_payload_state()
+            after = attempts.after_failure(before, code, offer, self._clock(), attempts.backoff_fuzz())
+            self._store_payload_state(after)
+        except PrefsError as exc:
+            log.warning("Could not record the failed attempt: %s", exc)
+            return
+        if after.url_index != before.url_index:
+            log.info("The next attempt at %s downloads from %s", offer.version, host_of(offer.urls[after.url_index]))
+        wait_until = attempts.deferred_until(after, offer, self._clock(), interactive=False)
+        if wait_until is not None:
+            log.warning("The payload of %s failed %d attempt(s); scheduled checks will not download it again "
+                        "before %s", offer.version, after.attempt_number, _utc(wait_until))
 
     async def _send_event(
         self,
@@ -633,6 +715,19 @@ class UpdateAttempter:
                 listener(snap)
             except Exception:
                 log.exception("Status listener failed")
+
+
+_PAYLOAD_STATE_PREFS = (
+    CURRENT_RESPONSE_SIGNATURE,
+    PAYLOAD_ATTEMPT_NUMBER,
+    CURRENT_URL_INDEX,
+    CURRENT_URL_FAILURE_COUNT,
+    BACKOFF_EXPIRY_TIME,
+)
+
+
+def _utc(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
 def _read_optional(path: Path) -> str | None:

@@ -76,9 +76,11 @@ class RecordedEvent:
 class DevServer:
     """The request handlers; state is the list of releases and the events received."""
 
-    def __init__(self, releases: list[Release], *, base_url: str | None = None) -> None:
+    def __init__(self, releases: list[Release], *, base_url: str | None = None, payload_backoff: bool = False) -> None:
         self.releases = releases
         self.base_url = base_url
+        # Like go-omaha's trivial server, offers say DisablePayloadBackoff="true" unless asked otherwise.
+        self.payload_backoff = payload_backoff
         self.events: list[RecordedEvent] = []
         self.checks = 0
 
@@ -132,7 +134,7 @@ class DevServer:
                  app.version, app.track, release.version, release.size)
         return omaha.PayloadOffer(
             version=release.version, codebases=(base,), package_name=release.name, size=release.size,
-            sha256_b64=release.sha256_b64, sha1_b64=release.sha1_b64, disable_payload_backoff=True,
+            sha256_b64=release.sha256_b64, sha1_b64=release.sha1_b64, disable_payload_backoff=not self.payload_backoff,
         )
 
     def _record(self, app: omaha.RequestApp, ev: omaha.RequestEvent) -> None:
@@ -180,6 +182,11 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[
     parser.add_argument("--track", action="append", default=[], help="track (group) of the preceding payload")
     parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
     parser.add_argument("--base-url", help="codebase URL for payloads (default http://<Host header>/packages/)")
+    parser.add_argument(
+        "--payload-backoff",
+        action="store_true",
+        help='leave out DisablePayloadBackoff="true", so that clients back off a payload that keeps failing',
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.payload:
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in releases:
         log.info("Release %s on track %s: %s, %d bytes, sha256 %s", r.version, r.track or "*", r.path, r.size,
                  r.sha256_b64)
-    asyncio.run(serve(DevServer(releases, base_url=args.base_url), host, port))
+    asyncio.run(serve(DevServer(releases, base_url=args.base_url, payload_backoff=args.payload_backoff), host, port))
     return 0
 
 

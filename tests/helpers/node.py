@@ -123,9 +123,11 @@ class DevServerProcess:
                 self.process.wait()
 
 
-def start_devserver(workdir: Path, releases: list[tuple[Path, str, str | None]]) -> DevServerProcess:
+def start_devserver(
+    workdir: Path, releases: list[tuple[Path, str, str | None]], *extra_args: str
+) -> DevServerProcess:
     port = free_port()
-    args = [str(VENV_BIN / "update-engine-devserver"), "--listen", f"127.0.0.1:{port}"]
+    args = [str(VENV_BIN / "update-engine-devserver"), "--listen", f"127.0.0.1:{port}", *extra_args]
     for payload, version, track in releases:
         args += ["--payload", str(payload), "--version", version]
         if track:
