@@ -443,17 +443,28 @@ async def test_waiters_queue_and_only_the_head_watches_the_semaphore(shared_etcd
         await backend.close()
 
 
-async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etcd: EtcdCluster, group: str) -> None:
-    settings = settings_for(shared_etcd, group)
-    store = EtcdSemaphoreStore(settings)
-    store.update(lambda sem: sem.set_max(2).lock("a").lock("b"))
-    names = [f"w{i}" for i in range(5)]
-    waiters = {name: EtcdLockBackend(settings, first_backoff=3600) for name in names}
+async def queue_up(
+    settings: EtcdSettings,
+    store: EtcdSemaphoreStore,
+    names: list[str],
+    make: Callable[[EtcdSettings], EtcdLockBackend] = lambda s: EtcdLockBackend(s, first_backoff=3600),
+) -> tuple[dict[str, EtcdLockBackend], list[asyncio.Task[None]]]:
+    """A waiter for each name, each started once the one before is in the line; returns when all wait."""
+    waiters = {name: make(settings) for name in names}
     tasks = []
     for i, name in enumerate(names):
         tasks.append(asyncio.create_task(waiters[name].acquire(name)))
         await until_true(lambda i=i: len(store.line_keys()) == i + 1, f"{name} in the line")
     await until_true(lambda: all(w.waiting_on is not None for w in waiters.values()), "everyone waiting")
+    return waiters, tasks
+
+
+async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etcd: EtcdCluster, group: str) -> None:
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    store.update(lambda sem: sem.set_max(2).lock("a").lock("b"))
+    names = [f"w{i}" for i in range(5)]
+    waiters, tasks = await queue_up(settings, store, names)
     line = [store.line_key(name) for name in names]
     # Each one behind the first two waits for the key two places ahead of it.
     assert [waiters[n].waiting_on for n in names] == [SEMAPHORE, SEMAPHORE, line[0], line[1], line[2]]
@@ -486,12 +497,7 @@ async def test_with_a_large_max_only_the_front_waiters_watch_the_semaphore(
     holders = [f"h{i}" for i in range(5)]
     store.update(lambda sem: functools.reduce(Semaphore.lock, holders, sem.set_max(5)))
     names = [f"w{i}" for i in range(5)]
-    waiters = {name: EtcdLockBackend(settings, first_backoff=3600) for name in names}
-    tasks = []
-    for i, name in enumerate(names):
-        tasks.append(asyncio.create_task(waiters[name].acquire(name)))
-        await until_true(lambda i=i: len(store.line_keys()) == i + 1, f"{name} in the line")
-    await until_true(lambda: all(w.waiting_on is not None for w in waiters.values()), "everyone waiting")
+    waiters, tasks = await queue_up(settings, store, names)
     line = [store.line_key(name) for name in names]
     assert [waiters[n].waiting_on for n in names] == [SEMAPHORE] * 3 + line[:2]
     assert len(semaphore_watch_threads(store.key)) == 3
@@ -544,11 +550,8 @@ async def test_waiters_entitled_to_slots_freed_together_all_get_one(shared_etcd:
     store = EtcdSemaphoreStore(settings)
     store.update(lambda sem: sem.set_max(3).lock("a").lock("b").lock("c"))
     names = ["w0", "w1", "w2"]
-    waiters = {name: patient_waiter(settings) for name in names}
-    tasks = []
-    for name in names:
-        tasks.append(asyncio.create_task(waiters[name].acquire(name)))
-        await until_true(lambda name=name: waiters[name].waiting_on == SEMAPHORE, f"{name} waiting")
+    waiters, tasks = await queue_up(settings, store, names, patient_waiter)
+    assert all(w.waiting_on == SEMAPHORE for w in waiters.values())
 
     store.update(lambda sem: sem.unlock("a").unlock("b").unlock("c"))
     await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
