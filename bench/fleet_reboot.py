@@ -54,9 +54,9 @@ from locksmithd.backends.etcd import (
     Backoff,
     EtcdLockBackend,
     EtcdSemaphoreStore,
-    EtcdSettings,
     EtcdTransientError,
 )
+from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, SemaphoreError
 from tests.helpers.etcd_cluster import EtcdCluster
 

@@ -54,7 +54,8 @@ from aiohttp import web
 from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from locksmithd.backends.etcd import EtcdSemaphoreStore, EtcdSettings, KeyChange, KeyWatch
+from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange, KeyWatch
+from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import SEMAPHORE_KEY, Semaphore, SemaphoreError
 from tests.helpers.dbus import PrivateBus, start_private_bus
 from tests.helpers.disks import make_usr_disk

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
+from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
 from locksmithd.window import RebootWindow, WindowError, parse_go_duration, parse_reboot_window
 from update_engine.config import ConfigError, load_update_conf, read_machine_id
 

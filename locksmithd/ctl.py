@@ -24,7 +24,8 @@ from dbus_fast.aio import MessageBus
 
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd import DEFAULT_ENDPOINTS, EtcdSemaphoreStore, EtcdSettings, parse_endpoints
+from locksmithd.backends.etcd import EtcdSemaphoreStore
+from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
 from locksmithd.semaphore import Semaphore, SemaphoreError
 from update_engine import logs
 from update_engine.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus

@@ -36,8 +36,6 @@ from dbus_fast.aio import MessageBus
 
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd import EtcdLockBackend
-from locksmithd.backends.fleetlock import FleetLockBackend
 from locksmithd.config import STRING_FLAGS, DaemonSettings, SettingsError, Strategy, load_settings
 from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
 from locksmithd.login1 import (
@@ -115,13 +113,19 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProtocol:
-    """The strategy object for the settings; LockBackendError when its backend cannot be set up."""
+    """The strategy object for the settings; LockBackendError when its backend cannot be set up.
+
+    Each backend's client is imported only for the strategies that use it (the etcd client alone is ~20 MiB
+    of an idle daemon).
+    """
     backoff = settings.backoff
     if settings.strategy is Strategy.OFF:
         return OffStrategy()
     if settings.strategy is Strategy.REBOOT:
         return RebootStrategy()
     if settings.strategy is Strategy.FLEET_LOCK:
+        from locksmithd.backends.fleetlock import FleetLockBackend
+
         assert settings.fleetlock_url is not None  # checked by the settings
         fleet = FleetLockBackend(
             settings.fleetlock_url,
@@ -131,6 +135,8 @@ def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProt
             sleep=clock.sleep,
         )
         return FleetLockStrategy(fleet, settings.machine_id, backoff, clock)
+    from locksmithd.backends.etcd import EtcdLockBackend
+
     etcd = EtcdLockBackend(settings.etcd, first_backoff=backoff.initial, max_backoff=backoff.maximum)
     if settings.strategy is Strategy.ETCD_LOCK:
         return EtcdLockStrategy(etcd, settings.machine_id, backoff, clock)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from locksmithd.backends.etcd import EtcdLockBackend, EtcdSettings, EtcdTransientError
+from locksmithd.backends.etcd import EtcdLockBackend, EtcdTransientError
+from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, key_for_group
 from tests.faults.figures import record
 from tests.helpers.etcd import EtcdCluster, start_cluster

@@ -26,11 +26,11 @@ from locksmithd.backends.etcd import (
     SEMAPHORE,
     EtcdLockBackend,
     EtcdSemaphoreStore,
-    EtcdSettings,
     EtcdTransientError,
     _b64,
     go_duration,
 )
+from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, key_for_group
 from tests.conftest import require_tool
 from tests.helpers.etcd import EtcdCluster, ServerTls, etcd_cluster3, etcd_single, free_port, start_cluster
@@ -73,38 +73,7 @@ def watch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("etcd-watch")]
 
 
-# -- settings ------------------------------------------------------------------------------------------------
-
-
-def test_settings_accept_comma_separated_endpoints() -> None:
-    s = EtcdSettings(endpoints=" http://a:1 ,https://b:2,, ")  # type: ignore[arg-type]
-    assert s.endpoints == ("http://a:1", "https://b:2")
-    assert EtcdSettings().endpoints == ("http://127.0.0.1:2379",)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "problem"),
-    [
-        ({"endpoints": ("ftp://127.0.0.1:2379",)}, "must start with http:// or https://"),
-        ({"endpoints": ("http://127.0.0.1:2379/v2",)}, "no path"),
-        ({"endpoints": ("http://:2379",)}, "has no host"),
-        ({"endpoints": ("http://127.0.0.1:99999",)}, "not a valid URL"),
-        ({"endpoints": ()}, "no etcd endpoint"),
-        ({"cert_file": "/etc/hostname"}, "cert file given without a key file"),
-        ({"key_file": "/etc/hostname"}, "key file given without a cert file"),
-        ({"ca_file": "/nonexistent/ca.pem"}, "cannot read etcd CA file /nonexistent/ca.pem"),
-        ({"password": "secret"}, "password given without a user name"),
-    ],
-)
-def test_settings_validation_names_the_problem(kwargs: dict[str, object], problem: str) -> None:
-    with pytest.raises(LockBackendError, match=problem.replace("(", r"\(")):
-        EtcdSettings(**kwargs).validate()  # type: ignore[arg-type]
-
-
-def test_empty_strings_mean_not_given() -> None:
-    s = EtcdSettings(ca_file="", cert_file="", key_file="", username="", password="")
-    s.validate()
-    assert (s.ca_file, s.cert_file, s.username) == (None, None, None)
+# -- durations -----------------------------------------------------------------------------------------------
 
 
 def test_backoff_log_durations_read_like_locksmith() -> None:

@@ -16,7 +16,8 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from locksmithd import __version__, ctl
-from locksmithd.backends.etcd import EtcdSemaphoreStore, EtcdSettings
+from locksmithd.backends.etcd import EtcdSemaphoreStore
+from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import key_for_group
 from tests.helpers.dbus import PrivateBus, private_bus
 from tests.helpers.etcd import EtcdCluster, free_port, start_cluster
