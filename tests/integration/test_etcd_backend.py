@@ -428,6 +428,18 @@ async def queue_up(
     return waiters, tasks
 
 
+async def all_served(
+    store: EtcdSemaphoreStore, waiters: dict[str, EtcdLockBackend], tasks: list[asyncio.Task[None]]
+) -> None:
+    """Every queued waiter gets a slot and holds it, the line is empty; then everything is closed."""
+    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
+    assert sorted(store.get()[0].holders) == sorted(waiters)
+    assert store.line_keys() == []
+    for backend in waiters.values():
+        await backend.close()
+    store.close()
+
+
 async def test_with_max_two_the_first_two_waiters_watch_the_semaphore(shared_etcd: EtcdCluster, group: str) -> None:
     settings = settings_for(shared_etcd, group)
     store = EtcdSemaphoreStore(settings)
@@ -472,12 +484,7 @@ async def test_with_a_large_max_only_the_front_waiters_watch_the_semaphore(
     assert len(semaphore_watch_threads(store.key)) == 3
 
     store.update(lambda sem: functools.reduce(Semaphore.unlock, holders, sem))
-    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
-    assert sorted(store.get()[0].holders) == names
-    assert store.line_keys() == []
-    for backend in waiters.values():
-        await backend.close()
-    store.close()
+    await all_served(store, waiters, tasks)
 
 
 def patient_waiter(settings: EtcdSettings) -> EtcdLockBackend:
@@ -523,12 +530,7 @@ async def test_waiters_entitled_to_slots_freed_together_all_get_one(shared_etcd:
     assert all(w.waiting_on == SEMAPHORE for w in waiters.values())
 
     store.update(lambda sem: sem.unlock("a").unlock("b").unlock("c"))
-    await asyncio.wait_for(asyncio.gather(*tasks), SETTLE)
-    assert sorted(store.get()[0].holders) == names
-    assert store.line_keys() == []
-    for backend in waiters.values():
-        await backend.close()
-    store.close()
+    await all_served(store, waiters, tasks)
 
 
 async def test_a_dead_waiter_does_not_block_the_one_behind_it(shared_etcd: EtcdCluster, group: str) -> None:
