@@ -54,6 +54,7 @@ from aiohttp import web
 from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import INTERFACE, StatusSnapshot, UpdateStatus
 from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange, KeyWatch
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import SEMAPHORE_KEY, Semaphore, SemaphoreError
@@ -69,7 +70,6 @@ from update_engine.errors import FLAG_DEV_MODE, FLAG_RESUMED, FLAG_TEST_IMAGE, F
 from update_engine.errors import describe as describe_code
 from update_engine.omaha import EventResult, EventType
 from update_engine.payload.generate import generate_full_payload, make_key_pair
-from update_engine.status import INTERFACE, StatusSnapshot, UpdateStatus
 
 log = logging.getLogger("demo.fleet")
 

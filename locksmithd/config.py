@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from coreos_common.goduration import DurationError, parse_go_duration
+from coreos_common.identity import IdentityError, read_machine_id
+from coreos_common.updateconf import load_update_conf
+from coreos_common.window import RebootWindow, WindowError, parse_reboot_window
 from locksmithd.backends import LockBackendError
 from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
-from locksmithd.window import RebootWindow, WindowError, parse_go_duration, parse_reboot_window
-from update_engine.config import ConfigError, load_update_conf, read_machine_id
 
 ENV_PREFIX = "LOCKSMITHD_"
 DEFAULT_FLEETLOCK_GROUP = "default"
@@ -173,7 +175,7 @@ def _duration(sources: _Sources, flag: str, default: timedelta, *, allow_zero: b
         return default
     try:
         value = parse_go_duration(found.value.strip())
-    except WindowError as exc:
+    except DurationError as exc:
         raise SettingsError(f"{found.source}: {exc}") from None
     if value < timedelta(0):
         raise SettingsError(f"{found.source}: {found.value!r} must not be negative")
@@ -317,7 +319,7 @@ def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
         return settings
     try:
         machine_id = read_machine_id(root).lower()
-    except ConfigError as exc:
+    except IdentityError as exc:
         raise SettingsError(f"Cannot read machine-id: {exc.message}") from None
     if settings.uses_etcd:
         try:

@@ -22,13 +22,13 @@ from pathlib import Path
 from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 
+from coreos_common import logs
+from coreos_common.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
 from locksmithd.backends.etcd import EtcdSemaphoreStore
 from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
 from locksmithd.semaphore import Semaphore, SemaphoreError
-from update_engine import logs
-from update_engine.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 
 PROGRAM = "locksmithctl"
 ENV_PREFIX = "LOCKSMITHCTL_"

@@ -34,6 +34,8 @@ import sdnotify
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
+from coreos_common import logs
+from coreos_common.status import StatusSnapshot
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
 from locksmithd.config import STRING_FLAGS, DaemonSettings, SettingsError, Strategy, load_settings
@@ -55,8 +57,6 @@ from locksmithd.strategies.fleet_lock import FleetLockStrategy
 from locksmithd.strategies.off import EXIT_MESSAGE, OffStrategy
 from locksmithd.strategies.reboot import RebootStrategy
 from locksmithd.updateengine import UpdateEngineWatcher, is_idle, is_need_reboot
-from update_engine import logs
-from update_engine.status import StatusSnapshot
 
 log = logging.getLogger("locksmithd")
 

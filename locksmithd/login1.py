@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from locksmithd.window import format_go_duration
+from coreos_common.goduration import format_go_duration
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ async def reboot_until_accepted(
             log.error(
                 "logind refused to reboot: %s. Retrying in %s.",
                 exc,
-                format_go_duration(timedelta(seconds=delay)),
+                format_go_duration(delay),
             )
             await sleep(delay)
             delay = min(delay * 2, backoff_max)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from update_engine.status import (
+from coreos_common.status import (
     BUS_NAME,
     INTERFACE,
     OBJECT_PATH,

@@ -44,6 +44,9 @@ from pathlib import Path
 
 import aiohttp
 
+from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
+from coreos_common.status import StatusSnapshot, UpdateStatus
+from coreos_common.updateconf import load_update_conf
 from update_engine import config as ue_config
 from update_engine import omaha
 from update_engine import payload_state as attempts
@@ -68,7 +71,6 @@ from update_engine.prefs import (
     Prefs,
     PrefsError,
 )
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +322,7 @@ class UpdateAttempter:
 
     def load_settings(self) -> ue_config.UpdateSettings:
         """Re-read update.conf (at every check, so GROUP/SERVER changes apply without a restart)."""
-        merged = ue_config.load_update_conf(self.options.config_root)
+        merged = load_update_conf(self.options.config_root)
         settings = ue_config.settings_from_config(merged)
         if self.options.server:
             settings = replace(settings, server=self.options.server)
@@ -665,11 +667,15 @@ class UpdateAttempter:
 
     def _request_params(self, settings: ue_config.UpdateSettings, *, interactive: bool) -> omaha.OmahaRequestParams:
         root = self.options.config_root
+        try:
+            machine_id, boot_id = read_machine_id(root), read_boot_id(root)
+        except IdentityError as exc:
+            raise ue_config.ConfigError(exc.message) from exc
         return omaha.OmahaRequestParams.from_settings(
             settings,
             ue_config.load_oem_release(root),
-            machine_id=ue_config.read_machine_id(root),
-            boot_id=ue_config.read_boot_id(root),
+            machine_id=machine_id,
+            boot_id=boot_id,
             aleph_version=self.prefs.get_str(PREF_ALEPH_VERSION) or "",
             arch=self.options.arch,
             interactive=interactive,

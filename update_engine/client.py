@@ -32,7 +32,7 @@ from typing import TextIO
 from dbus_fast import AuthError, BusType, InvalidAddressError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 
 PROG = "update_engine_client"
 CALL_TIMEOUT_SECONDS = 25.0

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from update_engine import logs
+from coreos_common import logs
 from update_engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
 from update_engine.http import HttpLimits
 

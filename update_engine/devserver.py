@@ -20,7 +20,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from update_engine import logs, omaha
+from coreos_common import logs
+from update_engine import omaha
 from update_engine.errors import describe
 
 log = logging.getLogger("update-engine-devserver")

@@ -19,10 +19,10 @@ import sdnotify
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
 from update_engine.scheduler import CheckScheduler, ScheduleConfig
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 log = logging.getLogger("update_engine")
 

@@ -68,6 +68,7 @@ from typing import Any
 import requests  # type: ignore[import-untyped, unused-ignore]
 from etcd3gw.client import Etcd3Client
 
+from coreos_common.goduration import format_go_duration
 from locksmithd.backends import LockBackendError
 from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoint
 from locksmithd.semaphore import Semaphore, SemaphoreError, SemaphoreFullError
@@ -807,20 +808,6 @@ class KeyWatch:
 # asyncio backend
 
 
-def go_duration(seconds: float) -> str:
-    """Seconds as Go prints a Duration (``10s``, ``1m20s``, ``5m0s``, ``250ms``), as locksmith logs them."""
-    if seconds < 1:
-        return f"{seconds * 1000:.4g}ms"
-    whole_minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(int(whole_minutes), 60)
-    sec_text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{sec_text}"
-    if minutes:
-        return f"{minutes}m{sec_text}"
-    return sec_text
-
-
 @dataclass
 class Backoff:
     """locksmith's retry interval: starts at ``first`` (10 s), doubles, capped at ``cap`` (5 min)."""
@@ -1056,7 +1043,7 @@ class EtcdLockBackend:
 
     async def _sleep_backoff(self, backoff: Backoff, reason: str) -> None:
         delay = backoff.next()
-        log.warning("Failed to acquire lock: %s. Retrying in %s.", reason, go_duration(delay))
+        log.warning("Failed to acquire lock: %s. Retrying in %s.", reason, format_go_duration(delay))
         await asyncio.sleep(delay)
 
     async def acquire(self, machine_id: str) -> None:

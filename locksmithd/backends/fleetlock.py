@@ -20,12 +20,11 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import aiohttp
 
+from coreos_common.goduration import format_go_duration
 from locksmithd.backends import LockBackendError
-from locksmithd.window import format_go_duration
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ class FleetLockBackend:
             log.info(
                 "lock-manager pre-reboot failure: server-side error, %s. Retrying in %s.",
                 refusal,
-                format_go_duration(timedelta(seconds=delay)),
+                format_go_duration(delay),
             )
             await self._sleep(delay)
             delay = min(delay * 2, self.backoff_max)

@@ -28,7 +28,8 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from locksmithd.window import RebootWindow, format_go_duration
+from coreos_common.goduration import format_go_duration
+from coreos_common.window import RebootWindow
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def show_time(moment: datetime) -> str:
 
 
 def show_delay(seconds: float) -> str:
-    return format_go_duration(timedelta(seconds=seconds))
+    return format_go_duration(seconds)
 
 
 async def sleep_until(clock: Clock, when: datetime) -> None:

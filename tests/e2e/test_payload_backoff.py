@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from coreos_common.status import UpdateStatus
 from tests.e2e.test_once import Keys, Release, build_release, event_pairs, keys, other_keys
 from tests.helpers.disks import cgpt_flags, make_usr_disk
 from tests.helpers.node import DevServerProcess, NodeRoot, make_node_root, start_devserver
 from update_engine.attempter import EngineOptions, UpdateAttempter
 from update_engine.errors import FLAG_TEST_OMAHA_URL, ErrorCode
 from update_engine.prefs import BACKOFF_EXPIRY_TIME, PAYLOAD_ATTEMPT_NUMBER
-from update_engine.status import UpdateStatus
 
 __all__ = ["keys", "other_keys"]  # fixtures used by name below
 

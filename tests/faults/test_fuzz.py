@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from locksmithd import window
+from coreos_common import goduration, identity, updateconf, window
 from tests.faults.figures import record
 from tests.faults.support import KIB, Keys, MemoryDisk, Release, build_release
 from tests.helpers.disks import USR_B_INDEX, make_usr_disk
@@ -491,7 +491,7 @@ conf_line = st.one_of(
 @FUZZ
 @given(
     files=st.dictionaries(
-        st.sampled_from(config.UPDATE_CONF_FILES[:4]),
+        st.sampled_from(updateconf.UPDATE_CONF_FILES[:4]),
         st.one_of(st.lists(conf_line, max_size=10).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")),
                   st.binary(max_size=300)),
         max_size=4,
@@ -506,7 +506,7 @@ def test_update_conf_loader_on_hostile_files(tmp_path_factory: pytest.TempPathFa
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     with no_hang():
-        merged = config.load_update_conf(root, reported=set())
+        merged = updateconf.load_update_conf(root, reported=set())
         settings_ = config.settings_from_config(merged)
     assert isinstance(settings_.server, str) and isinstance(settings_.group, str)
     for issue in merged.issues:
@@ -520,8 +520,8 @@ def test_identity_files(tmp_path_factory: pytest.TempPathFactory, content: bytes
     root = tmp_path_factory.mktemp("id")
     (root / "etc").mkdir()
     (root / "etc/machine-id").write_bytes(content)
-    with no_hang(), contextlib.suppress(config.ConfigError):
-        value = config.read_machine_id(root)
+    with no_hang(), contextlib.suppress(identity.IdentityError):
+        value = identity.read_machine_id(root)
         assert len(value) == 32
 
 
@@ -576,7 +576,7 @@ def test_reboot_window_parsing_and_evaluation(start: str, length: str, zone: str
 @given(st.text(max_size=30))
 def test_go_duration_parser(text: str) -> None:
     Count.one("Go duration")
-    with no_hang(), contextlib.suppress(window.WindowError):
-        parsed = window.parse_go_duration(text)
-        assert window.parse_go_duration(window.format_go_duration(parsed)) == parsed
+    with no_hang(), contextlib.suppress(goduration.DurationError):
+        parsed = goduration.parse_go_duration(text)
+        assert goduration.parse_go_duration(goduration.format_go_duration(parsed)) == parsed
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from coreos_common.status import UpdateStatus
 from tests.faults.figures import record
 from tests.faults.support import (
     FRESH_USR_A,
@@ -50,7 +51,6 @@ from tests.helpers.node import VENV_BIN
 from update_engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
 from update_engine.http import HttpLimits
-from update_engine.status import UpdateStatus
 
 pytestmark = pytest.mark.faults
 

@@ -17,7 +17,7 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
-from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 
 _REPO = Path(__file__).resolve().parents[2]
 UNIT_POLICY = _REPO / "units" / "com.coreos.update1.conf"

@@ -18,13 +18,13 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH
 from tests.e2e.test_once import Keys, Release, build_release
 from tests.helpers.dbus import PrivateBus, start_private_bus
 from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
 from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, make_node_root, start_devserver
 from tests.helpers.systemd import start_systemd_standin
 from update_engine.payload.generate import make_key_pair
-from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH
 
 POLICY = Path(__file__).resolve().parents[2] / "units" / "com.coreos.update1.conf"
 USR_A, USR_B = 3, 4

@@ -24,6 +24,7 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 from tests.conftest import require_tool
 from tests.helpers.dbus import PrivateBus, start_private_bus
 from update_engine.dbus_service import (
@@ -34,7 +35,6 @@ from update_engine.dbus_service import (
     connect_bus,
     serve,
 )
-from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 
 pytestmark = [
     pytest.mark.integration,
@@ -434,7 +434,7 @@ async def test_a_second_instance_on_the_same_bus_fails_clearly(harness: Harness)
 SERVE_AS_CALLER = """
 import asyncio, sys
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
-from update_engine.status import StatusSnapshot
+from coreos_common.status import StatusSnapshot
 
 class Idle:
     def snapshot(self): return StatusSnapshot()

@@ -199,7 +199,7 @@ def test_every_module_imports_with_debian_python_and_libraries(package: Built) -
     script = """
 import importlib, json, pkgutil
 result = {"failed": {}, "files": {}}
-for top in ("update_engine", "locksmithd"):
+for top in ("coreos_common", "update_engine", "locksmithd"):
     pkg = importlib.import_module(top)
     result["files"][top] = pkg.__file__
     for info in pkgutil.walk_packages(pkg.__path__, top + "."):

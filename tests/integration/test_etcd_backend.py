@@ -28,7 +28,6 @@ from locksmithd.backends.etcd import (
     EtcdSemaphoreStore,
     EtcdTransientError,
     _b64,
-    go_duration,
 )
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, key_for_group
@@ -71,14 +70,6 @@ def values_of(cluster: EtcdCluster, key: str) -> list[Semaphore]:
 
 def watch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("etcd-watch")]
-
-
-# -- durations -----------------------------------------------------------------------------------------------
-
-
-def test_backoff_log_durations_read_like_locksmith() -> None:
-    durations = [go_duration(x) for x in (10, 20, 40, 80, 160, 300)]
-    assert durations == ["10s", "20s", "40s", "1m20s", "2m40s", "5m0s"]
 
 
 # -- store ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import INTERFACE, OBJECT_PATH
 from locksmithd import __version__, ctl
 from locksmithd.backends.etcd import EtcdSemaphoreStore
 from locksmithd.backends.etcd_settings import EtcdSettings
@@ -22,7 +23,6 @@ from locksmithd.semaphore import key_for_group
 from tests.helpers.dbus import PrivateBus, private_bus
 from tests.helpers.etcd import EtcdCluster, free_port, start_cluster
 from tests.helpers.login1 import Login1StandIn, login1, start_login1
-from update_engine.status import INTERFACE, OBJECT_PATH
 
 pytestmark = pytest.mark.integration
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
 from tests.conftest import require_tool
 from tests.helpers.dbus import PrivateBus, start_private_bus
@@ -34,7 +35,6 @@ from tests.helpers.update_engine_standin import (
     policy_files,
     status_of,
 )
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from coreos_common import updateconf
 from locksmithd import config as locksmithd_config
 from locksmithd.coordinator import COORDINATOR_DIR
 from tests.conftest import require_tool
@@ -181,7 +182,7 @@ def test_locksmithd_environment_files_let_etc_win_as_update_engine_does() -> Non
     """systemd lets the last EnvironmentFile= win; update-engine's lookup lets the first file win."""
     files = [f.removeprefix("-") for f in service("locksmithd.service").values("Service", "EnvironmentFile")]
     assert all(f.startswith("/") for f in files)
-    update_conf_first_wins = ["/" + p for p in ue_config.UPDATE_CONF_FILES if p.endswith("update.conf")]
+    update_conf_first_wins = ["/" + p for p in updateconf.UPDATE_CONF_FILES if p.endswith("update.conf")]
     assert list(reversed(files)) == update_conf_first_wins
     assert files[-1].startswith("/etc/")
 
@@ -231,9 +232,9 @@ def test_sample_update_conf_lists_every_key() -> None:
 
 def test_sample_update_conf_defaults_are_the_programs_defaults() -> None:
     """Uncommenting every line of the sample must change nothing: the values shown are the real defaults."""
-    parsed = ue_config.parse_key_values("\n".join(sample_lines()), "update.conf.sample")
+    parsed = updateconf.parse_key_values("\n".join(sample_lines()), "update.conf.sample")
     assert parsed.issues == []
-    merged = ue_config.merge_first_wins([parsed])
+    merged = updateconf.merge_first_wins([parsed])
     assert ue_config.settings_from_config(merged) == ue_config.UpdateSettings()
     defaults = locksmithd_config.resolve_settings({}, {}, {})
     assert locksmithd_config.resolve_settings({}, {}, parsed.values) == defaults

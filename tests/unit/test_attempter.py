@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from tests.conftest import require_tool
 from tests.helpers.disks import cgpt_flags, make_usr_disk
 from tests.helpers.node import NodeRoot, free_port, make_node_root
@@ -27,7 +28,6 @@ from update_engine.dbus_service import ResetNotAllowed, RollbackRefused
 from update_engine.errors import ErrorCode
 from update_engine.http import HttpLimits
 from update_engine.payload.apply import remove_partial_kernels
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 S = UpdateStatus
 T = Trigger

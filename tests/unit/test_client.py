@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from update_engine.client import (
     Action,
     ClientOptions,
@@ -18,7 +19,6 @@ from update_engine.client import (
     main,
     parse_args,
 )
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 S = UpdateStatus
 

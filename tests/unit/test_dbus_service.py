@@ -10,6 +10,7 @@ import pytest
 from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from update_engine.dbus_service import (
     ERROR_RESET_NOT_ALLOWED,
     ManagerInterface,
@@ -17,7 +18,6 @@ from update_engine.dbus_service import (
     StatusEmitter,
     status_body,
 )
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 DOWNLOADING = UpdateStatus.DOWNLOADING.value
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from update_engine import logs
+from coreos_common import logs
 
 
 @pytest.fixture

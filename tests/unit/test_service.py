@@ -16,6 +16,7 @@ import pytest
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.status import StatusSnapshot, UpdateStatus
 from tests.conftest import require_tool
 from tests.helpers.dbus import PrivateBus, start_private_bus
 from tests.helpers.disks import cgpt_flags, make_usr_disk
@@ -34,7 +35,6 @@ from update_engine.service import (
     systemd_unit_state,
     wait_for_healthy_boot,
 )
-from update_engine.status import StatusSnapshot, UpdateStatus
 
 USR_A = 3
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it

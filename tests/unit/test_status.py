@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from update_engine.status import (
+from coreos_common.status import (
     BUS_NAME,
     INTERFACE,
     OBJECT_PATH,

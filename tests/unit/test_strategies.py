@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from coreos_common.window import RebootWindow, parse_reboot_window
 from locksmithd.backends import LockBackendError
 from locksmithd.config import BackoffPolicy
 from locksmithd.strategies import clear_to_reboot
 from locksmithd.strategies.best_effort import BestEffortStrategy
 from locksmithd.strategies.etcd_lock import EtcdLockStrategy
 from locksmithd.strategies.reboot import RebootStrategy
-from locksmithd.window import RebootWindow, parse_reboot_window
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 BACKOFF = BackoffPolicy(10.0, 300.0)

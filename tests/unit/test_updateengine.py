@@ -17,6 +17,7 @@ from dbus_fast import BusType, DBusError, Message, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
 
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 from locksmithd.updateengine import (
     UpdateEngineUnavailable,
     UpdateEngineWatcher,
@@ -31,7 +32,6 @@ from tests.helpers.update_engine_standin import (
     policy_files,
     status_of,
 )
-from update_engine.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
 IDLE = status_of(UpdateStatus.IDLE)

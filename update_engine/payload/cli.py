@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from update_engine import logs
+from coreos_common import logs
 from update_engine.errors import ErrorCode, UpdateEngineError
 from update_engine.payload.apply import VerifiedPayload, verify_payload_file
 from update_engine.payload.format import (

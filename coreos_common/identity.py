@@ -1,0 +1,52 @@
+"""The node's identities: the machine id (who holds a reboot lock, who asks Omaha) and this boot's id.
+
+Rules: every path is relative to a ``root`` so tests and the demo can use a temporary tree; a file that is
+missing, unreadable or does not hold the expected form raises ``IdentityError`` naming the file and the
+problem, never returns a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+MACHINE_ID_FILE = "etc/machine-id"
+BOOT_ID_FILE = "proc/sys/kernel/random/boot_id"
+
+_MACHINE_ID_RE = re.compile(r"[0-9a-fA-F]{32}")
+_BOOT_ID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+class IdentityError(Exception):
+    """An identity file cannot be read or does not hold an identity; the message names the file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _read_identity_file(path: Path, what: str, form: re.Pattern[str], expected: str) -> str:
+    """The stripped text of ``path`` if it matches ``form``; IdentityError naming ``path`` otherwise."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(4097)
+    except OSError as exc:
+        raise IdentityError(f"cannot read the {what} from {path}: {exc.strerror or exc}") from exc
+    try:
+        value = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise IdentityError(f"{path} does not hold a {what}: it is not ASCII text") from exc
+    if not form.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + "…"
+        raise IdentityError(f"{path} does not hold a {what}: {shown!r} is not {expected}")
+    return value
+
+
+def read_machine_id(root: Path = Path("/")) -> str:
+    """The machine id (32 hex digits, see machine-id(5)), sent without braces as ``machineid``."""
+    return _read_identity_file(root / MACHINE_ID_FILE, "machine id", _MACHINE_ID_RE, "32 hexadecimal digits")
+
+
+def read_boot_id(root: Path = Path("/")) -> str:
+    """This boot's id (a UUID from the kernel), sent in braces as ``bootid``."""
+    return _read_identity_file(root / BOOT_ID_FILE, "boot id", _BOOT_ID_RE, "a UUID")
