@@ -13,3 +13,16 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; .ci/run installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # type: ignore[no-untyped-def]
+    """One private PostgreSQL server for the whole run (each test makes its own database)."""
+    from tests.helpers.postgres import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -1,0 +1,110 @@
+"""Schema migrations, applied at start-up: a numbered list of steps and a ``schema_version`` table.
+
+Why not Alembic: the schema is small, every step is SQLAlchemy Core DDL or data that runs unchanged on SQLite
+and PostgreSQL, and the server must migrate itself at start-up with no tool or configuration file beside it.
+Each step runs in its own transaction (DDL is transactional on both databases) together with the version
+bump, so a failed step leaves the previous version intact.  Two servers starting together on one PostgreSQL
+serialise on an advisory lock; on SQLite the write transaction (``BEGIN IMMEDIATE``) does the same.
+
+Rules: a step is never edited once released; a new step goes at the end.  Step 1 creates the tables of
+``schema.py`` as they were when it was written: a later step that changes a table must give step 1 a frozen
+copy of that table's old definition.  A database newer than this server (a version above the last step) is
+refused rather than used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from coreupdate import COREOS_APP_ID, DEFAULT_CHANNELS
+from coreupdate.storage import schema
+
+log = logging.getLogger(__name__)
+
+schema_version = sa.Table(
+    "schema_version",
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+# Any 64-bit number that names "coreupdate migrations" among the advisory locks of the database.
+_PG_ADVISORY_LOCK_ID = 0x636F726575706474
+
+# The stock groups' policy (Nebraska's migration 0006): every instance, as fast as it asks, 1 h timeout.
+STOCK_UPDATE_COUNT = 999_999
+STOCK_UPDATE_INTERVAL_S = 60
+STOCK_UPDATE_TIMEOUT_S = 3600
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer server."""
+
+
+def _step_1_initial(conn: Connection) -> None:
+    schema.metadata.create_all(conn)
+    now = time.time()
+    conn.execute(
+        sa.insert(schema.applications).values(
+            id=COREOS_APP_ID, label="CoreOS", description="Container Linux / Flatcar", created_at=now
+        )
+    )
+    for channel in DEFAULT_CHANNELS:
+        conn.execute(sa.insert(schema.channels).values(app_id=COREOS_APP_ID, name=channel, version=None,
+                                                       updated_at=now))
+        conn.execute(
+            sa.insert(schema.groups).values(
+                id=str(uuid.uuid4()), app_id=COREOS_APP_ID, name=channel, description="", channel=channel,
+                updates_paused=False, pause_reason="", update_count=STOCK_UPDATE_COUNT,
+                update_interval_s=STOCK_UPDATE_INTERVAL_S, update_timeout_s=STOCK_UPDATE_TIMEOUT_S,
+                safe_mode=False, office_hours="", timezone="UTC", created_at=now, updated_at=now,
+            )
+        )
+    conn.execute(sa.insert(schema.meta).values(key="catalog_version", value=1))
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "tables, the CoreOS application, channels and groups stable/beta/alpha", _step_1_initial),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def _lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_ADVISORY_LOCK_ID})
+
+
+def current_version(conn: Connection) -> int:
+    if not sa.inspect(conn).has_table("schema_version"):
+        return 0
+    value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(value or 0)
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the database to the latest version; returns the number of steps applied."""
+    applied = 0
+    while True:
+        with engine.begin() as conn:
+            _lock(conn)
+            version = current_version(conn)
+            if version > LATEST:
+                raise SchemaTooNew(
+                    f"the database has schema version {version}, newer than this server's {LATEST}: "
+                    "run a newer coreupdate or restore a backup"
+                )
+            if version == LATEST:
+                return applied
+            if version == 0:
+                schema_version.create(conn)
+            number, description, step = next(m for m in MIGRATIONS if m[0] == version + 1)
+            step(conn)
+            conn.execute(sa.delete(schema_version))
+            conn.execute(sa.insert(schema_version).values(version=number))
+            log.info("Database schema migrated to version %d: %s", number, description)
+            applied += 1

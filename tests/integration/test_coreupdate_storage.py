@@ -1,0 +1,215 @@
+"""coreupdate's storage on SQLite and on a real PostgreSQL server: migrations, catalog, grants under
+concurrency, statuses from events, automatic pause, retention and tokens."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from coreupdate import COREOS_APP_ID
+from coreupdate.instance_status import ReportedEvent
+from coreupdate.model import Group, GroupPolicy, InstanceStatus, Package
+from coreupdate.policy import Grant, Refusal, Refuse
+from coreupdate.storage import engine as db_engine
+from coreupdate.storage.store import CheckIn, Conflict, EventRecord, InstanceFilter, NotFound, Store, token_matches
+
+SHA256 = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+SHA1 = "2jmj7l5rSw0yVb/vlWAYkK/YBwk="
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_780_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return db_engine.sqlite_url(tmp_path)
+    server = request.getfixturevalue("postgres_server")
+    return str(server.create_database("t" + uuid.uuid4().hex[:12]))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(database_url: str, clock: FakeClock) -> Iterator[Store]:
+    engine = db_engine.create(database_url)
+    s = Store(engine, clock=clock)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        engine.dispose()
+
+
+def add_release(store: Store, version: str = "2.0.0", channel: str = "stable") -> None:
+    store.add_package(Package(COREOS_APP_ID, version, 1000, SHA256, SHA1, "update.gz"))
+    store.set_channel(COREOS_APP_ID, channel, version)
+
+
+def make_group(store: Store, **policy: Any) -> Group:
+    return store.create_group(Group("", COREOS_APP_ID, "canary", "stable", GroupPolicy(**policy)))
+
+
+def checkin(clock: FakeClock, machine: str, group: Group, version: str = "1.0.0") -> CheckIn:
+    return CheckIn(COREOS_APP_ID, machine, version, group.name, group.id, clock.now)
+
+
+def test_migrations_create_the_defaults_once(store: Store) -> None:
+    assert store.migrate() == 0
+    catalog = store.load_catalog()
+    assert set(catalog.apps) == {COREOS_APP_ID}
+    assert {name for (_app, name) in catalog.channels} == {"stable", "beta", "alpha"}
+    stable = catalog.group_for_track(COREOS_APP_ID, "stable")
+    assert stable is not None and stable.channel == "stable"
+    assert catalog.group_for_track(COREOS_APP_ID, stable.id) == stable
+    assert catalog.package_for(stable) is None
+
+
+def test_catalog_changes_bump_the_version_and_refuse_contradictions(store: Store) -> None:
+    before = store.catalog_version()
+    add_release(store)
+    assert store.catalog_version() > before
+    with pytest.raises(Conflict, match="already has a package"):
+        store.add_package(Package(COREOS_APP_ID, "2.0.0", 1, SHA256, SHA1, "update.gz"))
+    with pytest.raises(NotFound, match="no package 9.9.9"):
+        store.set_channel(COREOS_APP_ID, "stable", "9.9.9")
+    with pytest.raises(Conflict, match="is on channel"):
+        store.delete_package(COREOS_APP_ID, "2.0.0")
+    with pytest.raises(Conflict, match="followed by group"):
+        store.delete_channel(COREOS_APP_ID, "stable")
+    group = make_group(store, update_count=3)
+    with pytest.raises(Conflict, match="already has a group named canary"):
+        make_group(store)
+    paused = store.update_group(COREOS_APP_ID, "canary", lambda g: replace(
+        g, pause_reason="change freeze", policy=replace(g.policy, updates_paused=True)))
+    assert paused.policy.updates_paused and paused.pause_reason == "change freeze"
+    kinds = [a["kind"] for a in store.list_activity(COREOS_APP_ID)]
+    assert kinds[:2] == ["group-paused", "channel-updated"]
+    assert store.load_catalog().groups[group.id].policy.updates_paused
+
+
+def test_grants_follow_the_period_and_in_progress_limits(store: Store, clock: FakeClock) -> None:
+    add_release(store)
+    group = make_group(store, update_count=2, update_interval=timedelta(minutes=10))
+    outcomes = [store.try_grant(checkin(clock, f"m{i}", group), group.id).decision for i in range(3)]
+    assert outcomes[0] == Grant("2.0.0", first_of_rollout=True) and outcomes[1] == Grant("2.0.0")
+    assert isinstance(outcomes[2], Refuse) and outcomes[2].reason == Refusal.PERIOD_LIMIT
+    assert store.get_instance(COREOS_APP_ID, "m2")["status"] == "OnHold"
+    # The same instance asking again gets its grant again; it does not count twice.
+    assert store.try_grant(checkin(clock, "m0", group), group.id).decision == Grant("2.0.0", regrant=True)
+    clock.now += 601
+    refused = store.try_grant(checkin(clock, "m2", group), group.id).decision
+    assert isinstance(refused, Refuse) and refused.reason == Refusal.IN_PROGRESS_LIMIT
+    # m0 comes back on the new version: Complete, and m2 may go.
+    store.record([checkin(clock, "m0", group, "2.0.0")], [])
+    assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Complete"
+    assert isinstance(store.try_grant(checkin(clock, "m2", group), group.id).decision, Grant)
+    assert store.rollout(group.id, "2.0.0") == {"version": "2.0.0", "started_at": clock.now - 601, "granted": 3,
+                                                 "failed": 0, "completed": 1}
+    assert [a["kind"] for a in store.list_activity(group_id=group.id)] == ["rollout-started"]
+
+
+def test_events_move_statuses_and_failures_pause_the_rollout(store: Store, clock: FakeClock) -> None:
+    add_release(store)
+    group = make_group(store, failure_pause_count=2)
+    for i in range(3):
+        assert isinstance(store.try_grant(checkin(clock, f"m{i}", group), group.id).decision, Grant)
+
+    def report(machine: str, *evs: ReportedEvent) -> Any:
+        return store.record([], [EventRecord(COREOS_APP_ID, machine, group.id, "1.0.0", e, clock.now) for e in evs])
+
+    report("m0", ReportedEvent(13, 1), ReportedEvent(14, 1))
+    assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Downloaded"
+    report("m0", ReportedEvent(3, 1))
+    assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Installed"
+    outcome = report("m1", ReportedEvent(3, 0, 10))
+    assert outcome.paused_groups == ()
+    assert store.get_instance(COREOS_APP_ID, "m1")["error_code"] == 10
+    outcome = report("m2", ReportedEvent(3, 0, 44))
+    assert outcome.paused_groups == (group.id,)
+    assert store.get_instance(COREOS_APP_ID, "m2")["status"] == "RolledBack"
+    paused = store.get_group(COREOS_APP_ID, group.id)
+    assert paused.policy.updates_paused
+    assert paused.pause_reason == "2 instance(s) failed version 2.0.0, at or over the threshold of 2"
+    assert store.list_activity(group_id=group.id)[0]["kind"] == "rollout-paused"
+    assert [e["status"] for e in store.instance_events(COREOS_APP_ID, "m0")] == ["Installed", "Downloaded",
+                                                                                 "Downloading"]
+    counts = {(c["version"], c["status"]): c["instances"] for c in store.version_counts(COREOS_APP_ID, group.id)}
+    assert counts == {("1.0.0", "Installed"): 1, ("1.0.0", "Error"): 1, ("1.0.0", "RolledBack"): 1}
+
+
+def test_concurrent_check_ins_never_exceed_the_period_count(database_url: str, clock: FakeClock) -> None:
+    """240 check-ins at once from 24 threads and two engines (as two server processes would): exactly 7 grants."""
+    engines = [db_engine.create(database_url) for _ in range(2)]
+    try:
+        stores = [Store(e, clock=clock) for e in engines]
+        stores[0].migrate()
+        add_release(stores[0])
+        group = make_group(stores[0], update_count=7, update_interval=timedelta(hours=1))
+        start = threading.Barrier(24)
+
+        def check(i: int) -> bool:
+            if i < 24:
+                start.wait(timeout=30)
+            decision = stores[i % 2].try_grant(checkin(clock, f"machine-{i:03d}", group), group.id).decision
+            return isinstance(decision, Grant)
+
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            granted = sum(pool.map(check, range(240)))
+        assert granted == 7
+        page = stores[1].list_instances(COREOS_APP_ID, InstanceFilter(status=InstanceStatus.UPDATE_GRANTED))
+        assert page.total == 7
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_history_snapshots_retention_and_instance_listing(store: Store, clock: FakeClock) -> None:
+    group = make_group(store)
+    store.record([checkin(clock, f"m{i}", group, "1.0.0" if i % 3 else "2.0.0") for i in range(9)],
+                 [EventRecord(COREOS_APP_ID, "m1", group.id, "1.0.0", ReportedEvent(3, 0, 9), clock.now)])
+    assert store.snapshot_versions() == 2
+    hour = clock.now - clock.now % 3600
+    timeline = store.version_timeline(group.id, hour - 1, hour + 1)
+    assert timeline == [{"at": hour, "version": "1.0.0", "instances": 6}, {"at": hour, "version": "2.0.0",
+                                                                           "instances": 3}]
+    page = store.list_instances(COREOS_APP_ID, InstanceFilter(group_id=group.id, version="2.0.0", limit=2))
+    assert page.total == 3 and [i["machine_id"] for i in page.instances] == ["m0", "m3"]
+    clock.now += 10 * 86400
+    store.record([checkin(clock, "m0", group)], [])
+    pruned = store.prune(events_older_than=86400, history_older_than=5 * 86400, instances_older_than=7 * 86400)
+    assert pruned == {"events": 1, "activity": 0, "version_snapshots": 2, "instances": 8}
+    assert store.list_instances(COREOS_APP_ID, InstanceFilter()).total == 1
+
+
+def test_tokens_are_stored_hashed_and_can_be_revoked(store: Store, database_url: str) -> None:
+    token = store.create_token("ci")
+    assert token.startswith("cu_") and len(token) > 40
+    hashes = store.load_catalog().token_hashes
+    assert token_matches(token, hashes) and not token_matches(token + "x", hashes)
+    engine = db_engine.create(database_url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT token_sha256 FROM api_tokens")).scalars().all()
+    engine.dispose()
+    assert token not in stored
+    assert store.revoke_token("ci") == 1
+    assert not token_matches(token, store.load_catalog().token_hashes)
+    with pytest.raises(NotFound):
+        store.revoke_token("ci")
