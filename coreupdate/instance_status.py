@@ -19,21 +19,11 @@ from dataclasses import dataclass
 
 from coreupdate.model import IN_FLIGHT_STATUSES, InstanceStatus
 from update_engine.errors import FLAG_DEV_MODE, FLAG_RESUMED, FLAG_TEST_IMAGE, FLAG_TEST_OMAHA_URL, ErrorCode
-from update_engine.omaha import INITIAL_PREVIOUS_VERSION, EventResult, EventType
+from update_engine.omaha import INITIAL_PREVIOUS_VERSION, EventResult, EventType, RequestEvent
 
 _FLAGS = FLAG_DEV_MODE | FLAG_RESUMED | FLAG_TEST_IMAGE | FLAG_TEST_OMAHA_URL
 # Nebraska's "installed" event type for some clients.
 NEBRASKA_INSTALLED_EVENT_TYPE = 800
-
-
-@dataclass(frozen=True)
-class ReportedEvent:
-    """One ``<event>`` as the server received it."""
-
-    type: int
-    result: int
-    error_code: int | None = None
-    previous_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +39,7 @@ def base_error_code(code: int) -> int:
     return (code & 0xFFFFFFFF) & ~_FLAGS
 
 
-def is_routine(event: ReportedEvent) -> bool:
+def is_routine(event: RequestEvent) -> bool:
     """The 3/2 event every update check carries with an empty previous version: nothing to record."""
     return (
         event.type == EventType.UPDATE_COMPLETE
@@ -58,7 +48,7 @@ def is_routine(event: ReportedEvent) -> bool:
     )
 
 
-def status_after_event(event: ReportedEvent) -> StatusChange | None:
+def status_after_event(event: RequestEvent) -> StatusChange | None:
     """The status ``event`` moves an instance to, or None when it does not move it."""
     if event.result == EventResult.SUCCESS:
         if event.type == EventType.UPDATE_DOWNLOAD_STARTED:

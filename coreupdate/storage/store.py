@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from coreupdate import policy
 from coreupdate.catalog import Catalog
-from coreupdate.instance_status import ReportedEvent, status_after_event
+from coreupdate.instance_status import status_after_event
 from coreupdate.model import (
     FAILED_STATUSES,
     IN_FLIGHT_STATUSES,
@@ -56,6 +56,7 @@ from coreupdate.storage.schema import (
     rollouts,
     version_snapshots,
 )
+from update_engine.omaha import RequestEvent
 
 Clock = Callable[[], float]
 HOUR = 3600.0
@@ -93,7 +94,7 @@ class EventRecord:
     machine_id: str
     group_id: str | None
     version: str
-    event: ReportedEvent
+    event: RequestEvent
     at: float
 
 

@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from coreupdate import COREOS_APP_ID
-from coreupdate.instance_status import ReportedEvent
 from coreupdate.model import Group, GroupPolicy, InstanceStatus, Package
 from coreupdate.policy import Grant, Refusal, Refuse
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage.store import CheckIn, Conflict, EventRecord, InstanceFilter, NotFound, Store, token_matches
+from update_engine.omaha import RequestEvent
 
 SHA256 = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 SHA1 = "2jmj7l5rSw0yVb/vlWAYkK/YBwk="
@@ -88,7 +88,7 @@ def test_catalog_changes_bump_the_version_and_refuse_contradictions(store: Store
     assert store.catalog_version() > before
     with pytest.raises(Conflict, match="already has a package"):
         store.add_package(Package(COREOS_APP_ID, "2.0.0", 1, SHA256, SHA1, "update.gz"))
-    with pytest.raises(NotFound, match="no package 9.9.9"):
+    with pytest.raises(NotFound, match=r"no package 9\.9\.9"):
         store.set_channel(COREOS_APP_ID, "stable", "9.9.9")
     with pytest.raises(Conflict, match="is on channel"):
         store.delete_package(COREOS_APP_ID, "2.0.0")
@@ -132,17 +132,17 @@ def test_events_move_statuses_and_failures_pause_the_rollout(store: Store, clock
     for i in range(3):
         assert isinstance(store.try_grant(checkin(clock, f"m{i}", group), group.id).decision, Grant)
 
-    def report(machine: str, *evs: ReportedEvent) -> Any:
+    def report(machine: str, *evs: RequestEvent) -> Any:
         return store.record([], [EventRecord(COREOS_APP_ID, machine, group.id, "1.0.0", e, clock.now) for e in evs])
 
-    report("m0", ReportedEvent(13, 1), ReportedEvent(14, 1))
+    report("m0", RequestEvent(13, 1), RequestEvent(14, 1))
     assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Downloaded"
-    report("m0", ReportedEvent(3, 1))
+    report("m0", RequestEvent(3, 1))
     assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Installed"
-    outcome = report("m1", ReportedEvent(3, 0, 10))
+    outcome = report("m1", RequestEvent(3, 0, 10))
     assert outcome.paused_groups == ()
     assert store.get_instance(COREOS_APP_ID, "m1")["error_code"] == 10
-    outcome = report("m2", ReportedEvent(3, 0, 44))
+    outcome = report("m2", RequestEvent(3, 0, 44))
     assert outcome.paused_groups == (group.id,)
     assert store.get_instance(COREOS_APP_ID, "m2")["status"] == "RolledBack"
     paused = store.get_group(COREOS_APP_ID, group.id)
@@ -184,7 +184,7 @@ def test_concurrent_check_ins_never_exceed_the_period_count(database_url: str, c
 def test_history_snapshots_retention_and_instance_listing(store: Store, clock: FakeClock) -> None:
     group = make_group(store)
     store.record([checkin(clock, f"m{i}", group, "1.0.0" if i % 3 else "2.0.0") for i in range(9)],
-                 [EventRecord(COREOS_APP_ID, "m1", group.id, "1.0.0", ReportedEvent(3, 0, 9), clock.now)])
+                 [EventRecord(COREOS_APP_ID, "m1", group.id, "1.0.0", RequestEvent(3, 0, 9), clock.now)])
     assert store.snapshot_versions() == 2
     hour = clock.now - clock.now % 3600
     timeline = store.version_timeline(group.id, hour - 1, hour + 1)

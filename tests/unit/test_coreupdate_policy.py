@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from coreupdate.instance_status import ReportedEvent, status_after_checkin, status_after_event
+from coreupdate.instance_status import status_after_checkin, status_after_event
 from coreupdate.model import GroupPolicy, InstanceStatus
 from coreupdate.office_hours import parse_office_hours
 from coreupdate.policy import (
@@ -18,13 +18,16 @@ from coreupdate.policy import (
     decide_grant,
     failure_pause_reason,
 )
+from update_engine.omaha import RequestEvent
 
 NOW = datetime(2026, 3, 4, 10, 0, tzinfo=UTC)  # a Wednesday
 OLD = InstanceView(version="1.0.0")
+DEFAULT_POLICY = GroupPolicy()
+NO_COUNTS = RolloutCounters()
 
 
-def decide(policy: GroupPolicy = GroupPolicy(), *, target: str | None = "2.0.0", instance: InstanceView = OLD,
-           counters: RolloutCounters = RolloutCounters(), now: datetime = NOW) -> Grant | Refuse:
+def decide(policy: GroupPolicy = DEFAULT_POLICY, *, target: str | None = "2.0.0", instance: InstanceView = OLD,
+           counters: RolloutCounters = NO_COUNTS, now: datetime = NOW) -> Grant | Refuse:
     hours = parse_office_hours(policy.office_hours, policy.timezone)
     return decide_grant(policy, target_version=target, instance=instance, counters=counters, now=now,
                         office_hours=hours)
@@ -97,17 +100,17 @@ def test_office_hours_are_windows_in_the_group_time_zone() -> None:
 @pytest.mark.parametrize(
     ("event", "status"),
     [
-        (ReportedEvent(13, 1), InstanceStatus.DOWNLOADING),
-        (ReportedEvent(14, 1), InstanceStatus.DOWNLOADED),
-        (ReportedEvent(3, 1), InstanceStatus.INSTALLED),
-        (ReportedEvent(800, 1), InstanceStatus.INSTALLED),
-        (ReportedEvent(3, 2, previous_version="1.0.0"), InstanceStatus.COMPLETE),
-        (ReportedEvent(3, 0, 44), InstanceStatus.ROLLED_BACK),
-        (ReportedEvent(3, 0, 44 | (1 << 28)), InstanceStatus.ROLLED_BACK),
-        (ReportedEvent(3, 0, 10 | (1 << 30)), InstanceStatus.ERROR),
+        (RequestEvent(13, 1), InstanceStatus.DOWNLOADING),
+        (RequestEvent(14, 1), InstanceStatus.DOWNLOADED),
+        (RequestEvent(3, 1), InstanceStatus.INSTALLED),
+        (RequestEvent(800, 1), InstanceStatus.INSTALLED),
+        (RequestEvent(3, 2, previous_version="1.0.0"), InstanceStatus.COMPLETE),
+        (RequestEvent(3, 0, 44), InstanceStatus.ROLLED_BACK),
+        (RequestEvent(3, 0, 44 | (1 << 28)), InstanceStatus.ROLLED_BACK),
+        (RequestEvent(3, 0, 10 | (1 << 30)), InstanceStatus.ERROR),
     ],
 )
-def test_events_move_the_status(event: ReportedEvent, status: InstanceStatus) -> None:
+def test_events_move_the_status(event: RequestEvent, status: InstanceStatus) -> None:
     change = status_after_event(event)
     assert change is not None and change.status == status
     if status == InstanceStatus.ERROR:
@@ -115,9 +118,9 @@ def test_events_move_the_status(event: ReportedEvent, status: InstanceStatus) ->
 
 
 def test_routine_and_deferred_events_do_not_move_the_status() -> None:
-    assert status_after_event(ReportedEvent(3, 2, previous_version="")) is None
-    assert status_after_event(ReportedEvent(3, 2, previous_version="0.0.0.0")) is None
-    assert status_after_event(ReportedEvent(3, 9, 40)) is None
+    assert status_after_event(RequestEvent(3, 2, previous_version="")) is None
+    assert status_after_event(RequestEvent(3, 2, previous_version="0.0.0.0")) is None
+    assert status_after_event(RequestEvent(3, 9, 40)) is None
 
 
 def test_a_check_in_from_the_granted_version_completes_the_update() -> None:
