@@ -258,15 +258,19 @@ class UpdateAttempter:
             return
         if status is not UpdateStatus.UPDATED_NEED_REBOOT:
             raise ResetNotAllowed(f"ResetStatus is only allowed in IDLE or UPDATED_NEED_REBOOT, not {status.value}")
-        with self._open_disk() as disk:
-            running, target = self._slots(disk)
-            if self._pending_kind == "rollback":
-                disk.mark_good(running.index)
-                log.info("ResetStatus: rollback cancelled, %s stays the next boot", running.label)
-            else:
-                disk.disarm(target.index)
-                log.info("ResetStatus: update abandoned, %s disarmed (priority 0), %s stays the next boot",
-                         target.label, running.label)
+        try:
+            with self._open_disk() as disk:
+                running, target = self._slots(disk)
+                if self._pending_kind == "rollback":
+                    disk.mark_good(running.index)
+                    log.info("ResetStatus: rollback cancelled, %s stays the next boot", running.label)
+                else:
+                    disk.disarm(target.index)
+                    log.info("ResetStatus: update abandoned, %s disarmed (priority 0), %s stays the next boot",
+                             target.label, running.label)
+        except UpdateEngineError as exc:
+            log.error("ResetStatus: cannot undo what was armed: %s", exc)
+            raise ResetNotAllowed(f"cannot undo what was armed for the next boot: {exc}") from exc
         with contextlib.suppress(FileNotFoundError):
             self.options.reboot_marker.unlink()
         self.prefs.set_str(PREF_PREVIOUS_VERSION, "")
@@ -277,15 +281,18 @@ class UpdateAttempter:
         """Arm the other USR partition for the next boot if it holds a known-good system."""
         if self.machine.status is not UpdateStatus.IDLE:
             raise RollbackRefused(f"rollback is only possible while idle, status is {self.machine.status.value}")
-        with self._open_disk() as disk:
-            running, other = self._slots(disk)
-            flags = disk.flags(other.index)
-            if not flags.successful:
-                raise RollbackRefused(
-                    f"{other.label} has never booted successfully (successful=0, priority={flags.priority}, "
-                    f"tries={flags.tries}); it may hold a partial or failed update, refusing to roll back to it"
-                )
-            disk.mark_good(other.index)
+        try:
+            with self._open_disk() as disk:
+                running, other = self._slots(disk)
+                flags = disk.flags(other.index)
+                if not flags.successful:
+                    raise RollbackRefused(
+                        f"{other.label} has never booted successfully (successful=0, priority={flags.priority}, "
+                        f"tries={flags.tries}); it may hold a partial or failed update, refusing to roll back to it"
+                    )
+                disk.mark_good(other.index)
+        except UpdateEngineError as exc:
+            raise RollbackRefused(str(exc)) from exc
         self._pending_target, self._pending_kind = other.index, "rollback"
         self._write_marker(f"rollback {other.label}\n")
         self._fire(Trigger.ROLLBACK_ARMED)
@@ -417,6 +424,15 @@ class UpdateAttempter:
                 self._fire(Trigger.VERIFIED)
 
                 with self._open_disk() as disk:
+                    # The table is read (and validated) again: arm only the partition that was written.
+                    now = disk.byte_range(target.index), disk.entry(target.index).name
+                    if now != ((target.offset, target.size), target.label):
+                        raise UpdateEngineError(
+                            ErrorCode.INSTALL_DEVICE_OPEN_ERROR,
+                            f"partition {target.index} of {disk.name} changed while the payload was written "
+                            f"(was {target.label} at byte {target.offset}, {target.size} bytes; now {now[1]!r} at "
+                            f"byte {now[0][0]}, {now[0][1]} bytes); not arming it",
+                        )
                     disk.arm_for_next_boot(target.index)
                     flags = disk.flags(target.index)
                 log.info("%s armed for the next boot: priority=%d tries=%d successful=%d", target.label,

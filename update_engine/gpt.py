@@ -8,7 +8,17 @@ copies of the table with fresh CRCs (backup first, then primary) so that an inte
 one valid copy behind.
 
 The module has a pure part (header/entry parsing and serialising, the flag bit layout, cgpt's ``prioritize``
-renumbering) and one I/O shell, :class:`GptDisk`, which does all its disk access through a :class:`BlockIO`.
+renumbering, table validation) and one I/O shell, :class:`GptDisk`, which does all its disk access through a
+:class:`BlockIO`.
+
+Rules of the table.  CRCs only prove that a copy was written whole; they say nothing about whether its numbers make
+sense.  A table is used only if :func:`table_problems` finds nothing wrong with it, as cgpt requires before it
+touches a disk: every used entry has first <= last LBA, lies inside [FirstUsableLBA, LastUsableLBA], overlaps no
+other used entry and has its own unique GUID; the usable area, the protective MBR, both headers and both entry
+arrays lie on the disk and overlap none of each other.  Python integers do not wrap, so an LBA near 2^64 is just an
+LBA beyond the disk.  :class:`GptDisk` checks this at every read, before every write, and on the copy it would
+write; a table that fails is refused whole (:class:`GptTableInvalid`), never repaired or worked around, because the
+kernel and the bootloader do not check overlaps and may be reading the very numbers that are wrong.
 """
 
 from __future__ import annotations
@@ -81,6 +91,30 @@ class GptError(UpdateEngineError):
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.SET_BOOTABLE_FLAG_ERROR) -> None:
         super().__init__(code, message)
+
+
+# At most this many problems are spelled out in one error message; the rest are counted.
+_PROBLEMS_SHOWN = 4
+
+
+class GptTableInvalid(GptError):
+    """The table reads (its CRCs match) but describes an impossible layout, so nothing may be written by it.
+
+    The Omaha code is INSTALL_DEVICE_OPEN_ERROR, what the original reports when it cannot determine the install
+    device: the table is the only source of where the passive partition is, and it cannot be trusted.
+    """
+
+    def __init__(self, disk: str, problems: Sequence[TableProblem]) -> None:
+        self.disk = disk
+        self.problems = tuple(problems)
+        shown = "; ".join(str(p) for p in self.problems[:_PROBLEMS_SHOWN])
+        if len(self.problems) > _PROBLEMS_SHOWN:
+            shown += f"; and {len(self.problems) - _PROBLEMS_SHOWN} more"
+        super().__init__(
+            f"the partition table of {disk} is invalid, refusing to use it: {shown}; the table was left as it "
+            f"is (inspect it with 'sgdisk -v {disk}' or 'cgpt show {disk}' and correct it)",
+            ErrorCode.INSTALL_DEVICE_OPEN_ERROR,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,6 +464,182 @@ def serialize_copy(header: GptHeader, entries: Sequence[GptEntry]) -> tuple[byte
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Table validation (pure)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LbaRange:
+    """Sectors ``first``..``last`` (inclusive) and what occupies them, as a message names it."""
+
+    what: str
+    first: int
+    last: int
+
+    def overlaps(self, other: LbaRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __str__(self) -> str:
+        where = f"LBA {self.first}" if self.first == self.last else f"LBA {self.first}..{self.last}"
+        return f"{self.what} at {where}"
+
+
+@dataclass(frozen=True)
+class TableProblem:
+    """One reason a table must not be used.  ``indexes`` are the partitions at fault (none: the headers are)."""
+
+    message: str
+    indexes: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _entry_label(entry: GptEntry) -> str:
+    return f"partition {entry.index} ({entry.name or 'unnamed'})"
+
+
+def _entry_range(entry: GptEntry) -> LbaRange:
+    return LbaRange(_entry_label(entry), entry.first_lba, entry.last_lba)
+
+
+def table_regions(primary: GptHeader, backup: GptHeader, sector_size: int) -> tuple[LbaRange, ...]:
+    """The sectors the table itself occupies: protective MBR, both headers, both entry arrays."""
+    regions = [LbaRange("the protective MBR", 0, 0)]
+    for which, header in (("primary", primary), ("backup", backup)):
+        sectors = max(header.entries_sectors(sector_size), 1)
+        regions.append(LbaRange(f"the {which} GPT header", header.my_lba, header.my_lba))
+        regions.append(
+            LbaRange(
+                f"the {which} entry array",
+                header.partition_entry_lba,
+                header.partition_entry_lba + sectors - 1,
+            )
+        )
+    return tuple(sorted(regions, key=lambda region: (region.first, region.last)))
+
+
+def _layout_problems(
+    primary: GptHeader, backup: GptHeader, *, disk_sectors: int, sector_size: int
+) -> list[TableProblem]:
+    problems: list[TableProblem] = []
+    last_sector = disk_sectors - 1
+    regions = table_regions(primary, backup, sector_size)
+    for region in regions:
+        if region.last > last_sector:
+            problems.append(TableProblem(f"{region} lies beyond the last sector of the disk ({last_sector})"))
+    for i, region in enumerate(regions):
+        for other in regions[i + 1 :]:
+            if region.overlaps(other):
+                problems.append(TableProblem(f"{region} overlaps {other}"))
+    if (primary.first_usable_lba, primary.last_usable_lba) != (backup.first_usable_lba, backup.last_usable_lba):
+        problems.append(
+            TableProblem(
+                f"the primary and backup headers disagree on the usable area (LBA {primary.first_usable_lba}.."
+                f"{primary.last_usable_lba} and {backup.first_usable_lba}..{backup.last_usable_lba})"
+            )
+        )
+    usable = LbaRange("the usable area", primary.first_usable_lba, primary.last_usable_lba)
+    if usable.first > usable.last + 1:
+        problems.append(TableProblem(f"the usable area starts at LBA {usable.first}, after its end {usable.last}"))
+    elif usable.first <= usable.last:
+        if usable.last > last_sector:
+            problems.append(TableProblem(f"{usable} ends beyond the last sector of the disk ({last_sector})"))
+        for region in regions:
+            if usable.overlaps(region):
+                problems.append(TableProblem(f"{usable} overlaps {region}"))
+    return problems
+
+
+def entry_problems(
+    entries: Sequence[GptEntry],
+    *,
+    first_usable: int,
+    last_usable: int,
+    regions: Sequence[LbaRange] = (),
+    disk_sectors: int | None = None,
+) -> list[TableProblem]:
+    """What is wrong with the used entries, as cgpt's entry check sees it (plus which table structure an entry
+    outside the usable area runs into, for the message).
+
+    Overlaps are found by one sweep in start order, so a table of thousands of entries costs n log n, and every
+    entry that overlaps another is named at least once.
+    """
+    problems: list[TableProblem] = []
+    used = [e for e in entries if e.used]
+    ordered: list[GptEntry] = []
+    for entry in used:
+        span = _entry_range(entry)
+        if entry.last_lba < entry.first_lba:
+            problems.append(
+                TableProblem(
+                    f"{_entry_label(entry)} ends at LBA {entry.last_lba}, before its first LBA "
+                    f"{entry.first_lba}",
+                    (entry.index,),
+                )
+            )
+            continue
+        ordered.append(entry)
+        if entry.first_lba < first_usable or entry.last_lba > last_usable:
+            hits = [str(region) for region in regions if span.overlaps(region)]
+            if disk_sectors is not None and entry.last_lba >= disk_sectors:
+                hits.append(f"the end of the disk (LBA {disk_sectors - 1})")
+            problems.append(
+                TableProblem(
+                    f"{span} lies outside the usable area (LBA {first_usable}..{last_usable})"
+                    + (f" and runs into {' and '.join(hits)}" if hits else ""),
+                    (entry.index,),
+                )
+            )
+    ordered.sort(key=lambda e: (e.first_lba, e.last_lba, e.index))
+    reach: GptEntry | None = None  # of the entries so far, the one that ends last
+    for entry in ordered:
+        if reach is not None and entry.first_lba <= reach.last_lba:
+            problems.append(
+                TableProblem(
+                    f"{_entry_range(entry)} overlaps {_entry_range(reach)}",
+                    tuple(sorted((reach.index, entry.index))),
+                )
+            )
+        if reach is None or entry.last_lba > reach.last_lba:
+            reach = entry
+    by_guid: dict[uuid.UUID, GptEntry] = {}
+    for entry in used:
+        twin = by_guid.setdefault(entry.unique_guid, entry)
+        if twin is not entry:
+            problems.append(
+                TableProblem(
+                    f"{_entry_label(entry)} has the unique GUID {entry.unique_guid} of {_entry_label(twin)}",
+                    (twin.index, entry.index),
+                )
+            )
+    return problems
+
+
+def table_problems(
+    primary: GptHeader,
+    backup: GptHeader,
+    entries: Sequence[GptEntry],
+    *,
+    disk_sectors: int,
+    sector_size: int,
+) -> list[TableProblem]:
+    """Everything wrong with a table that would be written as these two headers and these entries; empty when it
+    can be used.  Positions come from the headers (MyLBA, PartitionEntryLBA), the size of the disk from the
+    caller: nothing here trusts a number the disk gave without comparing it with the others.
+    """
+    problems = _layout_problems(primary, backup, disk_sectors=disk_sectors, sector_size=sector_size)
+    problems += entry_problems(
+        entries,
+        first_usable=primary.first_usable_lba,
+        last_usable=primary.last_usable_lba,
+        regions=table_regions(primary, backup, sector_size),
+        disk_sectors=disk_sectors,
+    )
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
 # I/O shell
 # ----------------------------------------------------------------------------------------------------------
 
@@ -540,6 +750,63 @@ class GptSnapshot:
             and [e.raw for e in self.primary.entries] == [e.raw for e in self.backup.entries]
         )
 
+    def copies_to_write(self) -> tuple[GptHeader, GptHeader]:
+        """The (primary, backup) headers a write puts on the disk: shared fields from the copy in use, positions
+        from each copy.
+
+        A copy being rebuilt keeps its entry-array position if its header was sound (only its entries were
+        bad), else gets the standard one: LBA 2 for the primary, just before the header for the backup.
+        """
+        source = self.header
+        ss = self.sector_size
+        sectors = source.entries_sectors(ss)
+
+        def entry_lba(copy: CopyState, standard: int) -> int:
+            header = copy.header
+            if header is not None and header.entries_sectors(ss) == sectors:
+                return header.partition_entry_lba
+            return standard
+
+        if self.source == "primary":
+            backup_lba = source.alternate_lba
+            backup = dataclasses.replace(
+                source,
+                my_lba=backup_lba,
+                alternate_lba=source.my_lba,
+                partition_entry_lba=entry_lba(self.backup, backup_lba - sectors),
+            )
+            return source, backup
+        primary = dataclasses.replace(
+            source,
+            my_lba=1,
+            alternate_lba=source.my_lba,
+            partition_entry_lba=entry_lba(self.primary, 2),
+        )
+        return primary, dataclasses.replace(source, alternate_lba=1)
+
+    def problems(self) -> list[TableProblem]:
+        """What is wrong with the table as it would be written, and with the entries of the other copy when
+        that copy reads but lists different entries (the kernel may be using it)."""
+        primary, backup = self.copies_to_write()
+        other = self.backup if self.source == "primary" else self.primary
+        if other.entries is None or [e.raw for e in other.entries] == [e.raw for e in self.entries]:
+            return table_problems(
+                primary, backup, self.entries, disk_sectors=self.disk_sectors, sector_size=self.sector_size
+            )
+        problems = _layout_problems(primary, backup, disk_sectors=self.disk_sectors, sector_size=self.sector_size)
+        regions = table_regions(primary, backup, self.sector_size)
+        for copy in (self.primary, self.backup):
+            assert copy.entries is not None  # the copy in use, or `other`, which has entries here
+            for problem in entry_problems(
+                copy.entries,
+                first_usable=primary.first_usable_lba,
+                last_usable=primary.last_usable_lba,
+                regions=regions,
+                disk_sectors=self.disk_sectors,
+            ):
+                problems.append(dataclasses.replace(problem, message=f"in the {copy.which} copy, {problem}"))
+        return problems
+
 
 @dataclass(frozen=True)
 class Prioritize:
@@ -562,8 +829,11 @@ class GptDisk:
     """The GPT of one whole disk or image file, with the boot-flag edits update-engine needs.
 
     Reads take both copies; a bad copy (header CRC, entries CRC, MyLBA, impossible geometry) is reported with
-    a WARNING and the other one is used; two bad copies raise :class:`GptError`.  Query methods answer from
-    the table read by :meth:`open`/:meth:`refresh` or the last write; every write re-reads the disk first.
+    a WARNING and the other one is used; two bad copies raise :class:`GptError`.  A table that reads but fails
+    :func:`table_problems` (entries overlapping each other or the table, outside the usable area, reversed...)
+    raises :class:`GptTableInvalid` at every read and before every write, so no flag is ever changed on it and
+    no partition range is ever taken from it.  Query methods answer from the table read by
+    :meth:`open`/:meth:`refresh` or the last write; every write re-reads the disk first.
 
     Writing (:meth:`update_flags`) rewrites both entry arrays and both headers with fresh CRCs, in this order:
     backup entries, backup header, fsync, primary entries, primary header, fsync.  No other byte changes.  If
@@ -684,6 +954,9 @@ class GptDisk:
         snapshot = GptSnapshot(
             sector_size, disk_sectors, primary, backup, used.which, used.header, used.entries
         )
+        problems = snapshot.problems()
+        if problems:
+            raise GptTableInvalid(self.name, problems)
         if primary.problem is None and backup.problem is None and not snapshot.clean:
             log.warning(
                 "GPT %s: primary and backup copies list different entries; using the primary", self.name
@@ -724,7 +997,14 @@ class GptDisk:
         """(USR-A, USR-B), found by partition name."""
         found: list[GptEntry] = []
         for label in (USR_A_LABEL, USR_B_LABEL):
-            entry = self.find_by_name(label)
+            named = [e for e in self.entries if e.name == label]
+            if len(named) > 1:
+                raise GptError(
+                    f"disk {self.name} has {len(named)} partitions named {label} "
+                    f"({', '.join(str(e.index) for e in named)}); refusing to guess which one is meant",
+                    ErrorCode.INSTALL_DEVICE_OPEN_ERROR,
+                )
+            entry = named[0] if named else None
             if entry is None:
                 names = ", ".join(f"{e.index}:{e.name or '(unnamed)'}" for e in self.entries) or "none"
                 raise GptError(
@@ -748,10 +1028,15 @@ class GptDisk:
         return self.entry(index).flags
 
     def byte_range(self, index: int) -> tuple[int, int]:
-        """(offset, length) of the partition in bytes."""
+        """(offset, length) of the partition in bytes, inside the disk (the table was validated when read)."""
         entry = self.entry(index)
         if entry.last_lba < entry.first_lba:
             raise GptError(f"partition {index} on {self.name} ends (LBA {entry.last_lba}) before it starts")
+        if entry.last_lba >= self._snapshot.disk_sectors:
+            raise GptError(
+                f"partition {index} on {self.name} ends at LBA {entry.last_lba}, beyond the disk's "
+                f"{self._snapshot.disk_sectors} sectors"
+            )
         return entry.first_lba * self.sector_size, (entry.last_lba - entry.first_lba + 1) * self.sector_size
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -839,51 +1124,14 @@ class GptDisk:
         """Make ``index`` not bootable: priority=0, tries=0, successful=0."""
         return self.update_flags({index: PartitionFlags(priority=0, tries=0, successful=False)})
 
-    def _layout(self, snapshot: GptSnapshot) -> tuple[GptHeader, GptHeader]:
-        """The (primary, backup) headers to write: shared fields from the copy in use, positions from each
-        copy.
-
-        A copy being rebuilt keeps its entry-array position if its header was sound (only its entries were
-        bad), else gets the standard one: LBA 2 for the primary, just before the header for the backup.
-        """
-        source = snapshot.header
-        ss = snapshot.sector_size
-        sectors = source.entries_sectors(ss)
-
-        def entry_lba(copy: CopyState, standard: int) -> int:
-            header = copy.header
-            if header is not None and header.entries_sectors(ss) == sectors:
-                return header.partition_entry_lba
-            return standard
-
-        if snapshot.source == "primary":
-            primary = source
-            backup_lba = source.alternate_lba
-            backup = dataclasses.replace(
-                source,
-                my_lba=backup_lba,
-                alternate_lba=source.my_lba,
-                partition_entry_lba=entry_lba(snapshot.backup, backup_lba - sectors),
-            )
-        else:
-            backup = dataclasses.replace(source, alternate_lba=1)
-            primary = dataclasses.replace(
-                source,
-                my_lba=1,
-                alternate_lba=source.my_lba,
-                partition_entry_lba=entry_lba(snapshot.primary, 2),
-            )
-        for which, header in (("primary", primary), ("backup", backup)):
-            problem = geometry_problem(
-                header, lba=header.my_lba, disk_sectors=snapshot.disk_sectors, sector_size=ss
-            )
-            if problem is not None:
-                raise GptError(f"cannot place the {which} GPT copy on {self.name}: {problem}")
-        return primary, backup
-
     def _write(self, snapshot: GptSnapshot, entries: tuple[GptEntry, ...]) -> None:
-        primary, backup = self._layout(snapshot)
+        primary, backup = snapshot.copies_to_write()
         ss = snapshot.sector_size
+        problems = table_problems(
+            primary, backup, entries, disk_sectors=snapshot.disk_sectors, sector_size=ss
+        )
+        if problems:
+            raise GptTableInvalid(self.name, problems)
         primary_header, array = serialize_copy(primary, entries)
         backup_header, _ = serialize_copy(backup, entries)
         # The copy readers use now is written last: a write cut short anywhere leaves it intact until the other

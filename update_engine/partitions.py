@@ -299,7 +299,12 @@ def resolve_slots(
 
 
 def ensure_not_running(target: UsrSlot, running: UsrSlot) -> None:
-    """Refuse to go on if ``target`` is the partition the system runs from."""
+    """Refuse to go on if ``target`` is the partition the system runs from or shares any byte with it.
+
+    The byte ranges come from a validated table (:class:`~update_engine.gpt.GptDisk` refuses overlapping
+    entries), so the range check can only fire if that validation is bypassed; it is kept because it is the
+    last word before the target is opened for writing.
+    """
     if (
         target.index == running.index
         or target.unique_guid == running.unique_guid
@@ -307,6 +312,16 @@ def ensure_not_running(target: UsrSlot, running: UsrSlot) -> None:
     ):
         raise PartitionError(
             f"refusing to write {target.label} (partition {target.index}): it is the running /usr partition"
+        )
+    if target.size <= 0 or (
+        target.offset < running.offset + running.size and running.offset < target.offset + target.size
+    ):
+        raise PartitionError(
+            f"refusing to write {target.label} (partition {target.index}, bytes {target.offset}.."
+            f"{target.offset + target.size - 1}): it overlaps the running /usr partition {running.label} "
+            f"(bytes {running.offset}..{running.offset + running.size - 1})"
+            if target.size > 0
+            else f"refusing to write {target.label} (partition {target.index}): it is empty"
         )
 
 

@@ -16,6 +16,10 @@ makes ruff read each test's ``usr_disk`` parameter as a redefinition.
 
 512-byte-sector images are made by sgdisk.  sgdisk cannot give an image file another sector size, so 4096-byte
 images are assembled by hand from :mod:`update_engine.gpt`'s serialiser (:func:`write_gpt_image`).
+
+sgdisk also refuses to make a table whose entries overlap or leave the usable area; :func:`craft_table` edits the
+entries or headers of an image in place and gives them correct CRCs again, as a broken tool or an attacker would,
+so the tests can show what happens with such tables.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +163,57 @@ def write_gpt_image(path: Path, layout: Sequence[PartitionSpec], *, sector_size:
         ):
             f.seek(offset)
             f.write(data)
+
+
+EntriesEdit = Callable[[list[gpt.GptEntry]], Iterable[gpt.GptEntry]]
+HeaderEdit = Callable[[str, gpt.GptHeader], gpt.GptHeader]
+
+
+def craft_table(
+    path: Path,
+    *,
+    entries: EntriesEdit | None = None,
+    header: HeaderEdit | None = None,
+    copies: Sequence[str] = ("primary", "backup"),
+    sector_size: int = 512,
+) -> None:
+    """Edit the entry array and/or header of the chosen GPT copies of the image at ``path`` in place, then write
+    each copy where its (edited) header says, with both CRCs computed afresh.
+
+    ``entries`` gets all slots of a copy and returns them (the same count, in order); ``header`` gets "primary" or
+    "backup" and the header. Only the two headers and the two entry arrays are written.
+    """
+    disk_sectors = path.stat().st_size // sector_size
+    with path.open("r+b") as f:
+        for which, lba in (("primary", 1), ("backup", disk_sectors - 1)):
+            if which not in copies:
+                continue
+            f.seek(lba * sector_size)
+            old = gpt.parse_header(f.read(sector_size))
+            f.seek(old.partition_entry_lba * sector_size)
+            slots = list(gpt.parse_entries(f.read(old.entries_bytes), old))
+            new_slots = list(entries(slots)) if entries is not None else slots
+            new = header(which, old) if header is not None else old
+            header_bytes, array = gpt.serialize_copy(new, new_slots)
+            f.seek(new.partition_entry_lba * sector_size)
+            f.write(array)
+            f.seek(new.my_lba * sector_size)
+            f.write(header_bytes)
+
+
+def moved(index: int, *, first: int | None = None, last: int | None = None) -> EntriesEdit:
+    """An :func:`craft_table` edit that gives partition ``index`` new first and/or last LBAs."""
+
+    def edit(slots: list[gpt.GptEntry]) -> list[gpt.GptEntry]:
+        entry = slots[index - 1]
+        slots[index - 1] = dataclasses.replace(
+            entry,
+            first_lba=entry.first_lba if first is None else first,
+            last_lba=entry.last_lba if last is None else last,
+        )
+        return slots
+
+    return edit
 
 
 _template_dir: Path | None = None

@@ -12,7 +12,7 @@ import pytest
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from tests.conftest import require_tool
-from tests.helpers.disks import cgpt_flags, make_usr_disk
+from tests.helpers.disks import cgpt_flags, craft_table, make_usr_disk, moved
 from tests.helpers.node import NodeRoot, free_port, make_node_root
 from update_engine.attempter import (
     REBOOT_MARKER_NAME,
@@ -26,6 +26,7 @@ from update_engine.attempter import (
 )
 from update_engine.dbus_service import ResetNotAllowed, RollbackRefused
 from update_engine.errors import ErrorCode
+from update_engine.gpt import GptTableInvalid
 from update_engine.http import HttpLimits
 from update_engine.payload.apply import remove_partial_kernels
 
@@ -404,3 +405,26 @@ def test_rollback_pending_across_a_restart_is_cancelled_by_reset(
     prio_b, _, ok_b = cgpt_flags(disk, USR_B)
     assert prio_a > prio_b and ok_a == 1 and tries_a == 0
     assert ok_b == 1  # the known-good other system is left as it was, not disarmed like an update
+
+
+def test_rollback_reset_and_mark_good_on_an_invalid_table_are_refused_with_the_table_named(
+    tmp_path: Path, node: NodeRoot
+) -> None:
+    """USR-B overlapping USR-A: nothing is changed, and the D-Bus calls get their own refusal, not a traceback."""
+    cgpt = require_tool("cgpt")
+    disk = make_usr_disk(tmp_path / "disk.img")
+    subprocess.run([cgpt, "add", "-i", str(USR_B), "-S", "1", "-P", "0", "-T", "0", str(disk)], check=True)
+    craft_table(disk, entries=moved(USR_B, first=20000))
+    before = disk.read_bytes()
+    attempter = attempter_for(node, disk=disk)
+    with pytest.raises(RollbackRefused, match=rf"partition table of {disk} is invalid.*partition 4 \(USR-B\)"):
+        attempter.rollback()
+    with pytest.raises(GptTableInvalid, match=r"overlaps partition 3 \(USR-A\)"):
+        attempter.mark_running_good()
+    node.run_dir.mkdir(parents=True, exist_ok=True)
+    (node.run_dir / REBOOT_MARKER_NAME).write_text("update USR-B\n")
+    assert attempter.restore_reboot_pending()
+    with pytest.raises(ResetNotAllowed, match=r"cannot undo what was armed.*overlaps partition 3"):
+        attempter.reset_status()
+    assert attempter.snapshot().current_operation == "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+    assert disk.read_bytes() == before

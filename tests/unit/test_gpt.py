@@ -9,6 +9,7 @@ import struct
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,13 +18,17 @@ from hypothesis import strategies as st
 from tests.helpers.disks import (
     LINUX_DATA_TYPE_GUID,
     MIB,
+    EntriesEdit,
+    HeaderEdit,
     PartitionSpec,
+    craft_table,
+    moved,
     usr_layout,
     write_gpt_image,
 )
 from update_engine import gpt
 from update_engine.errors import ErrorCode, UpdateEngineError
-from update_engine.gpt import FlagChange, GptDisk, GptError, PartitionFlags, Prioritize
+from update_engine.gpt import FlagChange, GptDisk, GptError, GptTableInvalid, PartitionFlags, Prioritize
 
 # ----------------------------------------------------------------------------------------------------------
 # Test vectors built straight from the on-disk layout, independently of the module's serialiser
@@ -636,3 +641,190 @@ def test_write_errors_become_gpt_errors_and_other_exceptions_pass_through(tmp_pa
     after = GptDisk(cut, name="mem0")
     assert after.snapshot.source == "primary"
     assert after.flags(4) == PartitionFlags()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table validation: entries and headers that read (CRCs match) but describe an impossible layout
+# ----------------------------------------------------------------------------------------------------------
+
+# small_layout() on 512-byte sectors: 16384 sectors; USR-A 6144..8191, USR-B 8192..10239; usable 34..16350;
+# primary header 1, entries 2..33; backup entries 16351..16382, header 16383.
+LAST_USABLE = 16350
+BACKUP_HEADER = 16383
+U64_MAX = 2**64 - 1
+
+
+def crafted_bytes(tmp_path: Path, **craft: Any) -> bytes:
+    """A small_layout() image whose table was edited by :func:`craft_table` (CRCs valid again)."""
+    layout = small_layout()
+    path = tmp_path / "crafted.img"
+    with path.open("wb") as f:
+        f.truncate((2 + sum(p.size_mib for p in layout)) * MIB)
+    write_gpt_image(path, layout, sector_size=512)
+    craft_table(path, **craft)
+    return path.read_bytes()
+
+
+ENTRY_CASES: list[tuple[str, EntriesEdit, str]] = [
+    ("USR-B overlaps the end of USR-A", moved(4, first=8000),
+     "partition 4 (USR-B) at LBA 8000..10239 overlaps partition 3 (USR-A) at LBA 6144..8191"),
+    ("USR-B inside USR-A", moved(4, first=6200, last=6300),
+     "partition 4 (USR-B) at LBA 6200..6300 overlaps partition 3 (USR-A) at LBA 6144..8191"),
+    ("USR-B is USR-A", moved(4, first=6144, last=8191),
+     "partition 4 (USR-B) at LBA 6144..8191 overlaps partition 3 (USR-A) at LBA 6144..8191"),
+    ("USR-B contains USR-A", moved(4, first=6100, last=8300),
+     "partition 3 (USR-A) at LBA 6144..8191 overlaps partition 4 (USR-B) at LBA 6100..8300"),
+    ("USR-B over the primary header", moved(4, first=1),
+     "partition 4 (USR-B) at LBA 1..10239 lies outside the usable area (LBA 34..16350) and runs into the primary "
+     "GPT header at LBA 1 and the primary entry array at LBA 2..33"),
+    ("USR-B over the primary entries", moved(4, first=33),
+     "partition 4 (USR-B) at LBA 33..10239 lies outside the usable area (LBA 34..16350) and runs into the primary "
+     "entry array at LBA 2..33"),
+    ("USR-B over the backup entries", moved(4, last=16351),
+     "partition 4 (USR-B) at LBA 8192..16351 lies outside the usable area (LBA 34..16350) and runs into the backup "
+     "entry array at LBA 16351..16382"),
+    ("USR-B over the backup header", moved(4, first=16383, last=16383),
+     "partition 4 (USR-B) at LBA 16383 lies outside the usable area (LBA 34..16350) and runs into the backup GPT "
+     "header at LBA 16383"),
+    ("USR-B beyond the disk", moved(4, first=20000, last=30000),
+     "partition 4 (USR-B) at LBA 20000..30000 lies outside the usable area (LBA 34..16350) and runs into the end "
+     "of the disk (LBA 16383)"),
+    ("USR-B ends before it starts", moved(4, first=9000, last=8999),
+     "partition 4 (USR-B) ends at LBA 8999, before its first LBA 9000"),
+    ("USR-B near 2^64", moved(4, first=U64_MAX - 2047, last=U64_MAX),
+     f"partition 4 (USR-B) at LBA {U64_MAX - 2047}..{U64_MAX} lies outside the usable area"),
+    ("USR-B from its start to 2^64", moved(4, last=U64_MAX), "runs into the backup entry array"),
+    ("USR-B at LBA 0", moved(4, first=0, last=2047), "runs into the protective MBR at LBA 0"),
+    ("USR-B with USR-A's unique GUID",
+     lambda slots: [dataclasses.replace(e, unique_guid=gpt.USR_A_GUID) if e.index == 4 else e for e in slots],
+     f"partition 4 (USR-B) has the unique GUID {gpt.USR_A_GUID} of partition 3 (USR-A)"),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "problem"), ENTRY_CASES, ids=[c[0] for c in ENTRY_CASES])
+def test_a_table_cgpt_refuses_is_refused_whole_and_nothing_is_written(
+    tmp_path: Path, name: str, edit: EntriesEdit, problem: str
+) -> None:
+    io = MemoryDisk(crafted_bytes(tmp_path, entries=edit))
+    with pytest.raises(GptTableInvalid) as caught:
+        GptDisk(io, name="/dev/vdz")
+    error = caught.value
+    assert problem in str(error)
+    assert str(error).startswith("the partition table of /dev/vdz is invalid, refusing to use it: ")
+    assert "sgdisk -v /dev/vdz" in str(error)
+    assert error.code == ErrorCode.INSTALL_DEVICE_OPEN_ERROR
+    assert 4 in {i for p in error.problems for i in p.indexes}
+    assert io.ops == []
+
+
+@pytest.mark.parametrize("action", ["arm", "mark good", "disarm"])
+def test_a_table_made_invalid_after_opening_is_refused_before_any_write(tmp_path: Path, action: str) -> None:
+    """Every write re-reads and validates: a GptDisk opened on a sound table cannot write a broken one."""
+    sound = image_bytes(tmp_path)
+    io = MemoryDisk(sound)
+    disk = GptDisk(io, name="mem0")
+    io.data[:] = crafted_bytes(tmp_path, entries=moved(4, first=8000))
+    before = bytes(io.data)
+    edit = {"arm": disk.arm_for_next_boot, "mark good": disk.mark_good, "disarm": disk.disarm}[action]
+    with pytest.raises(GptTableInvalid, match=r"partition 4 \(USR-B\) at LBA 8000..10239 overlaps"):
+        edit(4)
+    assert io.ops == [] and bytes(io.data) == before
+
+
+def _move_header(which: str, **fields: int) -> HeaderEdit:
+    def edit(copy: str, header: gpt.GptHeader) -> gpt.GptHeader:
+        return dataclasses.replace(header, **fields) if copy == which else header
+
+    return edit
+
+
+HEADER_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("the primary entry array is the backup's",
+     {"header": _move_header("primary", partition_entry_lba=16351), "copies": ["primary"]},
+     "the primary entry array at LBA 16351..16382 overlaps the backup entry array at LBA 16351..16382"),
+    ("the backup entry array is the primary's",
+     {"header": _move_header("backup", partition_entry_lba=2), "copies": ["backup"]},
+     "the primary entry array at LBA 2..33 overlaps the backup entry array at LBA 2..33"),
+    ("the usable area reaches into the backup entries",
+     {"header": lambda copy, h: dataclasses.replace(h, last_usable_lba=16360)},
+     "the usable area at LBA 34..16360 overlaps the backup entry array at LBA 16351..16382"),
+    ("the backup header is placed inside the usable area",
+     {"header": _move_header("primary", alternate_lba=34), "copies": ["primary"]},
+     "the usable area at LBA 34..16350 overlaps the backup GPT header at LBA 34"),
+]
+
+
+@pytest.mark.parametrize(("name", "craft", "problem"), HEADER_CASES, ids=[c[0] for c in HEADER_CASES])
+def test_headers_whose_structures_overlap_are_refused(
+    tmp_path: Path, name: str, craft: dict[str, Any], problem: str
+) -> None:
+    io = MemoryDisk(crafted_bytes(tmp_path, **craft))
+    with pytest.raises(GptTableInvalid) as caught:
+        GptDisk(io, name="mem0")
+    assert problem in str(caught.value)
+    assert io.ops == []
+
+
+def test_a_bad_layout_in_the_copy_not_used_is_refused_too(tmp_path: Path) -> None:
+    """cgpt would quietly use the sound copy; the kernel and GRUB check no overlaps and may use the other."""
+    for broken in ("primary", "backup"):
+        io = MemoryDisk(crafted_bytes(tmp_path, entries=moved(4, first=8000), copies=[broken]))
+        with pytest.raises(GptTableInvalid, match=rf"in the {broken} copy, partition 4 \(USR-B\) at LBA 8000"):
+            GptDisk(io, name="mem0")
+
+
+def test_a_sound_table_has_no_problems(tmp_path: Path) -> None:
+    disk = GptDisk(MemoryDisk(image_bytes(tmp_path)), name="mem0")
+    primary, backup = disk.snapshot.copies_to_write()
+    assert (primary.my_lba, backup.my_lba, backup.partition_entry_lba) == (1, BACKUP_HEADER, LAST_USABLE + 1)
+    assert gpt.table_problems(primary, backup, disk.snapshot.entries, disk_sectors=16384, sector_size=512) == []
+    assert disk.snapshot.problems() == []
+
+
+def test_two_partitions_with_the_same_label_are_not_guessed_between(tmp_path: Path) -> None:
+    layout = [dataclasses.replace(p, name="USR-B") if p.name == "OEM" else p for p in small_layout()]
+    disk = GptDisk(MemoryDisk(image_bytes(tmp_path, layout=layout)), name="mem0")
+    with pytest.raises(GptError, match=r"mem0 has 2 partitions named USR-B \(4, 6\)"):
+        disk.usr_partitions()
+
+
+def test_byte_range_never_reaches_past_the_disk(tmp_path: Path) -> None:
+    disk = GptDisk(MemoryDisk(image_bytes(tmp_path)), name="mem0")
+    assert disk.byte_range(4) == (8192 * 512, 2048 * 512)
+    snapshot = disk.snapshot
+    entries = list(snapshot.entries)
+    entries[3] = dataclasses.replace(entries[3], last_lba=U64_MAX)
+    disk._snapshot = dataclasses.replace(snapshot, entries=tuple(entries))  # as if validation had been skipped
+    with pytest.raises(GptError, match="ends at LBA 18446744073709551615, beyond the disk's 16384 sectors"):
+        disk.byte_range(4)
+
+
+spans = st.tuples(st.integers(0, 300), st.integers(0, 60)).map(lambda t: (t[0], t[0] + t[1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(spans, min_size=0, max_size=12))
+def test_every_entry_that_overlaps_another_is_named(ranges: list[tuple[int, int]]) -> None:
+    """The one-sweep overlap check against the obvious pairwise one."""
+    entries = [
+        gpt.GptEntry(i + 1, gpt.USR_TYPE_GUID, uuid.UUID(int=i + 1), first, last, 0, f"P{i + 1}")
+        for i, (first, last) in enumerate(ranges)
+    ]
+    problems = gpt.entry_problems(entries, first_usable=0, last_usable=10_000)
+    named = {i for p in problems for i in p.indexes}
+    overlapping = {
+        a.index
+        for a in entries
+        for b in entries
+        if a is not b and a.first_lba <= b.last_lba and b.first_lba <= a.last_lba
+    }
+    assert named == overlapping
+    for problem in problems:
+        first, second = (entries[i - 1] for i in problem.indexes)
+        assert first.first_lba <= second.last_lba and second.first_lba <= first.last_lba
+
+
+def test_unused_slots_are_not_checked() -> None:
+    unused = gpt.GptEntry(1, gpt.UNUSED_TYPE_GUID, uuid.UUID(int=0), U64_MAX, 5, 0, "")
+    used = gpt.GptEntry(2, gpt.USR_TYPE_GUID, uuid.UUID(int=2), 40, 50, 0, "USR-A")
+    assert gpt.entry_problems([unused, unused, used], first_usable=34, last_usable=100) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,15 @@ def test_ensure_not_running(disk: GptDisk) -> None:
     ensure_not_running(target, running)
     with pytest.raises(PartitionError, match=r"refusing to write USR-A \(partition 3\)"):
         ensure_not_running(running, running)
+
+
+def test_a_target_sharing_a_byte_with_the_running_partition_is_refused(disk: GptDisk) -> None:
+    running, target = resolve_slots(disk, booted="USR-A", cmdline=None, mountinfo=None)
+    last_byte = running.offset + running.size - 1
+    for offset, size in [(last_byte, 4096), (running.offset - 512, 1024), (running.offset - 512, 3 * MIB)]:
+        overlapping = dataclasses.replace(target, offset=offset, size=size)
+        with pytest.raises(PartitionError, match=r"USR-B \(partition 4, bytes .*\): it overlaps the running /usr"):
+            ensure_not_running(overlapping, running)
+    ensure_not_running(dataclasses.replace(target, offset=last_byte + 1), running)  # adjacent is fine
+    with pytest.raises(PartitionError, match="it is empty"):
+        ensure_not_running(dataclasses.replace(target, size=0), running)
