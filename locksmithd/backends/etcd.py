@@ -69,7 +69,13 @@ import requests  # type: ignore[import-untyped, unused-ignore]
 from etcd3gw.client import Etcd3Client
 
 from coreos_common.goduration import format_go_duration
-from locksmithd.backends import LockBackendError
+from locksmithd.backends import (
+    LockBackendError,
+    LockBackendUnavailable,
+    LockPhase,
+    LockProgress,
+    ProgressCallback,
+)
 from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoint
 from locksmithd.semaphore import Semaphore, SemaphoreError, SemaphoreFullError
 
@@ -90,7 +96,7 @@ LEASE_REVOKE_PATH = "lease/revoke"
 _UNAVAILABLE_STATUSES = frozenset({408, 500, 502, 503, 504})
 
 
-class EtcdTransientError(LockBackendError):
+class EtcdTransientError(LockBackendUnavailable):
     """No endpoint answered, or writers kept racing for the key: trying again later may succeed."""
 
 
@@ -1035,6 +1041,7 @@ class EtcdLockBackend:
         self._line_ttl = line_ttl
         # What the current wait follows: None, SEMAPHORE, or the line key of the waiter ahead.
         self.waiting_on: str | None = None
+        self._on_progress: ProgressCallback | None = None
         # Lease revocations left running after a successful acquire; ``close`` waits for them.
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -1046,7 +1053,23 @@ class EtcdLockBackend:
         log.warning("Failed to acquire lock: %s. Retrying in %s.", reason, format_go_duration(delay))
         await asyncio.sleep(delay)
 
-    async def acquire(self, machine_id: str) -> None:
+    def _report(self, phase: LockPhase, sem: Semaphore | None = None, *, position: int | None = None,
+                lower_bound: bool = False) -> None:
+        if self._on_progress is None:
+            return
+        self._on_progress(
+            LockProgress(
+                phase,
+                position=position,
+                position_is_lower_bound=lower_bound,
+                holders=sem.holders if sem is not None else (),
+                slots=sem.max if sem is not None else None,
+            )
+        )
+
+    async def acquire(
+        self, machine_id: str, *, version: str = "", on_progress: ProgressCallback | None = None
+    ) -> None:
         """Wait until ``machine_id`` holds a slot.
 
         Retries while etcd is unreachable; raises LockBackendError for a corrupt value or refused
@@ -1055,6 +1078,8 @@ class EtcdLockBackend:
         if not machine_id:
             raise LockBackendError("cannot take the reboot lock: the machine id is empty")
         store = self.store
+        self._on_progress = on_progress
+        self._report(LockPhase.ASKING)
         backoff = Backoff(self._first_backoff, self._max_backoff)
         watch: _ThreadedWatch | None = None
         # The value and revision a watch event showed with a free slot: the next attempt starts from it
@@ -1095,6 +1120,7 @@ class EtcdLockBackend:
                     known = None
                     if attempt.acquired:
                         log.info("Lock taken for %s: %s", machine_id, attempt.semaphore.describe())
+                        self._report(LockPhase.HELD, attempt.semaphore)
                         acquired = True
                         return
                     if not self._use_watch:
@@ -1113,6 +1139,8 @@ class EtcdLockBackend:
                         log.debug("another node wrote %s first; trying again within %.3fs", store.key, jitter)
                     else:
                         log.info("%s; waiting for a release", attempt.semaphore.describe())
+                    if line is None:
+                        self._report(LockPhase.WAITING, attempt.semaphore)
                     if watch is None:
                         key_watch = store.watch(attempt.revision, self._watch_idle_timeout)
                         watch = _ThreadedWatch(key_watch, f"etcd-watch {store.key}")
@@ -1134,6 +1162,7 @@ class EtcdLockBackend:
                     await self._sleep_backoff(backoff, str(exc))
         finally:
             self.waiting_on = None
+            self._on_progress = None
             if line is not None and acquired:
                 # The transaction that took the slot deleted the line key: the lease is only left to
                 # revoke, which must not delay the lock (nor hang on an etcd that went away meanwhile).
@@ -1205,8 +1234,10 @@ class EtcdLockBackend:
                 log.debug("%d waiters ahead of %s; following %s", len(position.ahead), line.key, store.key)
                 line.ahead = {key[len(store.line_prefix) :] for key in position.ahead}
                 self.waiting_on = SEMAPHORE
+                self._report(LockPhase.WAITING, position.semaphore, position=len(position.ahead) + 1)
                 return position.semaphore, position.revision
             ahead = position.ahead[front - 1]
+            self._report(LockPhase.WAITING, position.semaphore, position=front + 1, lower_bound=True)
             log.debug("%d or more waiters ahead of %s; waiting for %s to go", front, line.key, ahead)
             self.waiting_on = ahead
             key_watch = store.watch(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from coreos_common.goduration import format_go_duration
-from locksmithd.backends import LockBackendError
+from locksmithd.backends import LockBackendError, LockPhase, LockProgress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,28 @@ class FleetLockBackend:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def acquire(self, machine_id: str) -> None:
+    async def acquire(
+        self, machine_id: str, *, version: str = "", on_progress: ProgressCallback | None = None
+    ) -> None:
+        """Ask until the server grants the lock; ``version`` is not part of the protocol."""
+
+        def report(phase: LockPhase) -> None:
+            if on_progress is not None:
+                on_progress(LockProgress(phase))
+
         delay = self.backoff_initial
+        report(LockPhase.ASKING)
         while True:
             refusal = await self._post(PRE_REBOOT, machine_id)
             if refusal is None:
+                report(LockPhase.HELD)
                 log.info(
                     "FleetLock lock taken for %s in group %s at %s", machine_id, self.group, self.base_url
                 )
                 return
             if not refusal.retryable:
                 raise LockBackendError(f"lock-manager pre-reboot failure: server-side error, {refusal}")
+            report(LockPhase.WAITING)
             log.info(
                 "lock-manager pre-reboot failure: server-side error, %s. Retrying in %s.",
                 refusal,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from locksmithd.backends import LockBackendError
+from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends import etcd as etcd_module
 from locksmithd.backends.etcd import (
     SEMAPHORE,
@@ -124,6 +124,30 @@ async def test_a_node_finding_no_free_slot_starts_waiting_in_four_requests(
     await asyncio.wait_for(task, SETTLE)
     await waiter.close()
     store.close()
+
+
+async def test_acquire_reports_its_progress(shared_etcd: EtcdCluster, group: str) -> None:
+    """Asking, then waiting at the front of the line with the holder in view, then holding."""
+    settings = settings_for(shared_etcd, group)
+    store = EtcdSemaphoreStore(settings)
+    assert store.try_acquire("a").acquired
+    waiter = EtcdLockBackend(settings, first_backoff=3600)
+    progress: list[LockProgress] = []
+    task = asyncio.create_task(waiter.acquire("w", version="9.9.9", on_progress=progress.append))
+    await until_true(lambda: waiter.waiting_on == SEMAPHORE, "the waiter following the semaphore")
+    assert progress[0].phase is LockPhase.ASKING
+    waiting = progress[-1]
+    assert (waiting.phase, waiting.position, waiting.position_is_lower_bound) == (LockPhase.WAITING, 1, False)
+    assert (waiting.holders, waiting.slots) == (("a",), 1)
+    assert store.release("a")
+    await asyncio.wait_for(task, SETTLE)
+    assert progress[-1].phase is LockPhase.HELD and progress[-1].holders == ("w",)
+    await waiter.close()
+    store.close()
+
+
+def test_transient_errors_are_the_seams_unavailable_error() -> None:
+    assert issubclass(EtcdTransientError, LockBackendUnavailable)
 
 
 def test_joining_the_line_reads_the_waiters_ahead(shared_etcd: EtcdCluster, group: str) -> None:

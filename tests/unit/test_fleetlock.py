@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from locksmithd.backends import LockBackendError
+from locksmithd.backends import LockBackendError, LockPhase, LockProgress
 from locksmithd.backends.fleetlock import FleetLockBackend, endpoint_url, parse_refusal, request_body
 from tests.helpers.etcd import free_port
 
@@ -99,11 +99,14 @@ async def test_acquire_retries_while_refused(
         sleeps.append(seconds)
 
     backend = FleetLockBackend(url, "g1", backoff_initial=10, backoff_max=15, sleep=sleep)
+    progress: list[LockProgress] = []
     try:
-        await backend.acquire(MACHINE)
+        await backend.acquire(MACHINE, version="1.2.3", on_progress=progress.append)
     finally:
         await backend.close()
     assert sleeps == [10, 15]
+    assert [p.phase for p in progress] == [LockPhase.ASKING, LockPhase.WAITING, LockPhase.WAITING, LockPhase.HELD]
+    assert all(p.position is None for p in progress)  # a FleetLock server keeps no line we could see
     assert [r[0] for r in server.requests] == ["/base/v1/pre-reboot"] * 3
     assert all(r[1] == "true" for r in server.requests)
     assert b'"group":"g1"' in server.requests[0][2]
