@@ -54,6 +54,7 @@ from aiohttp import web
 from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
+from coreos_common.dbus import DBusCallError, add_match
 from coreos_common.status import INTERFACE, StatusSnapshot, UpdateStatus
 from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange, KeyWatch
 from locksmithd.backends.etcd_settings import EtcdSettings
@@ -702,12 +703,10 @@ class Fleet:
 
         bus.add_message_handler(handler)
         rule = f"type='signal',interface='{INTERFACE}',member='StatusUpdate'"
-        reply = await bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule],
-        ))  # fmt: skip
-        if reply is None or reply.message_type is MessageType.ERROR:
-            raise RuntimeError(f"AddMatch on {node.name}'s bus failed: {reply.body if reply else 'no reply'}")
+        try:
+            await add_match(bus, rule)
+        except DBusCallError as exc:
+            raise RuntimeError(f"AddMatch on {node.name}'s bus failed: {exc}") from exc
         return bus
 
     # -- booting and rebooting -------------------------------------------------------------------------------

@@ -386,7 +386,8 @@ def cmd_send_need_reboot(opts: Options, local: dict[str, str], args: list[str]) 
 
 
 async def _reboot(opts: Options, holder: str) -> None:
-    from locksmithd.login1 import DBusCallError, request_reboot
+    from coreos_common.dbus import DBusCallError
+    from locksmithd.login1 import request_reboot
 
     store = _store(opts, opts.get("group"))
     try:

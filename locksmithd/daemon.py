@@ -36,19 +36,12 @@ from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
 from coreos_common.status import StatusSnapshot
+from coreos_common.systemd import wait_for_boot_complete
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
 from locksmithd.config import STRING_FLAGS, DaemonSettings, SettingsError, Strategy, load_settings
 from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
-from locksmithd.login1 import (
-    DBusCallError,
-    SystemdUnavailable,
-    logged_in_ttys,
-    notify_sessions,
-    reboot_until_accepted,
-    unit_state,
-    wall_message,
-)
+from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_until_accepted, wall_message
 from locksmithd.strategies import Clock, SystemClock, clear_to_reboot, show_delay
 from locksmithd.strategies import Strategy as RebootStrategyProtocol
 from locksmithd.strategies.best_effort import BestEffortStrategy
@@ -59,8 +52,6 @@ from locksmithd.strategies.reboot import RebootStrategy
 from locksmithd.updateengine import UpdateEngineWatcher, is_idle, is_need_reboot
 
 log = logging.getLogger("locksmithd")
-
-BOOT_COMPLETE_TARGET = "boot-complete.target"
 
 _HELP: Mapping[str, str] = {
     "strategy": "reboot strategy: best-effort (default), etcd-lock, reboot, off, fleet-lock "
@@ -307,45 +298,12 @@ class Daemon:
 
     async def _wait_for_boot_complete(self) -> None:
         assert self.bus is not None
-        delays = self.settings.backoff.delays()
-        announced = False
-        while True:
-            try:
-                state = await unit_state(self.bus, BOOT_COMPLETE_TARGET)
-            except SystemdUnavailable as exc:
-                log.info("No systemd manager on the bus (%s): not waiting for %s", exc, BOOT_COMPLETE_TARGET)
-                return
-            except DBusCallError as exc:
-                delay = next(delays)
-                log.warning(
-                    "Cannot ask systemd about %s: %s. Retrying in %s.",
-                    BOOT_COMPLETE_TARGET,
-                    exc,
-                    show_delay(delay),
-                )
-                await self.clock.sleep(delay)
-                continue
-            if state is None:
-                log.info("%s is not loaded on this system: not waiting for it", BOOT_COMPLETE_TARGET)
-                return
-            if state.active_state == "active":
-                log.info("%s is active: the boot is complete", BOOT_COMPLETE_TARGET)
-                return
-            if not state.job_pending and state.active_state != "activating":
-                log.info(
-                    "%s is %s and not being started: not waiting for it",
-                    BOOT_COMPLETE_TARGET,
-                    state.active_state,
-                )
-                return
-            if not announced:
-                log.info(
-                    "Waiting for %s (now %s) before releasing the reboot lock",
-                    BOOT_COMPLETE_TARGET,
-                    state.active_state,
-                )
-                announced = True
-            await self.clock.sleep(next(delays))
+        await wait_for_boot_complete(
+            self.bus,
+            delays=self.settings.backoff.delays(),
+            sleep=self.clock.sleep,
+            purpose="before releasing the reboot lock",
+        )
 
 
 async def _run_daemon(daemon: Daemon) -> int:

@@ -1,8 +1,7 @@
-"""Talking to systemd's services on the bus, and to the people logged in, before a reboot.
+"""Talking to logind on the bus, and to the people logged in, before a reboot.
 
 * logind ``org.freedesktop.login1.Manager.Reboot(false)``: the reply is checked and a refusal is retried with
   a doubling delay (the original ignored the reply, so a refused reboot left the node waiting for a week).
-* the manager's unit state (``GetUnit`` + ``ActiveState``), used to wait for ``boot-complete.target``.
 * interactive sessions from utmp: each gets a wall-style notice on its terminal, and the caller waits a grace
   period (with the lock held) so people can save their work.
 
@@ -20,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
+from coreos_common.dbus import DBusCallError, call
 from coreos_common.goduration import format_go_duration
 
 log = logging.getLogger(__name__)
@@ -32,17 +31,6 @@ log = logging.getLogger(__name__)
 LOGIN1_NAME = "org.freedesktop.login1"
 LOGIN1_PATH = "/org/freedesktop/login1"
 LOGIN1_MANAGER = "org.freedesktop.login1.Manager"
-SYSTEMD_NAME = "org.freedesktop.systemd1"
-SYSTEMD_PATH = "/org/freedesktop/systemd1"
-SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
-SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
-PROPERTIES = "org.freedesktop.DBus.Properties"
-# Errors meaning "there is no such service on this bus" rather than "the service said no".
-NO_SERVICE_ERRORS = frozenset(
-    {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
-)
-NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
-
 UTMP_FILE = "run/utmp"
 USER_PROCESS = 7
 # glibc's struct utmp on Linux (64-bit and 32-bit alike): ut_type, pad, ut_pid, ut_line[32], ut_id[4],
@@ -53,29 +41,9 @@ assert UTMP_RECORD.size == 384
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class SystemdUnavailable(Exception):
-    """There is no systemd manager on this bus (a container, a test bus)."""
-
-
-class DBusCallError(Exception):
-    """A method call was answered with a D-Bus error; ``name`` is the error name."""
-
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(f"{name}: {text}" if text else name)
-        self.name = name
-
-
-async def _call(bus: MessageBus, message: Message) -> Message:
-    reply = await bus.call(message)
-    if reply.message_type == MessageType.ERROR:
-        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-        raise DBusCallError(reply.error_name or "unknown error", text)
-    return reply
-
-
 async def request_reboot(bus: MessageBus) -> None:
     """One ``Reboot(false)`` call; DBusCallError when logind refuses or is absent."""
-    await _call(
+    await call(
         bus,
         Message(
             destination=LOGIN1_NAME,
@@ -111,71 +79,6 @@ async def reboot_until_accepted(
             continue
         log.info("Reboot sent. Going to sleep.")
         return
-
-
-@dataclass(frozen=True)
-class UnitState:
-    """A loaded unit's ``ActiveState`` and whether a job (start, stop…) is queued for it."""
-
-    active_state: str
-    job_pending: bool
-
-
-async def _unit_property(bus: MessageBus, path: str, name: str) -> tuple[str, Any]:
-    reply = await _call(
-        bus,
-        Message(
-            destination=SYSTEMD_NAME,
-            path=path,
-            interface=PROPERTIES,
-            member="Get",
-            signature="ss",
-            body=[SYSTEMD_UNIT, name],
-        ),
-    )
-    if reply.signature != "v":
-        raise DBusCallError(
-            "org.freedesktop.DBus.Error.InvalidSignature", f"{name} came as {reply.signature!r}"
-        )
-    variant = reply.body[0]
-    return variant.signature, variant.value
-
-
-async def unit_state(bus: MessageBus, unit: str) -> UnitState | None:
-    """State of ``unit`` as systemd sees it, or None when systemd does not have it loaded.
-
-    Raises SystemdUnavailable when there is no systemd manager on the bus and DBusCallError on other errors.
-    """
-    try:
-        reply = await _call(
-            bus,
-            Message(
-                destination=SYSTEMD_NAME,
-                path=SYSTEMD_PATH,
-                interface=SYSTEMD_MANAGER,
-                member="GetUnit",
-                signature="s",
-                body=[unit],
-            ),
-        )
-    except DBusCallError as exc:
-        if exc.name in NO_SERVICE_ERRORS:
-            raise SystemdUnavailable(str(exc)) from exc
-        if exc.name == NO_SUCH_UNIT:
-            return None
-        raise
-    if reply.signature != "o":
-        raise DBusCallError(
-            "org.freedesktop.DBus.Error.InvalidSignature", f"GetUnit returned {reply.signature!r}"
-        )
-    path = reply.body[0]
-    signature, active = await _unit_property(bus, path, "ActiveState")
-    if signature != "s":
-        raise DBusCallError("org.freedesktop.DBus.Error.InvalidSignature", "ActiveState is not a string")
-    signature, job = await _unit_property(bus, path, "Job")
-    # Job is (uo): id 0 and path "/" when nothing is queued.
-    job_pending = signature == "(uo)" and bool(job[0])
-    return UnitState(active_state=active, job_pending=job_pending)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.dbus import DBUS_NAME, ERROR_INVALID_SIGNATURE, DBusCallError, add_match, call, get_name_owner
 from coreos_common.status import (
     BUS_NAME,
     INTERFACE,
@@ -34,8 +35,6 @@ from coreos_common.status import (
 
 log = logging.getLogger(__name__)
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 STATUS_SIGNAL = "StatusUpdate"
 STATUS_MATCH_RULE = f"type='signal',interface='{INTERFACE}',member='{STATUS_SIGNAL}'"
 OWNER_MATCH_RULE = (
@@ -136,19 +135,14 @@ class UpdateEngineWatcher:
 
     async def get_status(self) -> StatusSnapshot:
         """Call GetStatus on com.coreos.update1 and check the reply's signature strictly."""
+        message = Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member="GetStatus")
         try:
-            reply = await self._bus.call(
-                Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member="GetStatus")
-            )
+            reply = await call(self._bus, message, signature=STATUS_SIGNATURE)
+        except DBusCallError as exc:
+            # A wrong signature is our finding, not an error update-engine sent: say it without the error name.
+            raise UpdateEngineUnavailable(exc.text if exc.name == ERROR_INVALID_SIGNATURE else str(exc)) from exc
         except Exception as exc:  # a broken connection surfaces as any exception type in dbus-fast
             raise UpdateEngineUnavailable(f"GetStatus call failed: {exc}") from exc
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise UpdateEngineUnavailable(f"{reply.error_name}: {text}".rstrip(": "))
-        if reply.signature != STATUS_SIGNATURE:
-            raise UpdateEngineUnavailable(
-                f"GetStatus answered with signature {reply.signature!r}, expected {STATUS_SIGNATURE!r}"
-            )
         try:
             return StatusSnapshot.from_values(reply.body)
         except ValueError as exc:
@@ -167,34 +161,17 @@ class UpdateEngineWatcher:
             self._subscribers.waiters.remove(waiter)
 
     async def _add_match(self, rule: str) -> None:
-        reply = await self._bus.call(
-            Message(
-                destination=DBUS_NAME,
-                path=DBUS_PATH,
-                interface=DBUS_NAME,
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
-        if reply.message_type == MessageType.ERROR:
-            raise UpdateEngineUnavailable(f"cannot subscribe to {rule}: {reply.error_name}")
+        try:
+            await add_match(self._bus, rule)
+        except DBusCallError as exc:
+            raise UpdateEngineUnavailable(f"cannot subscribe to {rule}: {exc.name}") from None
 
     async def _name_owner(self) -> str | None:
-        reply = await self._bus.call(
-            Message(
-                destination=DBUS_NAME,
-                path=DBUS_PATH,
-                interface=DBUS_NAME,
-                member="GetNameOwner",
-                signature="s",
-                body=[BUS_NAME],
-            )
-        )
-        if reply.message_type == MessageType.ERROR or reply.signature != "s":
+        try:
+            return await get_name_owner(self._bus, BUS_NAME)
+        except DBusCallError as exc:
+            log.warning("Cannot ask the bus who owns %s: %s", BUS_NAME, exc)
             return None
-        owner = reply.body[0]
-        return owner if isinstance(owner, str) and owner else None
 
     def _set_owner(self, owner: str | None) -> None:
         if owner == self._owner:

@@ -32,6 +32,7 @@ from typing import TextIO
 from dbus_fast import AuthError, BusType, InvalidAddressError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.dbus import ERROR_ACCESS_DENIED, DBusCallError, bus_method, call
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 
 PROG = "update_engine_client"
@@ -39,9 +40,6 @@ CALL_TIMEOUT_SECONDS = 25.0
 NOT_RUNNING = f"update-engine is not running on this bus ({BUS_NAME} has no owner)"
 # Polls that may still show IDLE before the attempt shows up; after that the request counts as ignored.
 MAX_POLLS_BEFORE_START = 3
-
-_DBUS_NAME = "org.freedesktop.DBus"
-_DBUS_PATH = "/org/freedesktop/DBus"
 
 USAGE = f"""\
 usage: {PROG} [ACTION] [--json] [--bus-address ADDRESS] [--wait SECONDS]
@@ -282,16 +280,11 @@ class UpdateFollower:
         return Outcome.NO_UPDATE
 
 
-def _error_text(reply: Message) -> str:
-    return str(reply.body[0]) if reply.body and isinstance(reply.body[0], str) else ""
-
-
-def _call_error(member: str, reply: Message) -> ClientError:
-    name = reply.error_name or ""
-    text = _error_text(reply)
-    if name in ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"):
+def _call_error(member: str, error: DBusCallError) -> ClientError:
+    name, text = error.name, error.text
+    if error.no_service:
         return NotRunningError()
-    if name in ("org.freedesktop.DBus.Error.AccessDenied", "com.coreos.update1.Error.AccessDenied"):
+    if name in (ERROR_ACCESS_DENIED, "com.coreos.update1.Error.AccessDenied"):
         return ClientError(f"{member}: access denied; only root may call it ({text})")
     if name == "com.coreos.update1.Error.ResetNotAllowed":
         return ClientError(f"ResetStatus refused: {text}")
@@ -308,14 +301,11 @@ class ManagerClient:
 
     async def _call(self, message: Message, member: str) -> Message:
         try:
-            reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT_SECONDS)
+            return await asyncio.wait_for(call(self.bus, message), CALL_TIMEOUT_SECONDS)
         except TimeoutError:
             raise ClientError(f"{member}: no reply from update-engine within {CALL_TIMEOUT_SECONDS:g} s") from None
-        if reply is None:
-            raise ClientError(f"{member}: no reply")
-        if reply.message_type is MessageType.ERROR:
-            raise _call_error(member, reply)
-        return reply
+        except DBusCallError as exc:
+            raise _call_error(member, exc) from None
 
     async def _manager_call(self, member: str) -> Message:
         return await self._call(
@@ -323,17 +313,7 @@ class ManagerClient:
         )
 
     async def _bus_call(self, member: str, signature: str, body: list[object]) -> Message:
-        return await self._call(
-            Message(
-                destination=_DBUS_NAME,
-                path=_DBUS_PATH,
-                interface=_DBUS_NAME,
-                member=member,
-                signature=signature,
-                body=body,
-            ),
-            member,
-        )
+        return await self._call(bus_method(member, signature, body), member)
 
     async def is_running(self) -> bool:
         reply = await self._bus_call("NameHasOwner", "s", [BUS_NAME])

@@ -27,6 +27,7 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
+from coreos_common.dbus import DBusCallError, connection_unix_user
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,6 @@ ERROR_ACCESS_DENIED = "com.coreos.update1.Error.AccessDenied"
 # Argument names in the introspection data, as the original's update_engine.xml names them.
 STATUS_ARG_NAMES = ("last_checked_time", "progress", "current_operation", "new_version", "new_size")
 ROLLBACK_ARG_NAME = "next_boot"
-
-_DBUS_NAME = "org.freedesktop.DBus"
-_DBUS_PATH = "/org/freedesktop/DBus"
 
 
 class ResetNotAllowed(Exception):
@@ -224,20 +222,10 @@ class ManagerInterface(ServiceInterface):
     async def _require_root(self, caller: str | None, member: str) -> None:
         if caller is None:
             raise DBusError(ERROR_ACCESS_DENIED, f"{member}: cannot tell who is calling; refused")
-        reply = await self._bus.call(
-            Message(
-                destination=_DBUS_NAME,
-                path=_DBUS_PATH,
-                interface=_DBUS_NAME,
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[caller],
-            )
-        )
-        if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
-            detail = reply.body[0] if reply is not None and reply.body else "no reply"
-            raise DBusError(ERROR_ACCESS_DENIED, f"{member}: cannot look up the uid of {caller} ({detail})")
-        uid = int(reply.body[0])
+        try:
+            uid = await connection_unix_user(self._bus, caller)
+        except DBusCallError as exc:
+            raise DBusError(ERROR_ACCESS_DENIED, f"{member}: cannot look up the uid of {caller} ({exc})") from None
         if uid != 0:
             log.warning("%s from %s (uid %d) refused: root only", member, caller, uid)
             raise DBusError(ERROR_ACCESS_DENIED, f"{member} is allowed to root only (caller uid {uid})")

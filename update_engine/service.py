@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -16,10 +17,11 @@ import signal
 from dataclasses import dataclass, field
 
 import sdnotify
-from dbus_fast import BusType, Message, MessageType
+from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
+from coreos_common.systemd import BOOT_COMPLETE_TARGET, BootComplete, wait_for_boot_complete
 from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
 from update_engine.scheduler import CheckScheduler, ScheduleConfig
@@ -27,7 +29,7 @@ from update_engine.scheduler import CheckScheduler, ScheduleConfig
 log = logging.getLogger("update_engine")
 
 BOOT_MARKED_NAME = "update_engine_boot_marked_good"
-BOOT_COMPLETE = "boot-complete.target"
+BOOT_COMPLETE = BOOT_COMPLETE_TARGET
 
 
 @dataclass(frozen=True)
@@ -69,50 +71,14 @@ class Notifier:
             await asyncio.sleep(interval)
 
 
-@dataclass(frozen=True)
-class UnitState:
-    active_state: str
-    job_pending: bool
-
-
-async def systemd_unit_state(bus: MessageBus, unit: str) -> UnitState | None:
-    """ActiveState of ``unit`` and whether a job is queued for it; None when systemd does not have it loaded."""
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
-            interface="org.freedesktop.systemd1.Manager", member="GetUnit", signature="s", body=[unit],
-        )
-    )
-    if reply is None or reply.message_type is MessageType.ERROR:
-        return None
-    unit_path = reply.body[0]
-    values: dict[str, object] = {}
-    for prop in ("ActiveState", "Job"):
-        answer = await bus.call(
-            Message(
-                destination="org.freedesktop.systemd1", path=unit_path, interface="org.freedesktop.DBus.Properties",
-                member="Get", signature="ss", body=["org.freedesktop.systemd1.Unit", prop],
-            )
-        )
-        if answer is not None and answer.message_type is not MessageType.ERROR:
-            values[prop] = answer.body[0].value
-    job = values.get("Job")
-    job_pending = isinstance(job, (list, tuple)) and bool(job) and job[0] != 0
-    return UnitState(str(values.get("ActiveState", "")), job_pending)
-
-
 async def wait_for_healthy_boot(bus: MessageBus, timing: DaemonTiming) -> str:
     """Wait until the boot counts as healthy; returns why it does (for the log line)."""
-    state = await systemd_unit_state(bus, BOOT_COMPLETE)
-    if state is not None and state.active_state != "active" and (
-        state.job_pending or state.active_state == "activating"
-    ):
-        log.info("Waiting for %s (now %s) before marking the running partition good", BOOT_COMPLETE,
-                 state.active_state)
-        while state is not None and state.active_state != "active":
-            await asyncio.sleep(timing.boot_complete_poll)
-            state = await systemd_unit_state(bus, BOOT_COMPLETE)
-    if state is not None and state.active_state == "active":
+    result = await wait_for_boot_complete(
+        bus,
+        delays=itertools.repeat(timing.boot_complete_poll),
+        purpose="before marking the running partition good",
+    )
+    if result is BootComplete.ACTIVE:
         return f"{BOOT_COMPLETE} is active"
     log.info("%s is not part of this boot; marking the boot good after %.0f s up", BOOT_COMPLETE,
              timing.healthy_boot_delay)

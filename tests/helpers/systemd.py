@@ -11,21 +11,15 @@ from dbus_fast.service import ServiceInterface, dbus_property, method
 BOOT_COMPLETE_PATH = "/org/freedesktop/systemd1/unit/boot_2dcomplete_2etarget"
 
 
-class SystemdManagerStandIn(ServiceInterface):
-    def __init__(self) -> None:
-        super().__init__("org.freedesktop.systemd1.Manager")
-
-    @method()
-    def GetUnit(self, name: "s") -> "o":  # type: ignore[name-defined]  # noqa: F821, UP037
-        if name != "boot-complete.target":
-            raise DBusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
-        return BOOT_COMPLETE_PATH
-
-
 class BootCompleteUnit(ServiceInterface):
+    """``state`` is the ActiveState to report; a start job is queued while it is not active, unless ``queued``
+    is False; with ``error`` set, ``GetUnit`` fails with that D-Bus error name."""
+
     def __init__(self) -> None:
         super().__init__("org.freedesktop.systemd1.Unit")
         self.state = "inactive"
+        self.queued = True
+        self.error: str | None = None
 
     @dbus_property(access=PropertyAccess.READ)
     def ActiveState(self) -> "s":  # type: ignore[name-defined]  # noqa: F821, UP037
@@ -33,14 +27,30 @@ class BootCompleteUnit(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Job(self) -> "(uo)":  # type: ignore[name-defined]  # noqa: F821, UP037
-        return [0, "/"] if self.state == "active" else [17, "/org/freedesktop/systemd1/job/17"]
+        if self.state == "active" or not self.queued:
+            return [0, "/"]
+        return [17, "/org/freedesktop/systemd1/job/17"]
+
+
+class SystemdManagerStandIn(ServiceInterface):
+    def __init__(self, unit: BootCompleteUnit) -> None:
+        super().__init__("org.freedesktop.systemd1.Manager")
+        self.unit = unit
+
+    @method()
+    def GetUnit(self, name: "s") -> "o":  # type: ignore[name-defined]  # noqa: F821, UP037
+        if self.unit.error is not None:
+            raise DBusError(self.unit.error, "the stand-in was told to fail")
+        if name != "boot-complete.target":
+            raise DBusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
+        return BOOT_COMPLETE_PATH
 
 
 async def start_systemd_standin(address: str) -> tuple[MessageBus, BootCompleteUnit]:
     """Stand-in for systemd's manager (PID 1 cannot run here): GetUnit and boot-complete.target's state."""
     bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
     unit = BootCompleteUnit()
-    bus.export("/org/freedesktop/systemd1", SystemdManagerStandIn())
+    bus.export("/org/freedesktop/systemd1", SystemdManagerStandIn(unit))
     bus.export(BOOT_COMPLETE_PATH, unit)
     assert await bus.request_name("org.freedesktop.systemd1") == RequestNameReply.PRIMARY_OWNER
     return bus, unit
