@@ -30,11 +30,11 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-import sdnotify
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
+from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot
 from coreos_common.systemd import wait_for_boot_complete
 from locksmithd import __version__
@@ -136,46 +136,13 @@ def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProt
     )
 
 
-class Notifier:
-    """sd_notify(3) messages; silent when not started by systemd with Type=notify."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        self._notifier = sdnotify.SystemdNotifier() if environ.get("NOTIFY_SOCKET") else None
-        self._last_status = ""
-
-    def send(self, message: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify(message)
-
-    def status(self, text: str) -> None:
-        if text != self._last_status:
-            self._last_status = text
-            self.send(f"STATUS={text}")
-
-    def watchdog_interval(self) -> float | None:
-        """Half of WATCHDOG_USEC when the watchdog is meant for this process, else None."""
-        usec = self._environ.get("WATCHDOG_USEC", "")
-        pid = self._environ.get("WATCHDOG_PID", "")
-        if self._notifier is None or not usec.isdigit() or int(usec) == 0:
-            return None
-        if pid and pid != str(os.getpid()):
-            return None
-        return int(usec) / 2_000_000
-
-    async def run_watchdog(self, interval: float) -> None:
-        while True:
-            self.send("WATCHDOG=1")
-            await asyncio.sleep(interval)
-
-
 class Daemon:
     def __init__(
         self,
         settings: DaemonSettings,
         strategy: RebootStrategyProtocol,
         coordinator: Coordinator,
-        notifier: Notifier,
+        notifier: SystemdNotifier,
         clock: Clock,
     ) -> None:
         self.settings = settings
@@ -199,10 +166,7 @@ class Daemon:
             log.critical("Error connecting to %s: %s", where, exc)
             return 1
         self.bus = bus
-        watchdog: asyncio.Task[None] | None = None
-        interval = self.notifier.watchdog_interval()
-        if interval is not None:
-            watchdog = asyncio.create_task(self.notifier.run_watchdog(interval))
+        watchdog = asyncio.create_task(self.notifier.run_watchdog())
         flow = asyncio.create_task(self._flow(bus))
         disconnect = asyncio.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         try:
@@ -213,7 +177,7 @@ class Daemon:
             return 1
         finally:
             for task in (flow, disconnect, watchdog):
-                if task is not None and not task.done():
+                if not task.done():
                     task.cancel()
             await asyncio.gather(flow, disconnect, return_exceptions=True)
             if self.watcher is not None:
@@ -235,7 +199,7 @@ class Daemon:
             self.strategy.name,
         )
         self.coordinator.set_state(CoordinatorState.RUNNING)
-        self.notifier.send("READY=1")
+        self.notifier.ready()
         self._on_status(status)
 
         steady = asyncio.create_task(self.strategy.report_steady(self._wait_until_steady))
@@ -352,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not strategy.keeps_running:
         log.info("%s", EXIT_MESSAGE)
         # Under Type=notify a clean exit before READY=1 counts as a failure and Restart= would loop.
-        Notifier(environ).send("READY=1\nSTATUS=Reboot strategy is off")
+        SystemdNotifier().ready("Reboot strategy is off")
         return 0
     coordinator = Coordinator(settings.config_root, strategy.name)
     try:
@@ -361,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("%s", exc)
         return 1
     try:
-        daemon = Daemon(settings, strategy, coordinator, Notifier(environ), clock)
+        daemon = Daemon(settings, strategy, coordinator, SystemdNotifier(), clock)
         return asyncio.run(_run_daemon(daemon))
     except Exception:
         log.exception("locksmithd failed unexpectedly")

@@ -11,15 +11,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import random
 import signal
 from dataclasses import dataclass, field
 
-import sdnotify
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from coreos_common.systemd import BOOT_COMPLETE_TARGET, BootComplete, wait_for_boot_complete
 from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
@@ -41,34 +40,12 @@ class DaemonTiming:
     boot_complete_poll: float = 5.0
 
 
-class Notifier:
-    """sd_notify wrapper: READY, STATUS on each state change, and watchdog pings when systemd asks for them."""
-
-    def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier()
-        self._last_status = ""
-
-    def notify(self, text: str) -> None:
-        if os.environ.get("NOTIFY_SOCKET"):
-            self._notifier.notify(text)
-
-    def status(self, snapshot: StatusSnapshot) -> None:
-        text = snapshot.current_operation
-        if snapshot.current_operation == UpdateStatus.DOWNLOADING.value:
-            text += f" {int(snapshot.progress * 100)}%"
-        if text != self._last_status:
-            self._last_status = text
-            self.notify(f"STATUS={text}")
-
-    async def watchdog(self) -> None:
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        if not usec.isdigit() or int(usec) == 0:
-            return
-        interval = int(usec) / 2e6
-        log.info("systemd watchdog enabled: pinging every %.1f s", interval)
-        while True:
-            self.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+def status_line(snapshot: StatusSnapshot) -> str:
+    """What ``systemctl status`` shows: the status string, with the percentage while downloading."""
+    text = snapshot.current_operation
+    if snapshot.current_operation == UpdateStatus.DOWNLOADING.value:
+        text += f" {int(snapshot.progress * 100)}%"
+    return text
 
 
 async def wait_for_healthy_boot(bus: MessageBus, timing: DaemonTiming) -> str:
@@ -136,9 +113,9 @@ async def run_daemon(
     options: EngineOptions, *, bus_address: str | None, timing: DaemonTiming | None = None
 ) -> int:
     timing = timing or DaemonTiming()
-    notifier = Notifier()
+    notifier = SystemdNotifier()
     attempter = UpdateAttempter(options)
-    attempter.add_status_listener(notifier.status)
+    attempter.add_status_listener(lambda snapshot: notifier.status(status_line(snapshot)))
     attempter.restore_reboot_pending()
     try:
         bus = await connect_bus(bus_address) if bus_address else await MessageBus(bus_type=BusType.SYSTEM).connect()
@@ -155,11 +132,10 @@ async def run_daemon(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notifier.notify("READY=1")
-    notifier.status(attempter.snapshot())
+    notifier.ready(status_line(attempter.snapshot()))
     log.info("update-engine started: status %s", attempter.machine.status.value)
     tasks = [
-        loop.create_task(notifier.watchdog(), name="watchdog"),
+        loop.create_task(notifier.run_watchdog(), name="watchdog"),
         loop.create_task(mark_boot_healthy(attempter, bus, timing), name="healthy-boot"),
         loop.create_task(scheduler_loop(attempter, CheckScheduler(random.Random(), timing.schedule)),
                          name="scheduler"),
@@ -172,7 +148,7 @@ async def run_daemon(
             return 1
     finally:
         log.info("Stopping: status %s", attempter.machine.status.value)
-        notifier.notify("STOPPING=1")
+        notifier.stopping()
         for t in [*tasks, stopper]:
             t.cancel()
         for t in tasks:

@@ -8,7 +8,7 @@ import pytest
 
 from locksmithd import __version__
 from locksmithd.config import STRING_FLAGS, DaemonSettings, Strategy, resolve_settings
-from locksmithd.daemon import Notifier, build_parser, build_strategy, flags_from_args, main
+from locksmithd.daemon import build_parser, build_strategy, flags_from_args, main
 from locksmithd.strategies import SystemClock
 
 
@@ -65,10 +65,3 @@ def test_build_fleet_lock_strategy() -> None:
     assert build_strategy(settings, SystemClock()).name == "fleet-lock"
 
 
-def test_watchdog_interval() -> None:
-    assert Notifier({}).watchdog_interval() is None
-    assert (
-        Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "20000000"}).watchdog_interval() == 10.0
-    )
-    other_pid = {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "1"}
-    assert Notifier(other_pid).watchdog_interval() is None

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,9 +26,9 @@ from update_engine.scheduler import CheckScheduler
 from update_engine.service import (
     BOOT_MARKED_NAME,
     DaemonTiming,
-    Notifier,
     mark_boot_healthy,
     scheduler_loop,
+    status_line,
     wait_for_healthy_boot,
 )
 
@@ -38,102 +36,24 @@ USR_A = 3
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
 FAST = DaemonTiming(healthy_boot_delay=0.0, boot_complete_poll=0.05)
 
-# --- sd_notify ----------------------------------------------------------------------------------------------------
+# --- systemctl status ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
-    """A datagram socket standing where systemd's notify socket would be (short path: AF_UNIX limit)."""
-    with tempfile.TemporaryDirectory(prefix="notify-") as directory:
-        path = f"{directory}/s"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(WAIT)
-        monkeypatch.setenv("NOTIFY_SOCKET", path)
-        try:
-            yield sock
-        finally:
-            sock.close()
-
-
-def received(sock: socket.socket) -> list[str]:
-    """Every datagram waiting on the socket now."""
-    messages = []
-    sock.setblocking(False)
-    try:
-        while True:
-            messages.append(sock.recv(4096).decode())
-    except BlockingIOError:
-        pass
-    finally:
-        sock.settimeout(WAIT)
-    return messages
-
-
-def test_systemctl_status_shows_the_update_status_and_download_percentage(notify_socket: socket.socket) -> None:
-    notifier = Notifier()
-    notifier.status(StatusSnapshot())
-    notifier.status(StatusSnapshot(1, 0.0, UpdateStatus.CHECKING_FOR_UPDATE.value, "0.0.0", 0))
-    notifier.status(StatusSnapshot(1, 0.426, UpdateStatus.DOWNLOADING.value, "2.0.0", 100))
-    notifier.status(StatusSnapshot(1, 1.0, UpdateStatus.VERIFYING.value, "2.0.0", 100))
-    assert received(notify_socket) == [
-        "STATUS=UPDATE_STATUS_IDLE",
-        "STATUS=UPDATE_STATUS_CHECKING_FOR_UPDATE",
-        "STATUS=UPDATE_STATUS_DOWNLOADING 42%",
-        "STATUS=UPDATE_STATUS_VERIFYING",
+def test_systemctl_status_shows_the_update_status_and_download_percentage() -> None:
+    lines = [
+        status_line(StatusSnapshot()),
+        status_line(StatusSnapshot(1, 0.0, UpdateStatus.CHECKING_FOR_UPDATE.value, "0.0.0", 0)),
+        status_line(StatusSnapshot(1, 0.426, UpdateStatus.DOWNLOADING.value, "2.0.0", 100)),
+        status_line(StatusSnapshot(1, 0.109, UpdateStatus.DOWNLOADING.value, "2.0.0", 100)),
+        status_line(StatusSnapshot(1, 1.0, UpdateStatus.VERIFYING.value, "2.0.0", 100)),
     ]
-
-
-def test_status_is_sent_only_when_its_text_changes(notify_socket: socket.socket) -> None:
-    notifier = Notifier()
-    for progress in (0.10, 0.101, 0.109, 0.11, 0.11):
-        notifier.status(StatusSnapshot(1, progress, UpdateStatus.DOWNLOADING.value, "2.0.0", 100))
-    notifier.status(StatusSnapshot(1, 0.0, UpdateStatus.IDLE.value, "0.0.0", 0))
-    notifier.status(StatusSnapshot(2, 0.0, UpdateStatus.IDLE.value, "0.0.0", 0))
-    assert received(notify_socket) == [
-        "STATUS=UPDATE_STATUS_DOWNLOADING 10%",
-        "STATUS=UPDATE_STATUS_DOWNLOADING 11%",
-        "STATUS=UPDATE_STATUS_IDLE",
+    assert lines == [
+        "UPDATE_STATUS_IDLE",
+        "UPDATE_STATUS_CHECKING_FOR_UPDATE",
+        "UPDATE_STATUS_DOWNLOADING 42%",
+        "UPDATE_STATUS_DOWNLOADING 10%",
+        "UPDATE_STATUS_VERIFYING",
     ]
-
-
-def test_nothing_is_sent_when_not_started_by_systemd(
-    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    notifier = Notifier()
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    notifier.notify("READY=1")
-    notifier.status(StatusSnapshot())
-    assert received(notify_socket) == []
-
-
-async def test_watchdog_pings_at_half_the_interval_systemd_asked_for(
-    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")
-    notifier = Notifier()
-    with caplog.at_level(logging.INFO, logger="update_engine"):
-        task = asyncio.create_task(notifier.watchdog())
-        try:
-            pings = [await asyncio.to_thread(notify_socket.recv, 64) for _ in range(3)]
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-    assert pings == [b"WATCHDOG=1"] * 3
-    assert "systemd watchdog enabled: pinging every 0.1 s" in caplog.text
-
-
-@pytest.mark.parametrize("value", [None, "0", "", "twenty", "-5"])
-async def test_no_watchdog_unless_systemd_asks_for_one(
-    value: str | None, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if value is None:
-        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    else:
-        monkeypatch.setenv("WATCHDOG_USEC", value)
-    await asyncio.wait_for(Notifier().watchdog(), WAIT)  # returns at once instead of looping
-    assert received(notify_socket) == []
 
 
 # --- healthy boot -------------------------------------------------------------------------------------------------
