@@ -41,7 +41,7 @@ from tests.faults.support import (
 )
 from update_engine.errors import ErrorCode, describe
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink, WriteTarget
+from update_engine.payload.apply import PayloadSink
 from update_engine.payload.format import (
     HEADER_SIZE,
     PayloadError,
@@ -53,6 +53,7 @@ from update_engine.payload.format import (
     parse_signatures,
 )
 from update_engine.payload.generate import generate_full_payload
+from update_engine.payload.target import WriteTarget
 
 pytestmark = pytest.mark.faults
 

@@ -35,7 +35,7 @@ from tests.faults.support import KIB, Keys, MemoryDisk, Release, build_release
 from tests.helpers.disks import USR_B_INDEX, make_usr_disk
 from update_engine import config, gpt, omaha
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink, WriteTarget
+from update_engine.payload.apply import PayloadSink
 from update_engine.payload.format import (
     PayloadError,
     PayloadStreamParser,
@@ -43,6 +43,7 @@ from update_engine.payload.format import (
     parse_header,
     parse_manifest,
 )
+from update_engine.payload.target import WriteTarget
 
 pytestmark = pytest.mark.faults
 

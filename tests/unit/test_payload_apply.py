@@ -21,9 +21,10 @@ from tests.helpers.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Op, b
 from update_engine.errors import ErrorCode
 from update_engine.payload import apply as apply_module
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink, VerifiedPayload, WriteTarget, verify_payload_file
+from update_engine.payload.apply import PayloadSink, VerifiedPayload, verify_payload_file
 from update_engine.payload.format import PayloadError, parse_header, parse_manifest
 from update_engine.payload.generate import generate_full_payload
+from update_engine.payload.target import BoundedFile, WriteTarget
 
 B = 4096
 MIB = 1024 * 1024
@@ -612,14 +613,14 @@ class _StalledWrites:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
         self.reached = threading.Event()
-        real = apply_module._pwrite_all
+        real = BoundedFile.pwrite
 
-        def stalled(fd: int, data: memoryview, offset: int, what: str) -> None:
+        def stalled(io: BoundedFile, data: bytes | bytearray | memoryview, offset: int) -> None:
             self.reached.set()
             assert self.release.wait(30), "test never released the stalled writes"
-            real(fd, data, offset, what)
+            real(io, data, offset)
 
-        monkeypatch.setattr(apply_module, "_pwrite_all", stalled)
+        monkeypatch.setattr(BoundedFile, "pwrite", stalled)
         monkeypatch.setattr(apply_module, "QUEUE_BYTES", 256 * 1024)
 
 

@@ -11,8 +11,9 @@ shows every chunk to two workers, each at its own pace:
   the signature blob starts: that snapshot is exactly the digest the signature covers, so the signed region is
   hashed once, not twice;
 * the **apply worker** feeds :class:`~update_engine.payload.format.PayloadStreamParser`, which hands out each
-  operation once its data blob is complete and matches its SHA-256, and executes it with ``os.pwrite`` on the
-  target (or on the kernel's temporary file). Nothing reaches the target before its operation's hash matched.
+  operation once its data blob is complete and matches its SHA-256, and executes it on the target (or on the
+  kernel's temporary file) through a :class:`~update_engine.payload.target.BoundedFile`, which refuses any byte
+  outside the partition. Nothing reaches the target before its operation's hash matched.
   The worker feeds the parser whole blobs: a blob split across network chunks is gathered into a reused buffer
   from a small pool, so no memory is allocated (and page-faulted in) per operation.
 
@@ -70,6 +71,7 @@ from update_engine.payload.format import (
     procedure_type_name,
     summarize_manifest,
 )
+from update_engine.payload.target import BoundedFile, WriteTarget
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +93,6 @@ _WRITEBACK_BYTES = 8 * 1024 * 1024
 # Largest piece produced by one bzip2 decompression step or one read-back.
 _PIECE = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class WriteTarget:
-    """The passive partition: a disk image and the partition's byte offset in it, or a partition device at 0."""
-
-    path: Path
-    offset: int
-    size: int
 
 
 @dataclass(frozen=True)
@@ -370,37 +363,12 @@ def _as_payload_error(exc: BaseException) -> PayloadError:
     return PayloadError(ErrorCode.ERROR, f"unexpected failure while applying the payload: {exc!r}")
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int, what: str) -> None:
-    while data:
-        try:
-            written = os.pwrite(fd, data, offset)
-        except OSError as exc:
-            raise PayloadError(
-                ErrorCode.DOWNLOAD_WRITE_ERROR, f"writing {what} at byte {offset}: {exc}"
-            ) from exc
-        data = data[written:]
-        offset += written
-
-
-def _pread_exact(fd: int, buf: memoryview, offset: int, what: str, code: ErrorCode) -> None:
-    while buf:
-        try:
-            got = os.preadv(fd, [buf], offset)
-        except OSError as exc:
-            raise PayloadError(code, f"reading {what} at byte {offset}: {exc}") from exc
-        if got == 0:
-            raise PayloadError(code, f"reading {what}: it ends at byte {offset}")
-        buf = buf[got:]
-        offset += got
-
-
 class _ExtentWriter:
     """Writes a stream of bytes into a list of extents, skipping holes, never past ``limit``."""
 
     def __init__(
         self,
-        fd: int | None,
-        base: int,
+        io: BoundedFile | None,
         limit: int,
         extents: list[pb.Extent],
         block_size: int,
@@ -408,7 +376,7 @@ class _ExtentWriter:
         on_data: Callable[[bytes | bytearray | memoryview], None] | None,
         on_written: Callable[[int, int], None] | None = None,
     ) -> None:
-        self._fd = fd
+        self._io = io
         self._on_written = on_written
         self.block_size = block_size
         self._what = what
@@ -425,7 +393,7 @@ class _ExtentWriter:
                     ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
                     f"extent [{start}, {start + length}) crosses the end of {what} ({limit} bytes)",
                 )
-            self._runs.append((base + start, length))
+            self._runs.append((start, length))
         self.capacity = sum(length for _, length in self._runs)
         self.written = 0
         self._run = 0
@@ -443,8 +411,8 @@ class _ExtentWriter:
         while view:
             offset, length = self._runs[self._run]
             take = min(length - self._run_pos, len(view))
-            if offset is not None and self._fd is not None:
-                _pwrite_all(self._fd, view[:take], offset + self._run_pos, self._what)
+            if offset is not None and self._io is not None:
+                self._io.pwrite(view[:take], offset + self._run_pos)
                 if self._on_written is not None:
                     self._on_written(offset + self._run_pos, take)
             self._run_pos += take
@@ -481,7 +449,6 @@ class PayloadSink:
         on_progress: Callable[[int], None] | None = None,
         require_signature: bool = True,
     ) -> None:
-        self._target = target
         self._public_key_pem = public_key_pem
         self._expected_size = expected_size
         self._expected_sha256_b64 = expected_sha256_b64
@@ -508,9 +475,8 @@ class PayloadSink:
         self._payload_digest: bytes | None = None
 
         # Partition writing, set up when the manifest arrives.
-        self._target_fd: int | None = None
-        self._part_fd: int | None = None
-        self._part_base = 0
+        self._target_io: BoundedFile | None = None
+        self._part_io: BoundedFile | None = None
         self._part_limit = 0
         self._sequential = False
         self._seq_remaining = 0
@@ -520,19 +486,13 @@ class PayloadSink:
         self._writeback_end = 0
 
         self._kernel_fd: int | None = None
+        self._kernel_io: BoundedFile | None = None
         self._kernel_tmp: Path | None = None
         self._kernel_limit = 0
         self._kernel_info: pb.InstallInfo | None = None
 
         if target is not None:
-            if target.offset < 0 or target.size < 0:
-                raise PayloadError(ErrorCode.INSTALL_DEVICE_OPEN_ERROR, f"invalid write target {target}")
-            try:
-                self._target_fd = os.open(target.path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise PayloadError(
-                    ErrorCode.INSTALL_DEVICE_OPEN_ERROR, f"cannot open the target {target.path}: {exc}"
-                ) from exc
+            self._target_io = target.open()
 
         self._chunks = _FanOut(QUEUE_BYTES, consumers=2)
         self._part_q = _ByteQueue(_PARTITION_QUEUE_BYTES)
@@ -688,13 +648,19 @@ class PayloadSink:
             # A worker stuck in I/O still uses the descriptors; closing them could redirect its writes.
             log.error("leaving payload files open: a worker is still running")
             return
-        for fd in {self._target_fd, self._part_fd, self._kernel_fd} - {None}:
-            assert fd is not None
+        for io in {self._target_io, self._part_io, self._kernel_io} - {None}:
+            assert io is not None
             try:
-                os.close(fd)
+                io.close()
             except OSError as exc:
-                log.warning("closing a payload file failed: %s", exc)
-        self._target_fd = self._part_fd = self._kernel_fd = None
+                log.warning("closing %s failed: %s", io.what, exc)
+        if self._kernel_fd is not None:
+            try:
+                os.close(self._kernel_fd)
+            except OSError as exc:
+                log.warning("closing %s failed: %s", self._kernel_tmp, exc)
+        self._target_io = self._part_io = self._kernel_io = None
+        self._kernel_fd = None
         if self._kernel_tmp is not None:
             try:
                 self._kernel_tmp.unlink(missing_ok=True)
@@ -868,17 +834,16 @@ class PayloadSink:
         new_size = manifest.new_partition_info.size if has_npi else 0
         self._sequential = writes_sequentially(manifest)
         self._seq_remaining = new_size if self._sequential else 0
-        if self._target is not None:
-            self._part_fd = self._target_fd
-            self._part_base = self._target.offset
-            self._part_limit = self._target.size
+        if self._target_io is not None:
+            self._part_io = self._target_io
+            self._part_limit = self._target_io.size
         elif has_npi and not self._sequential:
             # Nothing to write to, but the operations must run to know the partition's hash: use a scratch file.
             block_size = manifest.block_size
             self._part_limit = -(-new_size // block_size) * block_size
             with tempfile.TemporaryFile(prefix="payload-scratch-") as scratch:
-                self._part_fd = os.dup(scratch.fileno())
-            os.ftruncate(self._part_fd, self._part_limit)
+                self._part_io = BoundedFile(os.dup(scratch.fileno()), 0, self._part_limit, "the scratch partition")
+            os.ftruncate(self._part_io.fd, self._part_limit)
         log.info(
             "payload manifest: %d partition operations, new partition %s bytes, partition hash %s",
             len(manifest.partition_operations),
@@ -916,6 +881,7 @@ class PayloadSink:
         self._kernel_tmp = Path(name)
         self._kernel_info = proc.new_info
         self._kernel_limit = -(-proc.new_info.size // block_size) * block_size
+        self._kernel_io = BoundedFile(fd, 0, self._kernel_limit, f"the kernel file {self._kernel_tmp}", owns_fd=False)
         log.info("writing the payload's kernel (%d bytes) to %s", proc.new_info.size, self._kernel_tmp)
 
     def _feed_partition_hash(self, data: bytes | bytearray | memoryview) -> None:
@@ -940,16 +906,9 @@ class PayloadSink:
             self._start_writeback()
 
     def _start_writeback(self) -> None:
-        if self._target_fd is not None and self._writeback_end > self._writeback_start:
-            try:
-                os.posix_fadvise(
-                    self._target_fd,
-                    self._writeback_start,
-                    self._writeback_end - self._writeback_start,
-                    os.POSIX_FADV_DONTNEED,
-                )
-            except OSError as exc:  # only a hint; fsync at close() still makes the data durable
-                log.debug("posix_fadvise on the target failed: %s", exc)
+        if self._target_io is not None and self._writeback_end > self._writeback_start:
+            # Only a hint; fsync at close() still makes the data durable.
+            self._target_io.drop_cache(self._writeback_start, self._writeback_end - self._writeback_start)
         self._writeback_start = self._writeback_end
 
     def _execute(self, event: OperationData) -> None:
@@ -957,27 +916,23 @@ class PayloadSink:
         assert manifest is not None
         block_size = manifest.block_size
         if event.destination is Destination.PARTITION:
-            if self._part_fd is None and not self._sequential:
+            if self._part_io is None and not self._sequential:
                 return  # no target and no new_partition_info: only the data hashes can be checked
-            target_what = (
-                f"the target {self._target.path}" if self._target is not None else "the scratch partition"
-            )
+            target_what = self._part_io.what if self._part_io is not None else "the partition"
             writer = _ExtentWriter(
-                self._part_fd,
-                self._part_base,
-                self._part_limit if self._part_fd is not None else 1 << 64,
+                self._part_io,
+                self._part_limit if self._part_io is not None else 1 << 64,
                 list(event.op.dst_extents),
                 block_size,
                 target_what,
                 self._feed_partition_hash if self._sequential else None,
                 self._note_written
-                if self._part_fd is not None and self._part_fd == self._target_fd
+                if self._part_io is not None and self._part_io is self._target_io
                 else None,
             )
-        elif event.destination is Destination.KERNEL and self._kernel_fd is not None:
+        elif event.destination is Destination.KERNEL and self._kernel_io is not None:
             writer = _ExtentWriter(
-                self._kernel_fd,
-                0,
+                self._kernel_io,
                 self._kernel_limit,
                 list(event.op.dst_extents),
                 block_size,
@@ -1045,7 +1000,7 @@ class PayloadSink:
             )
 
     def _read_extents(self, extents: list[pb.Extent], block_size: int) -> bytearray:
-        assert self._part_fd is not None
+        assert self._part_io is not None
         total = sum(extent.num_blocks for extent in extents) * block_size
         data = bytearray(total)
         view = memoryview(data)
@@ -1058,13 +1013,7 @@ class PayloadSink:
                     ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
                     f"source extent [{start}, {start + length}) crosses the end of the partition",
                 )
-            _pread_exact(
-                self._part_fd,
-                view[pos : pos + length],
-                self._part_base + start,
-                "the partition",
-                ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
-            )
+            self._part_io.preadinto(view[pos : pos + length], start, ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR)
             pos += length
         return data
 
@@ -1107,13 +1056,8 @@ class PayloadSink:
             )
         kernel_size = self._verify_kernel()
 
-        if self._target is not None and self._target_fd is not None:
-            try:
-                os.fsync(self._target_fd)
-            except OSError as exc:
-                raise PayloadError(
-                    ErrorCode.DOWNLOAD_WRITE_ERROR, f"flushing the target {self._target.path}: {exc}"
-                ) from exc
+        if self._target_io is not None:
+            self._target_io.fsync()
         if kernel_size is not None:
             self._install_kernel()
         log.info(
@@ -1190,10 +1134,8 @@ class PayloadSink:
                     f"payload wrote {self._part_hashed} bytes of the {size}-byte partition",
                 )
             return self._part_hash_digest
-        assert self._part_fd is not None
-        return _hash_file_range(
-            self._part_fd, self._part_base, size, "the new partition", ErrorCode.NEW_ROOTFS_VERIFICATION_ERROR
-        )
+        assert self._part_io is not None
+        return _hash_range(self._part_io, size, ErrorCode.NEW_ROOTFS_VERIFICATION_ERROR)
 
     def _verify_kernel(self) -> int | None:
         """Size of the kernel written and checked, or None when no kernel was written."""
@@ -1207,9 +1149,8 @@ class PayloadSink:
             raise PayloadError(
                 ErrorCode.DOWNLOAD_WRITE_ERROR, f"truncating {self._kernel_tmp}: {exc}"
             ) from exc
-        digest = _hash_file_range(
-            self._kernel_fd, 0, info.size, "the new kernel", ErrorCode.NEW_KERNEL_VERIFICATION_ERROR
-        )
+        assert self._kernel_io is not None
+        digest = _hash_range(self._kernel_io, info.size, ErrorCode.NEW_KERNEL_VERIFICATION_ERROR)
         if digest != info.hash:
             raise PayloadError(
                 ErrorCode.NEW_KERNEL_VERIFICATION_ERROR,
@@ -1236,14 +1177,15 @@ class PayloadSink:
         log.info("installed the new kernel as %s", self._kernel_path)
 
 
-def _hash_file_range(fd: int, offset: int, size: int, what: str, code: ErrorCode) -> bytes:
+def _hash_range(io: BoundedFile, size: int, code: ErrorCode) -> bytes:
+    """SHA-256 of the first ``size`` bytes of ``io``'s range."""
     digest = hashlib.sha256()
     buf = bytearray(min(_READ_CHUNK, size))
     view = memoryview(buf)
     done = 0
     while done < size:
         piece = view[: min(len(buf), size - done)]
-        _pread_exact(fd, piece, offset + done, what, code)
+        io.preadinto(piece, done, code)
         digest.update(piece)
         done += len(piece)
     return digest.digest()
