@@ -1,8 +1,8 @@
 """The node's identities: the machine id (who holds a reboot lock, who asks Omaha) and this boot's id.
 
 Rules: every path is relative to a ``root`` so tests and the demo can use a temporary tree; a file that is
-missing, unreadable or does not hold the expected form raises ``IdentityError`` naming the file and the
-problem, never returns a guess.
+missing, unreadable or does not hold the expected form raises ``IdentityError`` (``<file>: <problem>``), never
+returns a guess.  The machine id is validated (32 hexadecimal digits) and lowercased, for every program.
 """
 
 from __future__ import annotations
@@ -26,25 +26,30 @@ class IdentityError(Exception):
 
 
 def _read_identity_file(path: Path, what: str, form: re.Pattern[str], expected: str) -> str:
-    """The stripped text of ``path`` if it matches ``form``; IdentityError naming ``path`` otherwise."""
+    """The stripped text of ``path`` if it matches ``form``; IdentityError ``<path>: <problem>`` otherwise."""
     try:
         with path.open("rb") as handle:
             data = handle.read(4097)
     except OSError as exc:
-        raise IdentityError(f"cannot read the {what} from {path}: {exc.strerror or exc}") from exc
+        raise IdentityError(f"{path}: {exc.strerror or exc}") from exc
     try:
         value = data.decode("ascii").strip()
     except UnicodeDecodeError as exc:
-        raise IdentityError(f"{path} does not hold a {what}: it is not ASCII text") from exc
+        raise IdentityError(f"{path}: not ASCII text, so not a {what}") from exc
     if not form.fullmatch(value):
         shown = value if len(value) <= 40 else value[:40] + "…"
-        raise IdentityError(f"{path} does not hold a {what}: {shown!r} is not {expected}")
+        raise IdentityError(f"{path}: {shown!r} is not a {what} ({expected})")
     return value
 
 
 def read_machine_id(root: Path = Path("/")) -> str:
-    """The machine id (32 hex digits, see machine-id(5)), sent without braces as ``machineid``."""
-    return _read_identity_file(root / MACHINE_ID_FILE, "machine id", _MACHINE_ID_RE, "32 hexadecimal digits")
+    """The machine id, lowercased: who asks Omaha (``machineid``) and who holds a reboot lock.
+
+    machine-id(5) says lowercase hexadecimal; a file written in uppercase by hand still names the same machine,
+    so every program reads it the same way here and the lock holder, the Omaha id and ``locksmithctl`` agree.
+    """
+    value = _read_identity_file(root / MACHINE_ID_FILE, "machine id", _MACHINE_ID_RE, "32 hexadecimal digits")
+    return value.lower()
 
 
 def read_boot_id(root: Path = Path("/")) -> str:

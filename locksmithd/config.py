@@ -318,7 +318,7 @@ def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
     if settings.strategy is Strategy.OFF:
         return settings
     try:
-        machine_id = read_machine_id(root).lower()
+        machine_id = read_machine_id(root)
     except IdentityError as exc:
         raise SettingsError(f"Cannot read machine-id: {exc.message}") from None
     if settings.uses_etcd:

@@ -23,6 +23,7 @@ from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
+from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
@@ -243,15 +244,12 @@ class CommandFailed(Exception):
     """A command's failure: the message is printed on stderr, exit status 1."""
 
 
-def read_machine_id(root: Path) -> str:
-    path = root / "etc" / "machine-id"
+def machine_id_of(root: Path) -> str:
+    """This machine's id, as locksmithd names its lock holder (coreos_common.identity's one rule)."""
     try:
-        value = path.read_text().strip()
-    except OSError as exc:
-        raise CommandFailed(f"Cannot read machine-id: {path}: {exc.strerror or exc}") from None
-    if not value:
-        raise CommandFailed(f"Cannot read machine-id: {path} is empty")
-    return value
+        return read_machine_id(root)
+    except IdentityError as exc:
+        raise CommandFailed(f"Cannot read machine-id: {exc.message}") from None
 
 
 def _settings(opts: Options, group: str) -> EtcdSettings:
@@ -311,7 +309,7 @@ def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
 def _one_id(opts: Options, args: list[str], command: str) -> str:
     if len(args) > 1:
         raise UsageError(f"{command} takes at most one id, got {' '.join(args)}")
-    return args[0] if args else read_machine_id(Path(opts.get("config-root")))
+    return args[0] if args else machine_id_of(Path(opts.get("config-root")))
 
 
 def _apply(store: EtcdSemaphoreStore, fn: Callable[[Semaphore], Semaphore], prefix: str) -> Semaphore:
@@ -420,7 +418,7 @@ def cmd_reboot(opts: Options, local: dict[str, str], args: list[str]) -> int:
         raise UsageError(f"reboot takes no arguments, got {' '.join(args)}")
     if os.geteuid() != 0:
         raise CommandFailed("Must be root to initiate reboot.")
-    holder = read_machine_id(Path(opts.get("config-root")))
+    holder = machine_id_of(Path(opts.get("config-root")))
     asyncio.run(_reboot(opts, holder))
     return 0
 

@@ -687,7 +687,7 @@ class UpdateAttempter:
         try:
             machine_id, boot_id = read_machine_id(root), read_boot_id(root)
         except IdentityError as exc:
-            raise ue_config.ConfigError(exc.message) from exc
+            raise ue_config.ConfigError(f"cannot read the node's identity: {exc.message}") from exc
         return omaha.OmahaRequestParams.from_settings(
             settings,
             ue_config.load_oem_release(root),

@@ -158,6 +158,16 @@ def test_bad_tls_settings_are_reported(capsys: pytest.CaptureFixture[str], tmp_p
     )
 
 
+def test_the_holder_is_named_as_locksmithd_names_it(
+    capsys: pytest.CaptureFixture[str], base: list[str], root: Path
+) -> None:
+    """An uppercase machine-id: locksmithd holds the lock as the lowercase id, so locksmithctl must too."""
+    (root / "etc" / "machine-id").write_text(MACHINE_ID.upper() + "\n")
+    assert run(capsys, *base, "lock") == (0, "", "")
+    assert run(capsys, *base, "status") == (0, f"Available: 0\nMax: 1\n\nMACHINE ID\n{MACHINE_ID}\n", "")
+    assert run(capsys, *base, "unlock", MACHINE_ID) == (0, "", "")
+
+
 def test_missing_machine_id(capsys: pytest.CaptureFixture[str], etcd: EtcdCluster, tmp_path: Path) -> None:
     code, _, err = run(capsys, "-endpoint", etcd.endpoints[0], "-config-root", str(tmp_path), "lock")
     assert code == 1

@@ -10,9 +10,9 @@ from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
 from tests.unit.test_updateconf import write
 
 
-def test_machine_id(tmp_path: Path) -> None:
+def test_machine_id_is_lowercased_for_every_program(tmp_path: Path) -> None:
     write(tmp_path, "etc/machine-id", "0123456789abcdef0123456789ABCDEF\n")
-    assert read_machine_id(tmp_path) == "0123456789abcdef0123456789ABCDEF"
+    assert read_machine_id(tmp_path) == "0123456789abcdef0123456789abcdef"
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_boot_id(tmp_path: Path) -> None:
     write(tmp_path, "proc/sys/kernel/random/boot_id", "6c1f8a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b\n")
     assert read_boot_id(tmp_path) == "6c1f8a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
     write(tmp_path, "proc/sys/kernel/random/boot_id", "not-a-uuid\n")
-    with pytest.raises(IdentityError, match="not a UUID"):
+    with pytest.raises(IdentityError, match="not a boot id"):
         read_boot_id(tmp_path)
 
 
