@@ -6,10 +6,15 @@ means success; a server explains a refusal with a ``{"kind", "value"}`` JSON bod
 line. Locks are owned and recursive on the server side, so asking again for a lock we hold, or releasing one
 we do not hold, is harmless.
 
-``acquire`` keeps asking while the server refuses (423 Locked, or any 5xx: airlock answers 500 when its slots
-are full) with a doubling delay; connection failures and other answers raise LockBackendError so the strategy
-can decide.  The protocol cannot tell whether a release freed something: ``release`` returns True whenever the
-server answered 200.
+Waiting and failing are kept apart, as the backend seam asks (``locksmithd.backends``): the protocol has no
+way to wait but asking again, so ``acquire`` asks again, with a doubling delay, while the server answers that
+the lock is taken (423 Locked, as poseidon/fleetlock says it, or airlock's 500 ``failed_lock`` when its slots
+are full). Any other answer is a failure for the strategy to retry: LockBackendUnavailable for no answer or a
+server error (5xx), LockBackendError for a refusal (4xx: a wrong group or URL). The protocol cannot tell
+whether a release freed something: ``release`` returns True whenever the server answered 200.
+
+Answers are read through ``coreos_common.http_async`` and capped at 1 MiB (a FleetLock answer is a few
+bytes; anything posing as a server cannot fill the node's memory), proxies come from the environment.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from coreos_common.goduration import format_go_duration
-from locksmithd.backends import LockBackendError, LockPhase, LockProgress, ProgressCallback
+from coreos_common.http1 import HttpError, ResponseTooLarge, describe_limit
+from coreos_common.http_async import HttpClient
+from locksmithd.backends import (
+    LockBackendError,
+    LockBackendUnavailable,
+    LockPhase,
+    LockProgress,
+    ProgressCallback,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,10 @@ DEFAULT_GROUP = "default"
 GROUP_PATTERN = re.compile(r"[a-zA-Z0-9.-]+")
 # How much of an unexpected error body goes into a log line.
 _MAX_SHOWN_BODY = 200
+# The most of an answer that is read: FleetLock answers are a few bytes of JSON.
+MAX_ANSWER = 1 << 20
+# airlock's ``kind`` for "all slots are taken" (it answers 500 with it).
+FULL_KINDS = frozenset({"failed_lock"})
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -48,9 +63,14 @@ class ServerRefusal:
     value: str
 
     @property
+    def lock_taken(self) -> bool:
+        """The server says the lock is held by others: wait and ask again (423, or airlock's full slots)."""
+        return self.status == 423 or (self.status >= 500 and self.kind in FULL_KINDS)
+
+    @property
     def retryable(self) -> bool:
-        """423 (lock held) and 5xx (server busy or its store failing) are worth asking again."""
-        return self.status == 423 or self.status >= 500
+        """Worth asking again: the lock is taken, or the server (or a proxy before it) failed (5xx)."""
+        return self.lock_taken or self.status >= 500
 
     def __str__(self) -> str:
         if self.kind:
@@ -84,7 +104,7 @@ def request_body(machine_id: str, group: str) -> bytes:
 
 
 class FleetLockBackend:
-    """LockBackend over a FleetLock server; one aiohttp session for the daemon's life."""
+    """LockBackend over a FleetLock server; one HTTP client with kept-alive connections for the daemon's life."""
 
     name = "fleet-lock"
 
@@ -98,51 +118,50 @@ class FleetLockBackend:
         timeout: float = 60.0,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """``backoff_initial``/``backoff_max`` pace the polling while the lock is taken."""
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.group = group
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._sleep = sleep
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # trust_env: honour HTTP(S)_PROXY / NO_PROXY like every other client on the node.
-            self._session = aiohttp.ClientSession(timeout=self._timeout, trust_env=True)
-        return self._session
+        self._http = HttpClient(user_agent="locksmithd")
 
     async def _post(self, operation: str, machine_id: str) -> ServerRefusal | None:
-        """POST one request; None on 200, the refusal otherwise; LockBackendError when there is no answer."""
+        """POST one request; None on 200, the refusal otherwise; LockBackendUnavailable when there is no answer."""
         url = endpoint_url(self.base_url, operation)
         try:
-            async with self._client().post(
+            response = await self._http.request(
+                "POST",
                 url,
-                data=request_body(machine_id, self.group),
-                headers={PROTOCOL_HEADER: "true", "Content-Type": "application/json"},
-                allow_redirects=False,
-            ) as response:
-                body = await response.read()
-                if response.status == 200:
-                    return None
-                return parse_refusal(response.status, body)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            reason = str(exc) or type(exc).__name__
-            raise LockBackendError(f"FleetLock server {url} did not answer: {reason}") from exc
+                headers=[(PROTOCOL_HEADER, "true"), ("Content-Type", "application/json")],
+                body=request_body(machine_id, self.group),
+                timeout=self._timeout,
+                max_body=MAX_ANSWER,
+            )
+        except ResponseTooLarge:
+            raise LockBackendUnavailable(
+                f"FleetLock server {url} answered with more than {describe_limit(MAX_ANSWER)}; is the URL right?"
+            ) from None
+        except HttpError as exc:
+            raise LockBackendUnavailable(f"FleetLock server {url} did not answer: {exc}") from None
+        if response.status == 200:
+            return None
+        return parse_refusal(response.status, response.body)
 
     async def reachable(self) -> bool:
         """True when the server answers HTTP at all (any status)."""
         try:
-            async with self._client().get(self.base_url, allow_redirects=False) as response:
-                await response.read()
-                return True
-        except (aiohttp.ClientError, TimeoutError):
+            await self._http.request("GET", self.base_url, timeout=min(self._timeout, 10.0), max_body=MAX_ANSWER)
+        except HttpError:
             return False
+        return True
 
     async def acquire(
         self, machine_id: str, *, version: str = "", on_progress: ProgressCallback | None = None
     ) -> None:
-        """Ask until the server grants the lock; ``version`` is not part of the protocol."""
+        """Ask until the server grants the lock, waiting while it says the lock is taken; ``version`` is not
+        part of the protocol."""
 
         def report(phase: LockPhase) -> None:
             if on_progress is not None:
@@ -158,8 +177,11 @@ class FleetLockBackend:
                     "FleetLock lock taken for %s in group %s at %s", machine_id, self.group, self.base_url
                 )
                 return
-            if not refusal.retryable:
-                raise LockBackendError(f"lock-manager pre-reboot failure: server-side error, {refusal}")
+            if not refusal.lock_taken:
+                failure = f"lock-manager pre-reboot failure: server-side error, {refusal}"
+                if refusal.retryable:
+                    raise LockBackendUnavailable(failure)
+                raise LockBackendError(failure)
             report(LockPhase.WAITING)
             log.info(
                 "lock-manager pre-reboot failure: server-side error, %s. Retrying in %s.",
@@ -172,11 +194,10 @@ class FleetLockBackend:
     async def release(self, machine_id: str) -> bool:
         refusal = await self._post(STEADY_STATE, machine_id)
         if refusal is not None:
-            raise LockBackendError(f"lock-manager steady-state failure: server-side error, {refusal}")
+            failure = f"lock-manager steady-state failure: server-side error, {refusal}"
+            raise LockBackendUnavailable(failure) if refusal.retryable else LockBackendError(failure)
         log.info("FleetLock lock released for %s in group %s at %s", machine_id, self.group, self.base_url)
         return True
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from locksmithd.backends import LockBackendError, LockPhase, LockProgress
+from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends.fleetlock import FleetLockBackend, endpoint_url, parse_refusal, request_body
 from tests.helpers.etcd import free_port
 
@@ -27,13 +27,14 @@ def test_request_body() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "text", "retryable"),
+    ("status", "body", "text", "retryable", "taken"),
     [
-        (423, b'{"kind":"lock_held","value":"held by x"}', "code 423, lock_held: held by x", True),
+        (423, b'{"kind":"lock_held","value":"held by x"}', "code 423, lock_held: held by x", True, True),
         (
             500,
             b'{"kind":"failed_lock","value":"all 2 semaphore slots currently locked"}\n',
             "failed_lock",
+            True,
             True,
         ),
         (
@@ -41,16 +42,18 @@ def test_request_body() -> None:
             b'{"kind":"invalid_client_identity","value":"bad"}',
             "code 400, invalid_client_identity: bad",
             False,
+            False,
         ),
-        (404, b"404 page not found", "code 404: 404 page not found", False),
-        (502, b"", "code 502", True),
-        (400, b'{"kind": 3}', 'code 400: {"kind": 3}', False),
+        (404, b"404 page not found", "code 404: 404 page not found", False, False),
+        (502, b"", "code 502", True, False),
+        (400, b'{"kind": 3}', 'code 400: {"kind": 3}', False, False),
     ],
 )
-def test_refusals(status: int, body: bytes, text: str, retryable: bool) -> None:
+def test_refusals(status: int, body: bytes, text: str, retryable: bool, taken: bool) -> None:
     refusal = parse_refusal(status, body)
     assert text in str(refusal)
     assert refusal.retryable is retryable
+    assert refusal.lock_taken is taken
 
 
 def test_long_error_bodies_are_cut() -> None:
@@ -87,12 +90,17 @@ async def script() -> AsyncIterator[tuple[Script, str]]:
         await runner.cleanup()
 
 
-async def test_acquire_retries_while_refused(
+async def test_acquire_waits_while_the_lock_is_taken(
     script: tuple[Script, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """poseidon/fleetlock's 423 and airlock's 500 failed_lock both mean "taken": ask again later."""
     caplog.set_level(logging.INFO)
     server, url = script
-    server.answers = [(423, {"kind": "lock_held", "value": "held"}), (503, None), (200, None)]
+    server.answers = [
+        (423, {"kind": "lock_held", "value": "held"}),
+        (500, {"kind": "failed_lock", "value": "all 2 semaphore slots currently locked"}),
+        (200, None),
+    ]
     sleeps: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -111,6 +119,25 @@ async def test_acquire_retries_while_refused(
     assert all(r[1] == "true" for r in server.requests)
     assert b'"group":"g1"' in server.requests[0][2]
     assert "server-side error, code 423, lock_held: held. Retrying in 10s." in caplog.text
+
+
+async def test_a_failing_server_is_the_strategys_to_retry(script: tuple[Script, str]) -> None:
+    """A 5xx that does not say the lock is taken (a proxy's 503, airlock's failed_sem_init) is a failure:
+    the backend does not sleep on it, the strategy retries with its backoff."""
+    server, url = script
+    server.answers = [(503, None), (500, {"kind": "failed_sem_init", "value": "etcd down"})]
+
+    async def no_sleep(seconds: float) -> None:
+        raise AssertionError("the backend must not retry a failure itself")
+
+    backend = FleetLockBackend(url, "g1", sleep=no_sleep)
+    try:
+        with pytest.raises(LockBackendUnavailable, match="code 503"):
+            await backend.acquire(MACHINE)
+        with pytest.raises(LockBackendUnavailable, match="failed_sem_init: etcd down"):
+            await backend.acquire(MACHINE)
+    finally:
+        await backend.close()
 
 
 async def test_misconfiguration_is_an_error_not_a_retry(script: tuple[Script, str]) -> None:
@@ -146,3 +173,44 @@ async def test_unreachable_server() -> None:
             await backend.acquire(MACHINE)
     finally:
         await backend.close()
+
+
+async def test_an_endless_answer_is_cut_at_one_mebibyte() -> None:
+    """A server (or something posing as one) that answers with an endless body: the client reads at most
+    1 MiB of it and reports the server, instead of filling its memory."""
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse(status=423)
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            for _ in range(32 * 16):  # 32 MiB at most, far more than the client may read
+                await response.write(chunk)
+                sent += len(chunk)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", endless)
+    app.router.add_get("/{tail:.*}", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    async def no_sleep(seconds: float) -> None:
+        raise AssertionError("an endless answer is not a refusal to wait on")
+
+    backend = FleetLockBackend(f"http://127.0.0.1:{port}/", sleep=no_sleep)
+    try:
+        with pytest.raises(LockBackendError, match=r"127\.0\.0\.1.*more than 1 MiB"):
+            await backend.acquire(MACHINE)
+        with pytest.raises(LockBackendError, match="more than 1 MiB"):
+            await backend.release(MACHINE)
+    finally:
+        await backend.close()
+        await runner.cleanup()
+    assert sent < 32 * 1024 * 1024
