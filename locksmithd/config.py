@@ -19,11 +19,12 @@ import dataclasses
 import enum
 import re
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.goduration import DurationError, parse_go_duration
 from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.updateconf import load_update_conf
@@ -94,20 +95,6 @@ def env_name(flag: str) -> str:
 
 
 @dataclass(frozen=True)
-class BackoffPolicy:
-    """Delays between retries: ``initial``, doubling, capped at ``maximum`` (seconds)."""
-
-    initial: float = DEFAULT_BACKOFF_INITIAL.total_seconds()
-    maximum: float = DEFAULT_BACKOFF_MAX.total_seconds()
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial
-        while True:
-            yield delay
-            delay = min(delay * 2, self.maximum)
-
-
-@dataclass(frozen=True)
 class SettingValue:
     """A resolved raw value and where it came from, for error messages."""
 
@@ -126,7 +113,7 @@ class DaemonSettings:
     config_root: Path = Path("/")
     bus_address: str | None = None
     accept_any_sender: bool = False
-    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)  # 10s doubling to 5m0s, the defaults below
     session_grace: timedelta = DEFAULT_SESSION_GRACE
     reboot_retry_interval: timedelta = DEFAULT_REBOOT_RETRY_INTERVAL
 

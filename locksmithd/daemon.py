@@ -234,10 +234,7 @@ class Daemon:
 
     async def _reboot(self) -> None:
         assert self.bus is not None
-        backoff = self.settings.backoff
-        await reboot_until_accepted(
-            self.bus, backoff_initial=backoff.initial, backoff_max=backoff.maximum, sleep=self.clock.sleep
-        )
+        await reboot_until_accepted(self.bus, backoff=self.settings.backoff, sleep=self.clock.sleep)
 
     async def _warn_logged_in_users(self) -> None:
         grace = self.settings.session_grace

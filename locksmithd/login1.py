@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.dbus import DBusCallError, call
 from coreos_common.goduration import format_go_duration
 
@@ -39,6 +40,7 @@ UTMP_RECORD = struct.Struct("=h2xi32s4s32s256shhi2i4i20s")
 assert UTMP_RECORD.size == 384
 
 Sleep = Callable[[float], Awaitable[None]]
+LOCKSMITH_BACKOFF = BackoffPolicy()  # 10 s doubling to 5 min
 
 
 async def request_reboot(bus: MessageBus) -> None:
@@ -59,23 +61,22 @@ async def request_reboot(bus: MessageBus) -> None:
 async def reboot_until_accepted(
     bus: MessageBus,
     *,
-    backoff_initial: float = 10.0,
-    backoff_max: float = 300.0,
+    backoff: BackoffPolicy = LOCKSMITH_BACKOFF,
     sleep: Sleep = asyncio.sleep,
 ) -> None:
     """Ask logind to reboot until it accepts, logging each refusal and waiting longer each time."""
-    delay = backoff_initial
+    delays = backoff.delays()
     while True:
         try:
             await request_reboot(bus)
         except (DBusCallError, OSError, EOFError) as exc:
+            delay = next(delays)
             log.error(
                 "logind refused to reboot: %s. Retrying in %s.",
                 exc,
                 format_go_duration(delay),
             )
             await sleep(delay)
-            delay = min(delay * 2, backoff_max)
             continue
         log.info("Reboot sent. Going to sleep.")
         return

@@ -23,6 +23,8 @@ import logging
 import random
 from dataclasses import dataclass
 
+from coreos_common.backoff import BackoffPolicy
+
 log = logging.getLogger(__name__)
 
 SERVER_OVERLOADED_STATUSES = frozenset({500, 503})
@@ -79,7 +81,7 @@ class CheckScheduler:
         self.config = config if config is not None else ScheduleConfig()
         self._rng = rng
         self._last_unfuzzed = 0
-        self._network_retry = 0
+        self._network_failures = 0  # network errors in a row
 
     def first_delay(self) -> int:
         """Seconds from daemon start to the first check (default 120–720 s)."""
@@ -95,20 +97,19 @@ class CheckScheduler:
         c = self.config
         if poll_interval_from_server is not None and poll_interval_from_server > 0:
             unfuzzed, reason = poll_interval_from_server, "server PollInterval"
-            self._network_retry = 0
+            self._network_failures = 0
         elif network_error:
-            self._network_retry = (
-                c.network_retry if self._network_retry == 0 else min(2 * self._network_retry, c.interval)
-            )
-            unfuzzed, reason = self._network_retry, "network error retry"
+            unfuzzed = int(BackoffPolicy(c.network_retry, c.interval).delay(self._network_failures))
+            self._network_failures += 1
+            reason = "network error retry"
         elif last_http_status in SERVER_OVERLOADED_STATUSES:
             cap = max(c.max_backoff, c.interval)
             unfuzzed = max(c.interval, min(2 * self._last_unfuzzed, cap))
             reason = f"HTTP {last_http_status} back-off"
-            self._network_retry = 0
+            self._network_failures = 0
         else:
             unfuzzed, reason = c.interval, "regular interval"
-            self._network_retry = 0
+            self._network_failures = 0
         self._last_unfuzzed = unfuzzed
         spread = self.relative_spread(unfuzzed)
         delay = max(c.floor, fuzz(unfuzzed, spread, self._rng))

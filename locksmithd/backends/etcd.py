@@ -62,12 +62,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests  # type: ignore[import-untyped, unused-ignore]
 from etcd3gw.client import Etcd3Client
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.goduration import format_go_duration
 from locksmithd.backends import (
     LockBackendError,
@@ -814,23 +815,6 @@ class KeyWatch:
 # asyncio backend
 
 
-@dataclass
-class Backoff:
-    """locksmith's retry interval: starts at ``first`` (10 s), doubles, capped at ``cap`` (5 min)."""
-
-    first: float = 10.0
-    cap: float = 300.0
-    _next: float = field(default=0.0, init=False)
-
-    def next(self) -> float:
-        delay = self.first if self._next == 0.0 else self._next
-        self._next = min(delay * 2, self.cap)
-        return min(delay, self.cap)
-
-    def reset(self) -> None:
-        self._next = 0.0
-
-
 class _ThreadedWatch:
     """Runs a KeyWatch in its own thread and hands the newest change to the event loop.
 
@@ -1048,8 +1032,8 @@ class EtcdLockBackend:
     async def reachable(self) -> bool:
         return await asyncio.to_thread(self.store.ping, min(2.0, self.settings.request_timeout))
 
-    async def _sleep_backoff(self, backoff: Backoff, reason: str) -> None:
-        delay = backoff.next()
+    async def _sleep_backoff(self, delays: Iterator[float], reason: str) -> None:
+        delay = next(delays)
         log.warning("Failed to acquire lock: %s. Retrying in %s.", reason, format_go_duration(delay))
         await asyncio.sleep(delay)
 
@@ -1080,7 +1064,8 @@ class EtcdLockBackend:
         store = self.store
         self._on_progress = on_progress
         self._report(LockPhase.ASKING)
-        backoff = Backoff(self._first_backoff, self._max_backoff)
+        backoff = BackoffPolicy(self._first_backoff, self._max_backoff)
+        delays = backoff.delays()
         watch: _ThreadedWatch | None = None
         # The value and revision a watch event showed with a free slot: the next attempt starts from it
         # instead of reading the key again.
@@ -1124,7 +1109,7 @@ class EtcdLockBackend:
                         acquired = True
                         return
                     if not self._use_watch:
-                        await self._sleep_backoff(backoff, f"semaphore is at {attempt.semaphore.semaphore}")
+                        await self._sleep_backoff(delays, f"semaphore is at {attempt.semaphore.semaphore}")
                         continue
                     if line is None and self._use_line:
                         line = await self._join_line(machine_id, attempt.semaphore.max)
@@ -1147,7 +1132,7 @@ class EtcdLockBackend:
                         self.waiting_on = SEMAPHORE
                     state = (attempt.semaphore, attempt.revision)
                     known = await self._wait_for_free_slot(watch, machine_id, state, jitter, line)
-                    backoff.reset()
+                    delays = backoff.delays()
                 except _WatchRestart as exc:
                     log.debug("re-reading %s: %s", store.key, exc)
                     known = None
@@ -1159,7 +1144,7 @@ class EtcdLockBackend:
                     if watch is not None:
                         await watch.close()
                         watch = None
-                    await self._sleep_backoff(backoff, str(exc))
+                    await self._sleep_backoff(delays, str(exc))
         finally:
             self.waiting_on = None
             self._on_progress = None

@@ -26,6 +26,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.goduration import format_go_duration
 from coreos_common.http1 import HttpError, ResponseTooLarge, describe_limit
 from coreos_common.http_async import HttpClient
@@ -167,7 +168,7 @@ class FleetLockBackend:
             if on_progress is not None:
                 on_progress(LockProgress(phase))
 
-        delay = self.backoff_initial
+        delays = BackoffPolicy(self.backoff_initial, self.backoff_max).delays()
         report(LockPhase.ASKING)
         while True:
             refusal = await self._post(PRE_REBOOT, machine_id)
@@ -183,13 +184,13 @@ class FleetLockBackend:
                     raise LockBackendUnavailable(failure)
                 raise LockBackendError(failure)
             report(LockPhase.WAITING)
+            delay = next(delays)
             log.info(
                 "lock-manager pre-reboot failure: server-side error, %s. Retrying in %s.",
                 refusal,
                 format_go_duration(delay),
             )
             await self._sleep(delay)
-            delay = min(delay * 2, self.backoff_max)
 
     async def release(self, machine_id: str) -> bool:
         refusal = await self._post(STEADY_STATE, machine_id)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends import LockBackend
-from locksmithd.config import BackoffPolicy
 from locksmithd.strategies import Clock, SteadyWait
 from locksmithd.strategies.locking import LockingStrategy
 

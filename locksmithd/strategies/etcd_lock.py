@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends import LockBackend
-from locksmithd.config import BackoffPolicy
 from locksmithd.strategies import Clock
 from locksmithd.strategies.locking import LockingStrategy
 

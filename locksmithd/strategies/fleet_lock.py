@@ -6,8 +6,8 @@ the window again before rebooting (zincati#1014 cannot combine its periodic stra
 
 from __future__ import annotations
 
+from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends import LockBackend
-from locksmithd.config import BackoffPolicy
 from locksmithd.strategies import Clock
 from locksmithd.strategies.locking import LockingStrategy
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends import LockBackend, LockBackendError
-from locksmithd.config import BackoffPolicy
 from locksmithd.strategies import Clock, SteadyWait, show_delay
 
 log = logging.getLogger(__name__)
