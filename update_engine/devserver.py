@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import logging
 import signal
 import sys
@@ -23,6 +21,7 @@ from aiohttp import web
 from coreos_common import logs
 from update_engine import omaha
 from update_engine.errors import describe
+from update_engine.payload.apply import payload_digests
 
 log = logging.getLogger("update-engine-devserver")
 
@@ -46,17 +45,8 @@ class Release:
 
     @classmethod
     def from_file(cls, path: Path, version: str, track: str | None) -> Release:
-        sha256, sha1 = hashlib.sha256(), hashlib.sha1()
-        size = 0
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                sha256.update(chunk)
-                sha1.update(chunk)
-                size += len(chunk)
-        return cls(
-            track, version, path, size, base64.b64encode(sha256.digest()).decode(),
-            base64.b64encode(sha1.digest()).decode(),
-        )
+        digests = payload_digests(path)
+        return cls(track, version, path, digests.size, digests.sha256_b64, digests.sha1_b64)
 
 
 @dataclass(frozen=True)

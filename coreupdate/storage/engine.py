@@ -70,6 +70,14 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def shown_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return str(sa.engine.make_url(url).render_as_string(hide_password=True))
+    except sa.exc.ArgumentError:
+        return "(unparseable database URL)"
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True for "the database cannot be reached or is restarting" (answered with 503, retried later)."""
     return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (

@@ -27,13 +27,6 @@ class Keys:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    d = tmp_path_factory.mktemp("keys")
-    make_key_pair(d / "key.pem", d / "key.pub.pem")
-    return Keys(d / "key.pem", d / "key.pub.pem")
-
-
-@pytest.fixture(scope="module")
 def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     d = tmp_path_factory.mktemp("other-keys")
     make_key_pair(d / "key.pem", d / "key.pub.pem")
@@ -59,11 +52,6 @@ def build_release(workdir: Path, keys: Keys, *, size: int = 3 * 1024 * 1024 + 40
     payload = workdir / "update.gz"
     generate_full_payload(image, payload, keys.private.read_bytes(), kernel=kernel)
     return Release(image, kernel, payload)
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Release:
-    return build_release(tmp_path_factory.mktemp("release"), keys)
 
 
 @pytest.fixture

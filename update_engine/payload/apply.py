@@ -1191,13 +1191,20 @@ def _hash_range(io: BoundedFile, size: int, code: ErrorCode) -> bytes:
     return digest.digest()
 
 
-def verify_payload_file(path: Path, public_key_pem: bytes | None) -> VerifiedPayload:
+def verify_payload_file(
+    path: Path, public_key_pem: bytes | None, *, require_signature: bool = True
+) -> VerifiedPayload:
     """Check a payload file without applying it: structure, operation hashes, signature and partition hash.
 
     The partition hash is computed over what the operations would write (in a scratch file when they do not
-    write the partition in order). Raises PayloadError; OSError when the file cannot be read.
+    write the partition in order). Raises PayloadError; OSError when the file cannot be read. With
+    ``require_signature=False`` a missing key or signature blob is not an error (``signature_verified`` says
+    whether it was checked); a signature that is there and does not verify always is.
     """
-    sink = PayloadSink(None, public_key_pem=public_key_pem, expected_size=None, expected_sha256_b64=None)
+    sink = PayloadSink(
+        None, public_key_pem=public_key_pem, expected_size=None, expected_sha256_b64=None,
+        require_signature=require_signature,
+    )
     try:
         with open(path, "rb") as stream:
             while chunk := stream.read(_READ_CHUNK):
@@ -1206,6 +1213,29 @@ def verify_payload_file(path: Path, public_key_pem: bytes | None) -> VerifiedPay
     except BaseException:
         sink.abort()
         raise
+
+
+@dataclass(frozen=True)
+class PayloadDigests:
+    """What an Omaha offer announces about a payload file: its size, base64 SHA-256 and base64 SHA-1."""
+
+    size: int
+    sha256_b64: str
+    sha1_b64: str
+
+
+def payload_digests(path: Path) -> PayloadDigests:
+    """Size and hashes of a payload file, in one read.  Raises OSError."""
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1()
+    size = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_READ_CHUNK):
+            sha256.update(chunk)
+            sha1.update(chunk)
+            size += len(chunk)
+    return PayloadDigests(
+        size, base64.b64encode(sha256.digest()).decode("ascii"), base64.b64encode(sha1.digest()).decode("ascii")
+    )
 
 
 def remove_partial_kernels(kernel_path: Path) -> None:

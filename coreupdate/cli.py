@@ -1,0 +1,190 @@
+"""``coreupdate``: run the update server (``serve``) and administer it (``token``, ``migrate``).
+
+Every sub-command opens the same database: ``--database URL`` (``postgresql://…``), else the SQLite file in
+``--data-dir`` (default ``$STATE_DIRECTORY`` under systemd, else ``/var/lib/coreupdate``).  The schema is
+migrated before anything else.  ``token create`` prints the new token alone on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coreos_common import logs
+from coreupdate.cliutil import EXIT_UNREACHABLE, EXIT_USAGE, CliError, run_cli
+from coreupdate.server import DAY, Server, ServerConfig, serve
+from coreupdate.storage import engine as db_engine
+from coreupdate.storage.migrations import SchemaTooNew
+from coreupdate.storage.store import NotFound, Store
+
+PROG = "coreupdate"
+DEFAULT_DATA_DIR = Path("/var/lib/coreupdate")
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+log = logging.getLogger(PROG)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir:
+        return Path(args.data_dir)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) if state else DEFAULT_DATA_DIR
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    """The migrated store of ``--database`` or ``--data-dir``; CliError with what to do otherwise."""
+    data_dir = _data_dir(args)
+    url = args.database
+    if not url:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise CliError(f"cannot create the data directory {data_dir}: {exc.strerror}; give --data-dir") from None
+        url = db_engine.sqlite_url(data_dir)
+    try:
+        store = Store(db_engine.create(url))
+        store.migrate()
+    except db_engine.DatabaseUrlError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except SchemaTooNew as exc:
+        raise CliError(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        raise CliError(f"--database needs the Python module {exc.name} (Debian: python3-psycopg2)") from None
+    except Exception as exc:
+        if db_engine.is_unavailable(exc):
+            where = db_engine.shown_url(url)
+            raise CliError(f"cannot open the database {where}: {str(exc).splitlines()[0]}", EXIT_UNREACHABLE) from None
+        raise
+    return store
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--listen {text!r} is not HOST:PORT (e.g. 0.0.0.0:8080 or [::]:8080)", EXIT_USAGE)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of days") from None
+    if not days > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be more than 0 days")
+    return days * DAY
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    host, port = _listen(args.listen)
+    key = None
+    if args.payload_public_key:
+        try:
+            key = Path(args.payload_public_key).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read --payload-public-key {args.payload_public_key}: {exc.strerror}") from None
+    store = open_store(args)
+    config = ServerConfig(
+        data_dir=_data_dir(args), public_url=args.public_url, payload_public_key=key,
+        events_retention_s=args.events_retention, history_retention_s=args.history_retention,
+        instances_retention_s=args.instances_retention,
+    )
+    log.info("Database: %s; data directory %s", db_engine.shown_url(str(store.engine.url)), config.data_dir)
+    try:
+        asyncio.run(serve(Server(config, store), host, port))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_UNREACHABLE) from None
+    return 0
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    token = open_store(args).create_token(args.name)
+    print(token)
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    tokens = open_store(args).list_tokens()
+    if args.json:
+        print(json.dumps([t.__dict__ for t in tokens]))
+        return 0
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    rows = [("ID", "NAME", "CREATED", "REVOKED")] + [(str(t.id), t.name, when(t.created_at), when(t.revoked_at))
+                                                     for t in tokens]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    try:
+        count = open_store(args).revoke_token(args.token)
+    except NotFound as exc:
+        raise CliError(str(exc)) from None
+    print(f"revoked {count} token(s)")
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    open_store(args)
+    print("database schema is current")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="state directory (SQLite database, stored payloads); default "
+                                           "$STATE_DIRECTORY or /var/lib/coreupdate")
+    common.add_argument("--database", help="database URL, e.g. postgresql://coreupdate@db.example/coreupdate "
+                                           "(default: SQLite in --data-dir)")
+    common.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog=PROG, description="The fleet's update server (Omaha, groups, rollouts).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", parents=[common], help="run the server")
+    s.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    s.add_argument("--public-url", help="base URL nodes use to reach this server, for payload URLs "
+                                        "(default: from each request's Host header)")
+    s.add_argument("--payload-public-key", help="PEM public key: uploaded payloads must be signed by it")
+    s.add_argument("--events-retention", type=_days, default=30 * DAY, metavar="DAYS",
+                   help="keep events and the activity log this long (default 30)")
+    s.add_argument("--history-retention", type=_days, default=90 * DAY, metavar="DAYS",
+                   help="keep the versions-over-time history this long (default 90)")
+    s.add_argument("--instances-retention", type=_days, default=180 * DAY, metavar="DAYS",
+                   help="forget instances not seen for this long (default 180)")
+    s.set_defaults(handler=_cmd_serve)
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
+    tc = token.add_parser("create", parents=[common], help="make a token; prints it alone on stdout")
+    tc.add_argument("--name", default="admin", help="a name to recognise it by (default admin)")
+    tc.set_defaults(handler=_cmd_token_create)
+    tl = token.add_parser("list", parents=[common], help="list tokens (never their secrets)")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(handler=_cmd_token_list)
+    tr = token.add_parser("revoke", parents=[common], help="revoke a token by id, or all tokens of a name")
+    tr.add_argument("token", metavar="ID|NAME")
+    tr.set_defaults(handler=_cmd_token_revoke)
+    m = sub.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
+    m.set_defaults(handler=_cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        logs.setup(PROG, verbose=args.verbose)
+        return int(args.handler(args))
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

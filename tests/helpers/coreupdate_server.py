@@ -1,0 +1,135 @@
+"""Start ``coreupdate serve`` on a free loopback port with a temporary data directory and an API token, and
+talk to its API.  No pytest imports: the bench and the demo use it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VENV_BIN = Path(sys.executable).parent
+COREOS_APP_ID = "e96281a6-d1af-4bde-9a0a-97b76e56dc57"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CoreUpdateServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    token: str
+    log_path: Path
+    database: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def omaha_url(self) -> str:
+        return f"{self.url}/v1/update/"
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                token: str | None = None, timeout: float = 30) -> tuple[int, Any]:
+        """(status, decoded JSON or text) of an API call; ``path`` starts with ``/``."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token if token is None else token}")
+        if raw is not None:
+            req.add_header("Content-Type", "application/octet-stream")
+        elif body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, payload = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, exc.read()
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            return status, payload.decode(errors="replace")
+
+    def api(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        """An API call that must succeed; raises RuntimeError with the server's message otherwise."""
+        status, answer = self.request(method, "/api/v1" + path, body, **kwargs)
+        if status >= 300:
+            raise RuntimeError(f"{method} {path}: HTTP {status}: {answer}")
+        return answer
+
+    def omaha(self, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.omaha_url, data=body, method="POST",
+                                     headers={"Content-Type": "text/xml"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_text():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not in the coreupdate log after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def coreupdate_command(*args: str) -> list[str]:
+    return [str(VENV_BIN / "coreupdate"), *args]
+
+
+def start_coreupdate(data_dir: Path, *, database: str | None = None, extra_args: tuple[str, ...] = (),
+                     token: str | None = None) -> CoreUpdateServer:
+    """A running server (migrated database, one token named ``test``) listening on 127.0.0.1."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db_args = ["--data-dir", str(data_dir)] + (["--database", database] if database else [])
+    if token is None:
+        made = subprocess.run(coreupdate_command("token", "create", "--name", "test", *db_args),
+                              capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise RuntimeError(f"coreupdate token create failed: {made.stderr}")
+        token = made.stdout.strip()
+    port = free_port()
+    log_path = data_dir / f"coreupdate-{port}.log"
+    with log_path.open("wb") as logf:
+        proc = subprocess.Popen(
+            coreupdate_command("serve", "--listen", f"127.0.0.1:{port}", *db_args, *extra_args),
+            stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = CoreUpdateServer(proc, port, data_dir, token, log_path, database)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"coreupdate exited with {proc.returncode}:\n{server.log_text()}")
+        if "Serving Omaha on" in server.log_text():
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"coreupdate did not start within 30 s:\n{server.log_text()}")
