@@ -34,7 +34,7 @@ def create(url: str) -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError as exc:
-        raise DatabaseUrlError(f"--database {url!r} is not a database URL: {exc}") from None
+        raise DatabaseUrlError(f"--database is not a database URL: {exc}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         engine = sa.create_engine(
@@ -49,10 +49,13 @@ def create(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if backend == "postgresql":
-        if parsed.get_driver_name() not in ("psycopg2", "postgresql"):
-            raise DatabaseUrlError(f"--database {url!r}: only the psycopg2 driver is supported")
-        return sa.create_engine(url, future=True, pool_pre_ping=True, pool_size=8, max_overflow=8)
-    raise DatabaseUrlError(f"--database {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB")
+        # Name the driver: SQLAlchemy 2.1 made psycopg 3 the default for postgresql://, Debian ships psycopg2.
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        if parsed.get_driver_name() != "psycopg2":
+            raise DatabaseUrlError(f"--database {shown_url(url)}: only the psycopg2 driver is supported")
+        return sa.create_engine(parsed, future=True, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    raise DatabaseUrlError(f"--database {shown_url(url)}: use sqlite:///PATH or postgresql://USER@HOST/DB")
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,169 @@
+"""``updateservicectl`` and ``coreupdate``'s admin commands against a running server: outputs, ``--json``,
+exit codes scripts rely on, signed-payload checks, simulated clients, ``watch``, and no traceback anywhere
+(also on a closed pipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.coreupdate_server import (
+    COREOS_APP_ID,
+    VENV_BIN,
+    CoreUpdateServer,
+    coreupdate_command,
+    start_coreupdate,
+)
+from update_engine.payload.generate import generate_full_payload, make_key_pair
+
+pytestmark = pytest.mark.integration
+
+APP_ARG = "{" + COREOS_APP_ID.upper() + "}"  # braces and upper case are accepted
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("payload")
+    make_key_pair(d / "key.pem", d / "key.pub.pem")
+    make_key_pair(d / "other.pem", d / "other.pub.pem")
+    image = d / "usr.img"
+    image.write_bytes(os.urandom(8192) + b"usr " * 4096)
+    generate_full_payload(image, d / "update.gz", (d / "key.pem").read_bytes())
+    return {"payload": d / "update.gz", "public": d / "key.pub.pem", "other": d / "other.pub.pem"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoreUpdateServer]:
+    srv = start_coreupdate(tmp_path_factory.mktemp("srv"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def ctl(server: CoreUpdateServer | None, *args: str, key: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = [str(VENV_BIN / "updateservicectl")]
+    if server is not None:
+        base += ["--server", server.url, "--key", server.token if key is None else key]
+    return subprocess.run(base + list(args), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def ok(server: CoreUpdateServer, *args: str) -> str:
+    result = ctl(server, *args)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def test_a_rollout_driven_from_the_command_line(server: CoreUpdateServer, signed: dict[str, Path]) -> None:
+    refused = ctl(server, "package", "create", "--app-id", APP_ARG, "--version", "2.0.0",
+                  "--file", str(signed["payload"]), "--public-key", str(signed["other"]))
+    assert refused.returncode == 1
+    assert "is not a valid payload signed by --public-key" in refused.stderr and "Traceback" not in refused.stderr
+    out = ok(server, "package", "create", "--app-id", APP_ARG, "--version", "2.0.0", "--file",
+             str(signed["payload"]), "--public-key", str(signed["public"]))
+    assert out.splitlines()[0].split() == ["Version", "Size", "Sha256", "Url"]
+    assert f"/v1/packages/{COREOS_APP_ID}/2.0.0/update.gz" in out
+    ok(server, "package", "create", "--app-id", COREOS_APP_ID, "--version", "2.1.0", "--file",
+       str(signed["payload"]), "--public-key", str(signed["public"]), "--url", "https://mirror.example/x/u.gz")
+    ok(server, "channel", "create", "--app-id", COREOS_APP_ID, "--channel", "edge", "--version", "2.0.0")
+    ok(server, "group", "create", "--app-id", COREOS_APP_ID, "--channel", "edge", "--group-id", "canary",
+       "--label", "Canary")
+    out = ok(server, "group", "update", "--app-id", COREOS_APP_ID, "--group-id", "canary",
+             "--update-count", "2", "--update-interval", "5400", "--failure-pause-count", "3",
+             "--office-hours", "Mon-Sun 0:00 24h", "--timezone", "Europe/Berlin")
+    header, row = out.splitlines()
+    assert header.split() == ["Label", "App", "Channel", "Id", "UpdatesPaused", "UpdateCount", "UpdateInterval",
+                              "Rollout"]
+    assert row.split()[:7] == ["Canary", COREOS_APP_ID, "edge", "canary", "false", "2", "5400"]
+    # Aligned columns: every row's cells start where the header's do.
+    assert row.index(COREOS_APP_ID) == header.index("App")
+
+    fake = ok(server, "instance", "fake", "--app-id", COREOS_APP_ID, "--group-id", "canary", "--version", "1.0.0",
+              "--clients-per-app", "3", "--min-sleep", "0", "--max-sleep", "0")
+    assert fake.splitlines() == ["{fake-client-000}: updated from 1.0.0 to 2.0.0",
+                                 "{fake-client-001}: updated from 1.0.0 to 2.0.0", "{fake-client-002}: noupdate"]
+    listed = json.loads(ok(server, "--json", "instance", "list", "--app-id", COREOS_APP_ID, "--group-id", "canary"))
+    statuses = {i["machine_id"]: i["status"] for i in listed["instances"]}
+    assert statuses["fake-client-000"] == "Complete" and statuses["fake-client-002"] == "OnHold"
+    versions = ok(server, "instance", "list-app-versions", "--app-id", COREOS_APP_ID, "--group-id", "canary")
+    assert versions.splitlines()[1].split() == ["2.0.0", "2"]
+
+    ok(server, "group", "pause", "--app-id", COREOS_APP_ID, "--group-id", "canary", "--reason", "freeze")
+    groups = json.loads(ok(server, "group", "list", "--app-id", COREOS_APP_ID, "--json"))
+    canary = next(g for g in groups if g["id"] == "canary")
+    assert canary["updates_paused"] and canary["pause_reason"] == "freeze"
+    assert canary["rollout"]["granted"] == 2 and canary["rollout"]["completed"] == 2
+    ok(server, "group", "unpause", "--app-id", COREOS_APP_ID, "--group-id", "canary")
+    activity = ok(server, "activity", "list", "--app-id", COREOS_APP_ID)
+    assert "group-unpaused" in activity and "group-paused" in activity and "rollout-started" in activity
+
+
+def test_watch_runs_the_program_with_the_groups_version(server: CoreUpdateServer, tmp_path: Path) -> None:
+    out = tmp_path / "seen"
+    ok(server, "watch", "--group-id", "stable", "--max-runs", "1", "--interval", "0.1", sys.executable, "-c",
+       f"import os; open({str(out)!r}, 'w').write(os.environ['UPDATE_SERVICE_GROUP'] + ' ' + "
+       "os.environ['UPDATE_SERVICE_CHANNEL'] + ' ' + os.environ['UPDATE_SERVICE_VERSION'])")
+    assert out.read_text() == "stable stable "
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "code", "message"),
+    [
+        (("app", "list"), "", 4, "no API key"),
+        (("app", "list"), "cu_nope", 4, "401"),
+        (("group", "pause", "--app-id", COREOS_APP_ID, "--group-id", "nope"), None, 1, "404"),
+        (("group", "update", "--app-id", COREOS_APP_ID, "--group-id", "stable", "--update-count", "0"), None, 1,
+         "update_count"),
+        (("group", "update", "--app-id", COREOS_APP_ID, "--group-id", "stable"), None, 2, "nothing to change"),
+        (("group", "list"), None, 2, "--app-id"),
+        (("channel", "update", "--app-id", "not an id!", "--channel", "x", "--version", "1"), None, 2, "--app-id"),
+        (("package", "create", "--app-id", COREOS_APP_ID, "--version", "3.0.0", "--file", "/nonexistent"), None, 1,
+         "cannot read --file"),
+    ],
+)
+def test_exit_codes(server: CoreUpdateServer, args: tuple[str, ...], key: str | None, code: int,
+                    message: str) -> None:
+    result = ctl(server, *args, key=key)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_server_and_environment_variables(server: CoreUpdateServer) -> None:
+    result = ctl(None, "app", "list", env={"UPDATECTL_SERVER": "http://127.0.0.1:9", "UPDATECTL_KEY": "k"})
+    assert result.returncode == 3 and "cannot reach http://127.0.0.1:9" in result.stderr
+    result = ctl(None, "--json", "app", "list", env={"UPDATECTL_SERVER": server.url, "UPDATECTL_KEY": server.token})
+    assert result.returncode == 0 and json.loads(result.stdout)[0]["id"] == COREOS_APP_ID
+
+
+def test_a_closed_pipe_is_not_a_traceback(server: CoreUpdateServer) -> None:
+    shell = (f"{VENV_BIN}/updateservicectl --server {server.url} --key {server.token} group list "
+             f"--app-id {COREOS_APP_ID} | head -c0; echo rc=${{PIPESTATUS[0]}}")
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "rc=0" and result.stderr == ""
+
+
+def test_coreupdate_admin_commands(tmp_path: Path) -> None:
+    made = subprocess.run(coreupdate_command("token", "create", "--data-dir", str(tmp_path), "--name", "ci"),
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and made.stdout.startswith("cu_") and len(made.stdout.splitlines()) == 1
+    listed = subprocess.run(coreupdate_command("token", "list", "--data-dir", str(tmp_path)), capture_output=True,
+                            text=True, timeout=60)
+    assert listed.stdout.splitlines()[1].split()[:2] == ["1", "ci"] and made.stdout.strip() not in listed.stdout
+    bad = subprocess.run(coreupdate_command("serve", "--database", "mysql://x/y", "--data-dir", str(tmp_path)),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "use sqlite:///PATH or postgresql://" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    down = subprocess.run(coreupdate_command("token", "create", "--database",
+                                             "postgresql://nobody:secret@127.0.0.1:9/none"),
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 3 and "cannot open the database" in down.stderr and "secret" not in down.stderr
+    assert "Traceback" not in down.stderr
