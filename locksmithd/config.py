@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from coreos_common.backoff import BackoffPolicy
+from coreos_common.boolean import parse_bool
 from coreos_common.goduration import DurationError, parse_go_duration
 from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.updateconf import load_update_conf
@@ -35,8 +36,6 @@ from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, p
 ENV_PREFIX = "LOCKSMITHD_"
 DEFAULT_FLEETLOCK_GROUP = "default"
 FLEETLOCK_GROUP_PATTERN = re.compile(r"[a-zA-Z0-9.-]+")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class Strategy(enum.Enum):
@@ -175,12 +174,10 @@ def _boolean(sources: _Sources, flag: str) -> bool:
     found = sources.get(flag)
     if found is None:
         return False
-    text = found.value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise SettingsError(f"{found.source}: {found.value!r} is not a boolean (use true or false)")
+    try:
+        return parse_bool(found.value.strip())
+    except ValueError:
+        raise SettingsError(f"{found.source}: {found.value!r} is not a boolean (use true or false)") from None
 
 
 def _strategy(sources: _Sources) -> Strategy:

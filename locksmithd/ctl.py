@@ -23,6 +23,7 @@ from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
+from coreos_common.boolean import parse_bool
 from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 from locksmithd import __version__
@@ -108,16 +109,11 @@ def _err(text: str) -> None:
 
 # -- flags ---------------------------------------------------------------------------------------------------
 
-_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-
 def _parse_bool(text: str, where: str) -> bool:
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise UsageError(f"invalid boolean value {text!r} for {where}")
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise UsageError(f"invalid boolean value {text!r} for {where}") from None
 
 
 def _is_number(token: str) -> bool:

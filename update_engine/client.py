@@ -32,6 +32,7 @@ from typing import TextIO
 from dbus_fast import AuthError, BusType, InvalidAddressError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.boolean import parse_bool
 from coreos_common.dbus import ERROR_ACCESS_DENIED, DBusCallError, bus_method, call
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 
@@ -99,8 +100,6 @@ _BOOLEAN_FLAGS = (
     "help",
 )
 _VALUE_FLAGS = ("bus_address", "wait", "poll_interval")
-_TRUE = frozenset({"true", "t", "yes", "y", "1"})
-_FALSE = frozenset({"false", "f", "no", "n", "0"})
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,10 @@ class ClientOptions:
 
 
 def _parse_bool(name: str, text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise UsageError(f"-{name}={text}: expected true or false")
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise UsageError(f"-{name}={text}: expected true or false") from None
 
 
 def _parse_seconds(name: str, text: str, minimum_exclusive: bool) -> float:
