@@ -162,3 +162,74 @@ def test_library_chatter_below_warning_is_kept_out(
     assert "GET /v1/update/" not in out.getvalue()
     assert "EpollSelector" not in out.getvalue()
     assert "Connection pool is full" in out.getvalue()
+
+
+# -- values cannot forge lines -------------------------------------------------------------------------------
+
+
+def formatted(fmt: logging.Formatter, message: str, *args: object) -> str:
+    return fmt.format(logging.LogRecord("update_engine", logging.INFO, __file__, 1, message, args, None))
+
+
+FORGERY = "stable\n<3>update_engine: Update installed, rebooting now"
+
+
+@pytest.mark.parametrize(
+    "formatter",
+    [logs.JournalPrefixFormatter("%(message)s"), logs.EscapingFormatter("%(asctime)s locksmithd %(message)s")],
+)
+def test_a_value_cannot_end_the_line_and_forge_another(formatter: logging.Formatter) -> None:
+    text = formatted(formatter, "GROUP changed to %s", FORGERY)
+    assert len(text.splitlines()) == 1
+    assert text.endswith("GROUP changed to stable\\n<3>update_engine: Update installed, rebooting now")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("a\rb", "a\\rb"),
+        ("tab\there", "tab\\there"),
+        ("\x1b[2J\x1b[31mred", "\\x1b[2J\\x1b[31mred"),
+        ("nul\x00", "nul\\x00"),
+        ("del\x7f c1\x85", "del\\x7f c1\\x85"),
+        ("line\u2028sep\u2029para", "line\\u2028sep\\u2029para"),
+        ("plain ünïcode, quotes ' \" and \\ stay", "plain ünïcode, quotes ' \" and \\ stay"),
+    ],
+)
+def test_control_characters_in_values_are_escaped(value: str, shown: str) -> None:
+    assert formatted(logs.JournalPrefixFormatter("%(message)s"), "got %s", value) == f"<6>got {shown}"
+
+
+def test_every_kind_of_value_is_escaped_and_numbers_keep_their_format() -> None:
+    fmt = logs.JournalPrefixFormatter("%(message)s")
+    error = ValueError("bad answer\nforged")
+    assert formatted(fmt, "%s: %r after %d tries (%.1f s)", error, "x\ny", 3, 2.25) == (
+        "<6>bad answer\\nforged: 'x\\ny' after 3 tries (2.2 s)"
+    )
+    assert formatted(fmt, "from %s", Path("/etc/a\nb")) == "<6>from /etc/a\\nb"
+    rec = logging.LogRecord("u", logging.INFO, __file__, 1, "%(who)s at %(n)d", ({"who": "a\nb", "n": 7},), None)
+    assert fmt.format(rec) == "<6>a\\nb at 7"
+    rec = logging.LogRecord("u", logging.ERROR, __file__, 1, error, None, None)  # log.error(exc)
+    assert fmt.format(rec) == "<3>bad answer\\nforged"
+
+
+def test_the_message_format_and_a_traceback_keep_their_lines() -> None:
+    fmt = logs.JournalPrefixFormatter("%(message)s")
+    assert formatted(fmt, "first %s\nsecond", "x").splitlines() == ["<6>first x", "<6>second"]
+    try:
+        raise RuntimeError("disk went away")
+    except RuntimeError:
+        rec = logging.LogRecord("u", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info())
+    lines = fmt.format(rec).splitlines()
+    assert lines[0] == "<3>failed: a\\nb" and lines[-1] == "<3>RuntimeError: disk went away" and len(lines) > 2
+
+
+def test_setup_escapes_values_in_what_the_daemons_write(
+    root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    logs.setup("update_engine")
+    logging.getLogger("update_engine").warning("Omaha answered %s", FORGERY)
+    assert len(out.getvalue().splitlines()) == 1
