@@ -1,4 +1,11 @@
-"""Names shared by update-engine, its client and locksmithd: D-Bus coordinates and the status strings."""
+"""The D-Bus contract of ``com.coreos.update1``: its names, the status strings and the status tuple.
+
+Rules: the names, the eight ``UPDATE_STATUS_*`` strings and the ``(x d s s x)`` tuple of ``GetStatus`` and
+``StatusUpdate`` are the original update_engine's, byte for byte (locksmith, Zincati's tooling and operators'
+scripts match on them).  A body from the bus is decoded strictly: exactly five fields of exactly those types
+(``StatusSnapshot.from_values``), anything else is a ValueError naming what came; callers check the message
+signature first.  Everything here is pure.
+"""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ expects.
 GRUB's ``gptprio.next`` picks the USR partition to boot from three fields in bits 48..56 of each entry's
 attribute word (priority, tries left, successful).  Update-engine arms the freshly written partition, marks a
 healthy boot good and disarms an abandoned update by editing exactly those bits.  Every edit rewrites both
-copies of the table with fresh CRCs (backup first, then primary) so that an interrupted write always leaves
-one valid copy behind.
+copies of the table with fresh CRCs, with an fsync after each: first the copy readers are not using, then the
+one they are (usually backup then primary; primary then backup when the primary is the damaged copy being
+rebuilt), so that an interrupted write always leaves one valid copy behind.
 
 The module has a pure part (header/entry parsing and serialising, the flag bit layout, cgpt's ``prioritize``
 renumbering, table validation) and one I/O shell, :class:`GptDisk`, which does all its disk access through a
