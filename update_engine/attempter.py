@@ -50,12 +50,13 @@ from coreos_common.updateconf import load_update_conf
 from update_engine import config as ue_config
 from update_engine import omaha
 from update_engine import payload_state as attempts
-from update_engine.dbus_service import ResetNotAllowed, RollbackRefused
 from update_engine.errors import (
     DEFERRED_CODES,
     FLAG_RESUMED,
     FLAG_TEST_OMAHA_URL,
     ErrorCode,
+    ResetNotAllowed,
+    RollbackRefused,
     UpdateEngineError,
     describe,
 )

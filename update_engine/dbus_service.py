@@ -29,6 +29,7 @@ from dbus_fast.service import ServiceInterface, method, signal
 
 from coreos_common.dbus import DBusCallError, connection_unix_user
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
+from update_engine.errors import ResetNotAllowed, RollbackRefused
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,6 @@ ERROR_ACCESS_DENIED = "com.coreos.update1.Error.AccessDenied"
 # Argument names in the introspection data, as the original's update_engine.xml names them.
 STATUS_ARG_NAMES = ("last_checked_time", "progress", "current_operation", "new_version", "new_size")
 ROLLBACK_ARG_NAME = "next_boot"
-
-
-class ResetNotAllowed(Exception):
-    """ResetStatus was called outside IDLE / UPDATED_NEED_REBOOT; the message says which state the daemon is in."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class RollbackRefused(Exception):
-    """Rollback cannot be armed (e.g. the other partition never booted successfully); ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class NameNotAcquired(RuntimeError):

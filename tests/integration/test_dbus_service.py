@@ -30,11 +30,10 @@ from tests.helpers.dbus import PrivateBus, start_private_bus
 from update_engine.dbus_service import (
     ManagerService,
     NameNotAcquired,
-    ResetNotAllowed,
-    RollbackRefused,
     connect_bus,
     serve,
 )
+from update_engine.errors import ResetNotAllowed, RollbackRefused
 
 pytestmark = [
     pytest.mark.integration,

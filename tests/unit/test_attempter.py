@@ -24,8 +24,7 @@ from update_engine.attempter import (
     UpdateAttempter,
     describe_outcome,
 )
-from update_engine.dbus_service import ResetNotAllowed, RollbackRefused
-from update_engine.errors import ErrorCode
+from update_engine.errors import ErrorCode, ResetNotAllowed, RollbackRefused
 from update_engine.gpt import GptTableInvalid
 from update_engine.http import HttpLimits
 from update_engine.payload.apply import remove_partial_kernels

@@ -14,10 +14,10 @@ from coreos_common.status import StatusSnapshot, UpdateStatus
 from update_engine.dbus_service import (
     ERROR_RESET_NOT_ALLOWED,
     ManagerInterface,
-    ResetNotAllowed,
     StatusEmitter,
     status_body,
 )
+from update_engine.errors import ResetNotAllowed
 
 DOWNLOADING = UpdateStatus.DOWNLOADING.value
 
