@@ -37,6 +37,7 @@ SERVER_NAME = "coreupdate"
 REFUSAL_MEMORY_S = 2.0
 UNKNOWN_WARNING_INTERVAL_S = 600.0
 MAX_RECENT_GRANTS = 100_000
+MAX_CACHED_RESPONSES = 1024
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,9 @@ class OmahaService:
         self._metrics = metrics
         self._on_group_paused = on_group_paused
         self._clock = clock
-        self._refusals: dict[str, tuple[Refuse, float]] = {}  # group id → (refusal, monotonic expiry)
+        # group id → (refusal, monotonic expiry, a request is asking the database again right now)
+        self._refusals: dict[str, tuple[Refuse, float, bool]] = {}
+        self._responses: dict[tuple[omaha.AppResponse, ...], bytes] = {}
         self._recent_grants: dict[tuple[str, str], str] = {}  # (app, machine) → version granted by us
         self._warned: dict[tuple[str, str, str], float] = {}
 
@@ -168,7 +171,15 @@ class OmahaService:
             responses.append(omaha.AppResponse(
                 app_id=app.app_id, ping=app.ping, events=len(app.events), updatecheck=update,
             ))
-        return omaha.build_response(responses, server=SERVER_NAME)
+        # Most answers repeat (the same noupdate or offer for a whole fleet): keep their bytes.
+        key = tuple(responses)
+        answer = self._responses.get(key)
+        if answer is None:
+            answer = omaha.build_response(responses, server=SERVER_NAME)
+            if len(self._responses) >= MAX_CACHED_RESPONSES:
+                self._responses.clear()
+            self._responses[key] = answer
+        return answer
 
     async def _decide(self, plan: AppPlan) -> Decision:
         if plan.unknown:
@@ -180,15 +191,24 @@ class OmahaService:
                     return regrant
             return plan.answer
         assert plan.group is not None and plan.checkin is not None and plan.package is not None
-        remembered = self._refusals.get(plan.group.id)
+        group_id = plan.group.id
+        remembered = self._refusals.get(group_id)
         if remembered is not None:
-            if remembered[1] > time.monotonic():
-                return self._regrant(plan) or remembered[0]
-            del self._refusals[plan.group.id]
+            refusal, expiry, asking = remembered
+            if expiry > time.monotonic() or asking:
+                # Still fresh, or one request is already asking the database: the others keep the answer.
+                return self._regrant(plan) or refusal
+            self._refusals[group_id] = (refusal, expiry, True)
         try:
-            outcome = await self._grant(plan.checkin, plan.group.id)
+            outcome = await self._grant(plan.checkin, group_id)
         except Exception as exc:
+            if remembered is not None:
+                self._refusals[group_id] = remembered
             raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        finally:
+            current = self._refusals.get(group_id)
+            if current is not None and current[2]:
+                del self._refusals[group_id]
         decision = outcome.decision
         machine = plan.checkin.machine_id
         if isinstance(decision, Grant):
@@ -204,7 +224,7 @@ class OmahaService:
             if plan.group.id not in self._refusals:
                 log.info("Group %s: no update for %s (%s): %s %s", plan.group.name, machine, plan.checkin.version,
                          decision.reason.value, decision.detail)
-            self._refusals[plan.group.id] = (decision, time.monotonic() + REFUSAL_MEMORY_S)
+            self._refusals[plan.group.id] = (decision, time.monotonic() + REFUSAL_MEMORY_S, False)
         if outcome.paused_group:
             log.warning("Group %s paused automatically: %s", plan.group.name, decision.pause_reason)
             self._on_group_paused()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -40,6 +41,11 @@ def canonical_app_id(value: object, field: str = "app_id") -> str:
     """``{E96281A6-…}`` and ``e96281a6-…`` are the same application: lower case, braces stripped."""
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
+    return _canonical_app_id(value, field)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_app_id(value: str, field: str) -> str:
     text = value.strip()
     if text.startswith("{") and text.endswith("}"):
         text = text[1:-1]

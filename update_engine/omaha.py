@@ -15,12 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element, ParseError
+from xml.parsers import expat
 
 import defusedxml
 import defusedxml.ElementTree as SafeElementTree
@@ -299,8 +301,8 @@ def _show(value: str) -> str:
     return repr(_truncate(value))
 
 
-def _parse_xml(body: bytes, what: str) -> Element:
-    """Parse a UTF-8 document with no DTD, no entities, no external references, at most 1 MiB."""
+def _decode_document(body: bytes, what: str) -> str:
+    """The text of a UTF-8 document of at most 1 MiB that declares no other encoding."""
     if not body:
         raise OmahaError(ErrorCode.OMAHA_REQUEST_EMPTY_RESPONSE, f"{what} is empty")
     if len(body) > MAX_MESSAGE_BYTES:
@@ -320,19 +322,35 @@ def _parse_xml(body: bytes, what: str) -> Element:
             ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
             f"{what} declares encoding {_show(declared.group(2))}; only UTF-8 is accepted",
         )
+    return text
+
+
+def _dtd_refused(what: str) -> OmahaError:
+    return OmahaError(
+        ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
+        f"{what} contains a DTD (<!DOCTYPE>); refused, DTDs are never processed",
+    )
+
+
+def _entities_refused(what: str) -> OmahaError:
+    return OmahaError(
+        ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
+        f"{what} declares XML entities; refused, entities are never expanded",
+    )
+
+
+def _parse_xml(body: bytes, what: str) -> Element:
+    """Parse a UTF-8 document with no DTD, no entities, no external references, at most 1 MiB."""
+    text = _decode_document(body, what)
     code = ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR
     try:
         root: Element = SafeElementTree.fromstring(
             text, forbid_dtd=True, forbid_entities=True, forbid_external=True
         )
     except defusedxml.DTDForbidden:
-        raise OmahaError(
-            code, f"{what} contains a DTD (<!DOCTYPE>); refused, DTDs are never processed"
-        ) from None
+        raise _dtd_refused(what) from None
     except defusedxml.EntitiesForbidden:
-        raise OmahaError(
-            code, f"{what} declares XML entities; refused, entities are never expanded"
-        ) from None
+        raise _entities_refused(what) from None
     except defusedxml.ExternalReferenceForbidden:
         raise OmahaError(code, f"{what} refers to an external resource; refused") from None
     except ParseError as exc:
@@ -537,20 +555,63 @@ def _request_invalid(message: str) -> OmahaError:
     return OmahaError(ErrorCode.OMAHA_REQUEST_ERROR, message)
 
 
-def _optional_request_int(element: Element, name: str, *, signed: bool = False) -> int | None:
-    text = element.get(name)
+class _RequestReader:
+    """Collects a request's parts straight from expat's events (a server reads many requests: no element tree).
+
+    The same rules as ``_parse_xml`` (no DTD, no entities, no external references) and the same view as the
+    tree would give: the root, its ``<app>`` children, and each app's ``<event>``, ``<ping>`` and
+    ``<updatecheck>`` children.  Names keep their namespace (``uri}name``), so a namespaced element never passes
+    for one of ours.
+    """
+
+    WHAT = "Omaha request"
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.root_tag: str | None = None
+        self.root_attrs: dict[str, str] = {}
+        self.apps: list[tuple[dict[str, str], list[dict[str, str]], set[str]]] = []
+        self._in_app = False  # the current depth-1 element is an <app>
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        if self.depth == 0:
+            self.root_tag, self.root_attrs = tag, attrs
+        elif self.depth == 1 and tag == "app":
+            self.apps.append((attrs, [], set()))
+        elif self.depth == 2 and self._in_app:
+            children = self.apps[-1]
+            if tag == "event":
+                children[1].append(attrs)
+            else:
+                children[2].add(tag)
+        if self.depth == 1:
+            self._in_app = tag == "app"
+        self.depth += 1
+
+    def end(self, _tag: str) -> None:
+        self.depth -= 1
+
+    def doctype(self, *_args: object) -> None:
+        raise _dtd_refused(self.WHAT)
+
+    def entity(self, *_args: object) -> None:
+        raise _entities_refused(self.WHAT)
+
+    def external(self, *_args: object) -> int:
+        raise OmahaError(ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR, f"{self.WHAT} refers to an external resource; "
+                         "refused")
+
+
+def _request_int(attrs: dict[str, str], tag: str, name: str, *, signed: bool = False,
+                 required: bool = False) -> int | None:
+    text = attrs.get(name)
     if text is None:
+        if required:
+            raise _request_invalid(f"Omaha request <{tag}> has no {name}")
         return None
     if not (_SIGNED_RE if signed else _UNSIGNED_RE).fullmatch(text):
-        raise _request_invalid(f"Omaha request <{element.tag}> {name} is {_show(text)}, not an integer")
+        raise _request_invalid(f"Omaha request <{tag}> {name} is {_show(text)}, not an integer")
     return int(text)
-
-
-def _required_request_int(element: Element, name: str) -> int:
-    value = _optional_request_int(element, name)
-    if value is None:
-        raise _request_invalid(f"Omaha request <{element.tag}> has no {name}")
-    return value
 
 
 def parse_request(body: bytes) -> ParsedRequest:
@@ -558,45 +619,60 @@ def parse_request(body: bytes) -> ParsedRequest:
 
     ``errorcode`` may be negative: the original client prints error codes with bit 31 set as signed numbers.
     """
-    root = _parse_xml(body, "Omaha request")
-    if root.tag != "request":
-        raise _request_invalid(f"Omaha request root element is <{_truncate(root.tag)}>, expected <request>")
-    protocol = root.get("protocol", "")
+    what = _RequestReader.WHAT
+    text = _decode_document(body, what)
+    reader = _RequestReader()
+    parser = expat.ParserCreate(namespace_separator="}")
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.StartDoctypeDeclHandler = reader.doctype
+    parser.EntityDeclHandler = reader.entity
+    parser.UnparsedEntityDeclHandler = reader.entity
+    parser.ExternalEntityRefHandler = reader.external
+    try:
+        parser.Parse(text, True)
+    except expat.ExpatError as exc:
+        raise OmahaError(ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR, f"{what} is not well-formed XML: {exc}") from None
+    except (ValueError, LookupError, RecursionError) as exc:
+        raise OmahaError(ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR, f"{what} cannot be parsed as XML: {exc}") from None
+    if reader.root_tag != "request":
+        shown = _truncate(reader.root_tag or "")
+        raise _request_invalid(f"Omaha request root element is <{shown}>, expected <request>")
+    protocol = reader.root_attrs.get("protocol", "")
     if protocol != "3.0":
         raise _request_invalid(f"Omaha request protocol is {_show(protocol)}, only '3.0' is supported")
     apps: list[RequestApp] = []
-    for app in root.findall("app"):
-        events = []
-        for event in app.findall("event"):
-            events.append(
-                RequestEvent(
-                    type=_required_request_int(event, "eventtype"),
-                    result=_required_request_int(event, "eventresult"),
-                    error_code=_optional_request_int(event, "errorcode", signed=True),
-                    previous_version=event.get("previousversion"),
-                )
+    for attrs, event_attrs, children in reader.apps:
+        events = tuple(
+            RequestEvent(
+                type=_request_int(ev, "event", "eventtype", required=True) or 0,
+                result=_request_int(ev, "event", "eventresult", required=True) or 0,
+                error_code=_request_int(ev, "event", "errorcode", signed=True),
+                previous_version=ev.get("previousversion"),
             )
+            for ev in event_attrs
+        )
         apps.append(
             RequestApp(
-                app_id=app.get("appid", ""),
-                version=app.get("version", ""),
-                track=app.get("track", ""),
-                machine_id=app.get("machineid", ""),
-                boot_id=app.get("bootid", ""),
-                oem=app.get("oem", ""),
-                oem_version=app.get("oemversion", ""),
-                aleph_version=app.get("alephversion", ""),
-                machine_alias=app.get("machinealias", ""),
-                board=app.get("board", ""),
-                ping=app.find("ping") is not None,
-                update_check=app.find("updatecheck") is not None,
-                events=tuple(events),
+                app_id=attrs.get("appid", ""),
+                version=attrs.get("version", ""),
+                track=attrs.get("track", ""),
+                machine_id=attrs.get("machineid", ""),
+                boot_id=attrs.get("bootid", ""),
+                oem=attrs.get("oem", ""),
+                oem_version=attrs.get("oemversion", ""),
+                aleph_version=attrs.get("alephversion", ""),
+                machine_alias=attrs.get("machinealias", ""),
+                board=attrs.get("board", ""),
+                ping="ping" in children,
+                update_check="updatecheck" in children,
+                events=events,
             )
         )
     return ParsedRequest(
         protocol=protocol,
-        install_source=root.get("installsource", ""),
-        updater_version=root.get("updaterversion", ""),
+        install_source=reader.root_attrs.get("installsource", ""),
+        updater_version=reader.root_attrs.get("updaterversion", ""),
         apps=tuple(apps),
     )
 
@@ -715,6 +791,7 @@ _VERSION_RE = re.compile(
 _PreReleaseKey: TypeAlias = tuple[tuple[int, int, str], ...]
 
 
+@functools.lru_cache(maxsize=4096)
 def _version_key(version: str) -> tuple[tuple[int, ...], int, _PreReleaseKey]:
     match = _VERSION_RE.fullmatch(version)
     if match is None:
