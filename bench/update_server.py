@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from coreupdate import COREOS_APP_ID
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage.store import CheckIn, Store
-from tests.helpers.coreupdate_server import start_coreupdate
+from tests.helpers.coreupdate_server import CPP_UPDATE_CHECK, start_coreupdate
 from tests.helpers.postgres import PostgresServer
 
 LUA = """
@@ -44,21 +44,8 @@ request = function()
 end
 """
 
-TEMPLATE = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n'
-    '<request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" '
-    'installsource="scheduler" ismachine="1">\n'
-    '    <os version="Chateau" platform="CoreOS" sp="1.0.0_x86_64"></os>\n'
-    '    <app appid="{' + COREOS_APP_ID + '}" version="1.0.0" track="stable" '
-    'bootid="{7e4a8f33-7bd5-4a36-9a6a-3b4f2b0e5d11}" oem="" oemversion="" alephversion="1.0.0" '
-    'machineid="bench%08d" machinealias="" lang="en-US" board="amd64-usr" hardware_class="" '
-    'delta_okay="false" >\n'
-    '        <ping active="1"></ping>\n'
-    '        <updatecheck></updatecheck>\n'
-    '        <event eventtype="3" eventresult="2" previousversion=""></event>\n'
-    '    </app>\n'
-    '</request>\n'
-)
+# The original client's update check, with a Lua format directive for the machine id.
+TEMPLATE = CPP_UPDATE_CHECK.format(machine="bench%08d", track="stable", version="1.0.0")
 
 
 def register(url: str, count: int) -> float:

@@ -19,6 +19,28 @@ from typing import Any
 VENV_BIN = Path(sys.executable).parent
 COREOS_APP_ID = "e96281a6-d1af-4bde-9a0a-97b76e56dc57"
 
+# An update check exactly as the original C++ update_engine writes it (4/8-space indents, its attribute order,
+# the space before ">" of <app>, the post-reboot event); fill in machine, track and version.
+CPP_UPDATE_CHECK = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" '
+    'installsource="scheduler" ismachine="1">\n'
+    '    <os version="Chateau" platform="CoreOS" sp="{version}_x86_64"></os>\n'
+    '    <app appid="{{e96281a6-d1af-4bde-9a0a-97b76e56dc57}}" version="{version}" track="{track}" '
+    'bootid="{{7e4a8f33-7bd5-4a36-9a6a-3b4f2b0e5d11}}" oem="ami" oemversion="0.1.2-r1" alephversion="1.0.0" '
+    'machineid="{machine}" machinealias="web-1" lang="en-US" board="amd64-usr" hardware_class="" '
+    'delta_okay="false" >\n'
+    '        <ping active="1"></ping>\n'
+    '        <updatecheck></updatecheck>\n'
+    '        <event eventtype="3" eventresult="2" previousversion=""></event>\n'
+    '    </app>\n'
+    '</request>\n'
+)
+
+
+def cpp_update_check(machine: str, track: str = "stable", version: str = "1.0.0") -> bytes:
+    return CPP_UPDATE_CHECK.format(machine=machine, track=track, version=version).encode()
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coreupdate import openapi
-from tests.helpers.coreupdate_server import COREOS_APP_ID, CoreUpdateServer, start_coreupdate
+from tests.helpers.coreupdate_server import COREOS_APP_ID, CoreUpdateServer, cpp_update_check, start_coreupdate
 
 pytestmark = pytest.mark.integration
 
@@ -28,28 +28,8 @@ PAYLOAD_BYTES = b"not a real payload, served by URL only"
 SHA256 = base64.b64encode(hashlib.sha256(PAYLOAD_BYTES).digest()).decode()
 SHA1 = base64.b64encode(hashlib.sha1(PAYLOAD_BYTES).digest()).decode()
 
-# A request exactly as the original C++ update_engine writes it (4/8-space indents, attribute order, the space
-# before ">" of <app>, the post-reboot event).
-CPP_REQUEST = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n'
-    '<request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" '
-    'installsource="scheduler" ismachine="1">\n'
-    '    <os version="Chateau" platform="CoreOS" sp="1.0.0_x86_64"></os>\n'
-    '    <app appid="{e96281a6-d1af-4bde-9a0a-97b76e56dc57}" version="1.0.0" track="TRACK" '
-    'bootid="{7e4a8f33-7bd5-4a36-9a6a-3b4f2b0e5d11}" oem="ami" oemversion="0.1.2-r1" alephversion="1.0.0" '
-    'machineid="MACHINE" machinealias="web-1" lang="en-US" board="amd64-usr" hardware_class="" '
-    'delta_okay="false" >\n'
-    '        <ping active="1"></ping>\n'
-    '        <updatecheck></updatecheck>\n'
-    '        <event eventtype="3" eventresult="2" previousversion=""></event>\n'
-    '    </app>\n'
-    '</request>\n'
-)
-
-
 def cpp_request(machine: str, track: str = "stable", version: str = "1.0.0") -> bytes:
-    body = CPP_REQUEST.replace("MACHINE", machine).replace("TRACK", track)
-    return body.replace('version="1.0.0" track', f'version="{version}" track').encode()
+    return cpp_update_check(machine, track, version)
 
 
 def event_request(machine: str, track: str, event: str, version: str = "1.0.0") -> bytes:
