@@ -7,9 +7,11 @@ bump, so a failed step leaves the previous version intact.  Two servers starting
 serialise on an advisory lock; on SQLite the write transaction (``BEGIN IMMEDIATE``) does the same.
 
 Rules: a step is never edited once released; a new step goes at the end.  Step 1 creates the tables of
-``schema.py`` as they were when it was written: a later step that changes a table must give step 1 a frozen
-copy of that table's old definition.  A database newer than this server (a version above the last step) is
-refused rather than used.
+``schema.py`` that existed when it was written (a later step's new tables are left to that step): a later step
+that changes a table's columns must give step 1 a frozen copy of that table's old definition.  A step that
+only adds an index creates it with ``checkfirst`` (step 1 makes the table with its current indexes on a new
+database, the later step adds them to an old one).  A database newer than this server (a version above the
+last step) is refused rather than used.
 """
 
 from __future__ import annotations
@@ -46,8 +48,14 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer server."""
 
 
+_STEP_1_TABLES = (
+    schema.applications, schema.packages, schema.channels, schema.groups, schema.instances, schema.events,
+    schema.rollouts, schema.version_snapshots, schema.activity, schema.api_tokens, schema.meta,
+)
+
+
 def _step_1_initial(conn: Connection) -> None:
-    schema.metadata.create_all(conn)
+    schema.metadata.create_all(conn, tables=list(_STEP_1_TABLES))
     now = time.time()
     conn.execute(
         sa.insert(schema.applications).values(
@@ -68,8 +76,22 @@ def _step_1_initial(conn: Connection) -> None:
     conn.execute(sa.insert(schema.meta).values(key="catalog_version", value=1))
 
 
+_STEP_2_INDEXES = (
+    "instances_group_versions", "instances_group_last_check", "events_status_at", "activity_group_at",
+)
+
+
+def _step_2_dashboard(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.grants, schema.users, schema.web_sessions])
+    for table in (schema.instances, schema.events, schema.activity):
+        for index in table.indexes:
+            if index.name in _STEP_2_INDEXES:
+                index.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "tables, the CoreOS application, channels and groups stable/beta/alpha", _step_1_initial),
+    (2, "grants history, dashboard users and sessions, indexes for the dashboard's aggregates", _step_2_dashboard),
 ]
 LATEST = MIGRATIONS[-1][0]
 

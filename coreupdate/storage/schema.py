@@ -9,7 +9,15 @@ Conventions, for everything that reads these tables (the API, the dashboard):
   version (written hourly by the server, pruned by retention): the "versions over time" chart;
 * ``rollouts`` counts per group and version how many instances were granted it, failed it and completed it;
 * ``meta`` row ``catalog_version`` grows with every change to apps, packages, channels or groups, so several
-  server processes sharing one database notice each other's changes.
+  server processes sharing one database notice each other's changes;
+* ``grants`` keeps every grant (instance, group, version, time) for the instances' histories, pruned with the
+  events;
+* ``users`` are the dashboard's accounts (``role`` ``admin`` or ``viewer``; ``password_hash`` is the
+  self-describing scrypt text of ``coreupdate/accounts.py``) and ``web_sessions`` their signed-in browsers (only the
+  SHA-256 of the session cookie is stored, with the session's CSRF token and its expiry).
+
+Indexes serve the dashboard's aggregates (see ``storage/dashboard.py``): ``instances_group_versions`` covers the
+per-group counts by version and status and the "seen in the last day" sums without reading the table.
 
 Migrations (``migrations.py``) create and change these tables; a change here comes with a migration there.
 """
@@ -100,6 +108,9 @@ instances = sa.Table(
     sa.Index("instances_group_status", "group_id", "status"),
     sa.Index("instances_last_check", "last_check_at"),
     sa.Index("instances_status", "status"),
+    # Migration 2: the dashboard's aggregates and its instance table's sort orders.
+    sa.Index("instances_group_versions", "group_id", "version", "status", "last_check_at"),
+    sa.Index("instances_group_last_check", "group_id", "last_check_at"),
 )
 
 events = sa.Table(
@@ -118,6 +129,7 @@ events = sa.Table(
     sa.Column("status", sa.Integer, nullable=True),  # the status the event moved the instance to, if any
     sa.Index("events_instance", "app_id", "machine_id", "at"),
     sa.Index("events_at", "at"),
+    sa.Index("events_status_at", "status", "at"),  # migration 2: errors of the last day
 )
 
 rollouts = sa.Table(
@@ -151,6 +163,7 @@ activity = sa.Table(
     sa.Column("version", sa.String(64), nullable=True),
     sa.Column("message", sa.Text, nullable=False),
     sa.Index("activity_at", "at"),
+    sa.Index("activity_group_at", "group_id", "at"),  # migration 2: a group's activity log
 )
 
 api_tokens = sa.Table(
@@ -161,6 +174,42 @@ api_tokens = sa.Table(
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),  # hex SHA-256 of the token
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("app_id", sa.String(64), nullable=False),
+    sa.Column("machine_id", sa.String(128), nullable=False),
+    sa.Column("group_id", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Index("grants_instance", "app_id", "machine_id", "at"),
+    sa.Index("grants_at", "at"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("password_changed_at", sa.Float, nullable=False),
+)
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("token_sha256", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Index("web_sessions_user", "user_id"),
+    sa.Index("web_sessions_expiry", "expires_at"),
 )
 
 meta = sa.Table(

@@ -49,12 +49,14 @@ from coreupdate.storage.schema import (
     applications,
     channels,
     events,
+    grants,
     groups,
     instances,
     meta,
     packages,
     rollouts,
     version_snapshots,
+    web_sessions,
 )
 from update_engine.omaha import RequestEvent
 
@@ -565,6 +567,10 @@ class Store:
                     self._upsert_instance(conn, checkin, status=InstanceStatus.UPDATE_GRANTED,
                                           granted_version=decision.version, granted_at=now)
                     self._count_rollout(conn, group.id, decision.version, now, granted=1)
+                    conn.execute(sa.insert(grants).values(
+                        at=now, app_id=checkin.app_id, machine_id=checkin.machine_id, group_id=group.id,
+                        version=decision.version,
+                    ))
                     if decision.first_of_rollout:
                         self._activity(
                             conn, ActivityKind.ROLLOUT_STARTED, group.app_id,
@@ -814,11 +820,12 @@ class Store:
         return {"version": row.version, "started_at": row.started_at, "granted": row.granted, "failed": row.failed,
                 "completed": row.completed}
 
-    def snapshot_versions(self) -> int:
-        """Record, for the current hour, how many instances of each group run each version (checked in within
-        the last hour).  Repeating it within the hour overwrites the hour's figures."""
+    def snapshot_versions(self, resolution: float = HOUR) -> int:
+        """Record, for the current period of ``resolution`` seconds (an hour unless the server was told
+        otherwise), how many instances of each group run each version (checked in within the last hour).
+        Repeating it within the period overwrites the period's figures."""
         now = self.clock()
-        hour = now - now % HOUR
+        hour = now - now % resolution
         with self.engine.begin() as conn:
             rows = conn.execute(
                 sa.select(instances.c.group_id, instances.c.version, sa.func.count())
@@ -865,11 +872,14 @@ class Store:
     def prune(self, *, events_older_than: float, history_older_than: float, instances_older_than: float) -> dict[
         str, int
     ]:
-        """Delete events and activity, version history, and instances not seen, older than the given ages (s)."""
+        """Delete events, grants and activity, version history, and instances not seen, older than the given
+        ages (s), and expired dashboard sessions."""
         now = self.clock()
         with self.engine.begin() as conn:
             counts = {
                 "events": conn.execute(sa.delete(events).where(events.c.at < now - events_older_than)).rowcount,
+                "grants": conn.execute(sa.delete(grants).where(grants.c.at < now - events_older_than)).rowcount,
+                "web_sessions": conn.execute(sa.delete(web_sessions).where(web_sessions.c.expires_at < now)).rowcount,
                 "activity": conn.execute(sa.delete(activity).where(activity.c.at < now - events_older_than)).rowcount,
                 "version_snapshots": conn.execute(
                     sa.delete(version_snapshots).where(version_snapshots.c.at < now - history_older_than)

@@ -195,7 +195,8 @@ def test_history_snapshots_retention_and_instance_listing(store: Store, clock: F
     clock.now += 10 * 86400
     store.record([checkin(clock, "m0", group)], [])
     pruned = store.prune(events_older_than=86400, history_older_than=5 * 86400, instances_older_than=7 * 86400)
-    assert pruned == {"events": 1, "activity": 0, "version_snapshots": 2, "instances": 8}
+    assert pruned == {"events": 1, "grants": 0, "web_sessions": 0, "activity": 0, "version_snapshots": 2,
+                      "instances": 8}
     assert store.list_instances(COREOS_APP_ID, InstanceFilter()).total == 1
 
 
