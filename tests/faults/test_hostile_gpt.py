@@ -37,7 +37,7 @@ from tests.faults.support import (
     Release,
     make_node,
 )
-from tests.helpers.dbus import PrivateBus, start_private_bus
+from tests.helpers.dbus import PrivateBus
 from tests.helpers.disks import (
     USR_A_INDEX,
     USR_B_INDEX,
@@ -45,7 +45,8 @@ from tests.helpers.disks import (
     make_usr_disk,
     moved,
 )
-from tests.integration.test_daemon import POLICY, call, connect, get_status, make_daemon, subscribe, wait_for_owner
+from tests.integration import test_daemon
+from tests.integration.test_daemon import call, connect, get_status, make_daemon, subscribe, wait_for_owner
 from update_engine import gpt
 from update_engine.errors import ErrorCode
 
@@ -220,13 +221,7 @@ async def test_a_partition_moved_while_its_payload_is_written_is_not_armed(
         await stub.stop()
 
 
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    b = start_private_bus(tmp_path / "dbus", [POLICY])
-    try:
-        yield b
-    finally:
-        b.stop()
+bus = test_daemon.bus  # a private bus with the product's D-Bus policy
 
 
 async def test_the_daemon_refuses_reports_and_keeps_running(
