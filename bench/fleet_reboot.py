@@ -58,7 +58,7 @@ from locksmithd.backends.etcd import (
 )
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, SemaphoreError
-from tests.helpers.etcd_cluster import EtcdCluster
+from sim.etcd import EtcdCluster
 
 # Seconds between "every worker is ready" and the common start, so that all of them are asleep waiting for it.
 START_MARGIN = 0.5

@@ -25,11 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers.dbus import start_private_bus
-from tests.helpers.disks import make_usr_disk
-from tests.helpers.node import VENV_BIN, DevServerProcess, make_node_root, start_devserver
-
-POLICY = Path(__file__).resolve().parent.parent / "units" / "com.coreos.update1.conf"
+from sim.bus import start_private_bus
+from sim.devserver import DevServerProcess, start_devserver
+from sim.disks import make_usr_disk
+from sim.node import make_node_root
+from sim.tools import UPDATE_ENGINE_POLICY as POLICY
+from sim.tools import VENV_BIN
 
 
 @dataclass
@@ -116,8 +117,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if devserver is not None:
-            devserver.process.terminate()
-            devserver.process.wait(timeout=10)
+            devserver.stop()
         bus.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -29,9 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers.disks import make_usr_disk, partition_range
-from tests.helpers.node import VENV_BIN, make_node_root, start_devserver
-from update_engine.payload.generate import generate_full_payload, make_key_pair
+from sim.devserver import start_devserver
+from sim.disks import make_usr_disk, partition_range
+from sim.node import make_node_root, update_engine_args
+from sim.payload import key_files
+from update_engine.payload.generate import generate_full_payload
 
 USR_B = 4
 
@@ -95,24 +97,17 @@ def bench_size(workdir: Path, size_mib: int) -> Figures:
     d.mkdir(parents=True)
     image = d / "usr.img"
     write_random_image(image, size_mib)
-    make_key_pair(d / "key.pem", d / "key.pub.pem")
+    keys = key_files(d)
     payload = d / "update.gz"
     t0 = time.perf_counter()
-    generate_full_payload(image, payload, (d / "key.pem").read_bytes())
+    generate_full_payload(image, payload, keys.private.read_bytes())
     generate_s = time.perf_counter() - t0
 
     disk = make_usr_disk(d / "disk.img", usr_mib=size_mib + 2)
-    server = start_devserver(d / "srv", [(payload, "2.0.0", None)])
-    try:
+    with start_devserver(d / "srv", [(payload, "2.0.0", None)]) as server:
         node = make_node_root(d / "root", server=server.url)
         os.sync()
-        ours_s, rss = timed([
-            str(VENV_BIN / "update_engine"), "--once", "--disk", str(disk), "--booted", "USR-A",
-            "--public-key", str(d / "key.pub.pem"), "--state-dir", str(node.state_dir), "--run-dir",
-            str(node.run_dir), "--config-root", str(node.root), "--kernel-dir", str(node.kernel_dir),
-        ])
-    finally:
-        server.stop()
+        ours_s, rss = timed(update_engine_args(node, disk, "USR-A", keys.public, "--once"))
 
     # The floor writes into a fresh image of the same layout, as ours did: same sparse, unallocated target.
     floor_disk = make_usr_disk(d / "floor-disk.img", usr_mib=size_mib + 2)

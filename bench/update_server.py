@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from coreupdate import COREOS_APP_ID
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage.store import CheckIn, Store
-from tests.helpers.coreupdate_server import CPP_UPDATE_CHECK, start_coreupdate
-from tests.helpers.postgres import PostgresServer
+from sim.coreupdate import CPP_UPDATE_CHECK, start_coreupdate
+from sim.postgres import PostgresServer
 
 LUA = """
 math.randomseed(os.time())

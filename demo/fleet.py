@@ -59,18 +59,22 @@ from coreos_common.status import INTERFACE, StatusSnapshot, UpdateStatus
 from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange, KeyWatch
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import SEMAPHORE_KEY, Semaphore, SemaphoreError
-from tests.helpers.dbus import PrivateBus, start_private_bus
-from tests.helpers.disks import make_usr_disk
-from tests.helpers.etcd_cluster import EtcdCluster
-from tests.helpers.login1 import LOGIN1_NAME, LOGIN1_PATH, Login1Manager
-from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, free_port, make_node_root
-from tests.helpers.node import start_devserver as start_devserver_process
-from tests.helpers.systemd import BootCompleteUnit, start_systemd_standin
+from sim.bus import PrivateBus, start_private_bus
+from sim.devserver import DevServerProcess
+from sim.devserver import start_devserver as start_devserver_process
+from sim.disks import make_usr_disk
+from sim.etcd import EtcdCluster
+from sim.node import NodeRoot, make_node_root
+from sim.payload import key_files
+from sim.ports import free_port
+from sim.standins.login1 import LOGIN1_NAME, LOGIN1_PATH, Login1Manager
+from sim.standins.systemd import BootCompleteUnit, start_systemd_standin
+from sim.tools import VENV_BIN
 from update_engine import gpt
 from update_engine.errors import FLAG_DEV_MODE, FLAG_RESUMED, FLAG_TEST_IMAGE, FLAG_TEST_OMAHA_URL, ErrorCode
 from update_engine.errors import describe as describe_code
 from update_engine.omaha import EventResult, EventType
-from update_engine.payload.generate import generate_full_payload, make_key_pair
+from update_engine.payload.generate import generate_full_payload
 
 log = logging.getLogger("demo.fleet")
 
@@ -607,9 +611,8 @@ class Fleet:
     async def make_release(self) -> Path:
         """A key pair and the signed payload of a 2.0.0 USR image and kernel, by the project's generator."""
         release = self.workdir / "release"
-        release.mkdir(parents=True)
-        private_key = release / "key.pem"
-        await asyncio.to_thread(make_key_pair, private_key, self.public_key)
+        keys = await asyncio.to_thread(key_files, release)
+        self.public_key = keys.public
         image = release / f"usr-{NEW_VERSION}.img"
         size = USR_MIB * MIB
         header = f"{RELEASE_KEY}={NEW_VERSION}\nCOREOS_RELEASE_BOARD=amd64-usr\n".encode()
@@ -618,7 +621,7 @@ class Fleet:
         kernel = release / "vmlinuz"
         kernel.write_bytes(f"demo kernel {NEW_VERSION}\n".encode() * 4096)
         payload = release / f"update-{NEW_VERSION}.gz"
-        key = private_key.read_bytes()
+        key = keys.private.read_bytes()
         await asyncio.to_thread(generate_full_payload, image, payload, key, kernel=kernel)
         self.say("fleet", f"signing key made; payload {NEW_VERSION}: {payload.stat().st_size / MIB:.1f} MiB "
                           f"({USR_MIB} MiB /usr image + kernel), signed")  # fmt: skip

@@ -1,10 +1,24 @@
-"""Shared fixtures: every test works under its own temporary root."""
+"""Shared fixtures: every test works under its own temporary root.
+
+The fixtures over the simulation harness (:mod:`sim`) live in ``tests/fixtures/`` and are registered here for
+every test: ask for them by name (``private_bus``, ``login1``, ``etcd_single``, ``etcd_cluster3``, ``usr_disk``,
+``keys``, ``other_keys``, ``postgres_server``).
+"""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+
+pytest_plugins = [
+    "tests.fixtures.bus",
+    "tests.fixtures.disks",
+    "tests.fixtures.etcd",
+    "tests.fixtures.payload",
+    "tests.fixtures.postgres",
+    "tests.fixtures.standins",
+]
 
 
 def require_tool(name: str) -> str:
@@ -14,15 +28,3 @@ def require_tool(name: str) -> str:
         pytest.fail(f"{name} is not installed; .ci/run installs it")
     return path
 
-
-@pytest.fixture(scope="session")
-def postgres_server():  # type: ignore[no-untyped-def]
-    """One private PostgreSQL server for the whole run (each test makes its own database)."""
-    from tests.helpers.postgres import PostgresServer
-
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_once import Keys, Release, run_once
-from tests.helpers.coreupdate_server import COREOS_APP_ID, CoreUpdateServer, start_coreupdate
-from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
-from tests.helpers.node import make_node_root
+from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, start_coreupdate
+from sim.disks import cgpt_flags, make_usr_disk, partition_bytes
+from sim.node import make_node_root
+from sim.payload import Keys, Release
+from tests.e2e.test_once import run_once
 
 USR_B = 4
 APP = f"/apps/{COREOS_APP_ID}"

@@ -4,63 +4,25 @@ sgdisk, flags read back with cgpt."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
-from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, make_node_root, start_devserver
-from update_engine.payload.generate import generate_full_payload, make_key_pair
+from sim.devserver import DevServerProcess, start_devserver
+from sim.disks import cgpt_flags, make_usr_disk, partition_bytes
+from sim.node import NodeRoot, make_node_root, update_engine_args
+from sim.payload import Keys, Release
 
 USR_A, USR_B = 3, 4
 TEST_OMAHA_URL_FLAG = 1 << 28
 
 
-@dataclass
-class Keys:
-    private: Path
-    public: Path
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    d = tmp_path_factory.mktemp("other-keys")
-    make_key_pair(d / "key.pem", d / "key.pub.pem")
-    return Keys(d / "key.pem", d / "key.pub.pem")
-
-
-@dataclass
-class Release:
-    image: Path
-    kernel: Path
-    payload: Path
-
-
-def build_release(workdir: Path, keys: Keys, *, size: int = 3 * 1024 * 1024 + 4096) -> Release:
-    """A new USR image (mixed compressible and random data), a kernel, and their signed payload."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    rnd = os.urandom(size // 2)
-    image_bytes = (rnd + b"flatcar-usr-b " * (size // 28 + 1))[:size]
-    image = workdir / "usr-b.img"
-    image.write_bytes(image_bytes)
-    kernel = workdir / "vmlinuz"
-    kernel.write_bytes(os.urandom(70000))
-    payload = workdir / "update.gz"
-    generate_full_payload(image, payload, keys.private.read_bytes(), kernel=kernel)
-    return Release(image, kernel, payload)
-
-
 @pytest.fixture
 def devserver(tmp_path: Path, release: Release) -> Iterator[DevServerProcess]:
-    server = start_devserver(tmp_path / "srv", [(release.payload, "2.0.0", None)])
-    try:
+    with start_devserver(tmp_path / "srv", [(release.payload, "2.0.0", None)]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -69,14 +31,7 @@ def node(tmp_path: Path, devserver: DevServerProcess) -> NodeRoot:
 
 
 def run_once(node: NodeRoot, disk: Path, public_key: Path | None, *extra: str) -> subprocess.CompletedProcess[str]:
-    args = [
-        str(VENV_BIN / "update_engine"), "--once", "--disk", str(disk), "--booted", "USR-A",
-        "--state-dir", str(node.state_dir), "--run-dir", str(node.run_dir),
-        "--config-root", str(node.root), "--kernel-dir", str(node.kernel_dir), "--resume-delay", "0.2",
-        *extra,
-    ]
-    if public_key is not None:
-        args += ["--public-key", str(public_key)]
+    args = update_engine_args(node, disk, "USR-A", public_key, "--once", "--resume-delay", "0.2", *extra)
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from coreos_common.status import UpdateStatus
-from tests.e2e.test_once import Keys, Release, build_release, event_pairs, keys, other_keys
-from tests.helpers.disks import cgpt_flags, make_usr_disk
-from tests.helpers.node import DevServerProcess, NodeRoot, make_node_root, start_devserver
+from sim.devserver import DevServerProcess, start_devserver
+from sim.disks import cgpt_flags, make_usr_disk
+from sim.node import NodeRoot, make_node_root
+from sim.payload import Keys, Release, build_release
+from tests.e2e.test_once import event_pairs
 from update_engine.attempter import EngineOptions, UpdateAttempter
 from update_engine.errors import FLAG_TEST_OMAHA_URL, ErrorCode
 from update_engine.prefs import BACKOFF_EXPIRY_TIME, PAYLOAD_ATTEMPT_NUMBER
-
-__all__ = ["keys", "other_keys"]  # fixtures used by name below
 
 USR_B = 4
 DAY = 24 * 3600

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from _pytest.terminal import TerminalReporter
 
+from sim.payload import Keys, Release, build_release
 from tests.faults import figures
-from tests.faults.support import KIB, Keys, Release, build_release, make_keys
+from tests.faults.support import KIB
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,18 +26,7 @@ def pytest_terminal_summary(terminalreporter: TerminalReporter, exitstatus: int,
 
 
 @pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    """The signing key the nodes trust."""
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="session")
-def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    """A key nobody trusts."""
-    return make_keys(tmp_path_factory.mktemp("other-keys"))
-
-
-@pytest.fixture(scope="session")
 def small_release(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Release:
     """A 256 KiB image in 64 KiB operations and a 9000-byte kernel: a payload of about 140 KiB."""
-    return build_release(tmp_path_factory.mktemp("small-release"), keys, image_size=256 * KIB, chunk_size=64 * KIB)
+    return build_release(tmp_path_factory.mktemp("small-release"), keys, image_size=256 * KIB, chunk_size=64 * KIB,
+                         kernel_size=9000, seed=1)

@@ -26,19 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from sim.disks import disk_facts
+from sim.node import make_node
+from sim.omaha import Offer, OmahaStub
+from sim.payload import Keys, Release, sha256_b64
 from tests.faults.figures import record
-from tests.faults.support import (
-    NEW_VERSION,
-    TEST_OMAHA_URL_FLAG,
-    Keys,
-    Offer,
-    OmahaStub,
-    Release,
-    assert_nothing_armed,
-    disk_facts,
-    make_node,
-    sha256_b64,
-)
+from tests.faults.support import NEW_VERSION, TEST_OMAHA_URL_FLAG, assert_nothing_armed
 from update_engine.errors import ErrorCode, describe
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.apply import PayloadSink

@@ -23,24 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from sim.disks import USR_B_INDEX, DiskFacts, disk_facts, partition_bytes
+from sim.node import Node, make_node
+from sim.omaha import Offer, OmahaStub
+from sim.payload import Keys, Release, build_release
 from tests.faults.figures import record
-from tests.faults.support import (
-    FRESH_USR_A,
-    KIB,
-    MIB,
-    NEW_VERSION,
-    DiskFacts,
-    Keys,
-    Node,
-    Offer,
-    OmahaStub,
-    Release,
-    assert_running_untouched,
-    build_release,
-    disk_facts,
-    make_node,
-)
-from tests.helpers.disks import USR_B_INDEX, partition_bytes
+from tests.faults.support import FRESH_USR_A, KIB, MIB, NEW_VERSION, assert_running_untouched
 
 pytestmark = pytest.mark.faults
 

@@ -21,8 +21,9 @@ import pytest
 from locksmithd.backends.etcd import EtcdLockBackend, EtcdTransientError
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, key_for_group
+from sim.etcd import EtcdCluster
 from tests.faults.figures import record
-from tests.helpers.etcd import EtcdCluster, start_cluster
+from tests.fixtures.etcd import start_cluster
 
 pytestmark = pytest.mark.faults
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from sim import disks
+from sim.disks import USR_A_INDEX, USR_B_INDEX, make_usr_disk, write_gpt_image
 from tests.conftest import require_tool
 from tests.faults.figures import record
 from tests.faults.support import MemoryDisk
-from tests.helpers import disks
-from tests.helpers.disks import USR_A_INDEX, USR_B_INDEX, make_usr_disk, write_gpt_image
 from update_engine import gpt
 from update_engine.gpt import GptDisk, GptError, PartitionFlags
 

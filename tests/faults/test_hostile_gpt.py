@@ -1,7 +1,7 @@
 """Partition tables that lie: USR-B overlapping USR-A or the table itself, past the usable area or the disk, reversed,
 near 2^64, entry arrays on top of each other. The running partition must stay untouchable whatever the table says.
 
-Each table starts as an sgdisk image and is edited with :func:`tests.helpers.disks.craft_table`, which writes the
+Each table starts as an sgdisk image and is edited with :func:`sim.disks.craft_table`, which writes the
 CRCs afresh (sgdisk refuses to make such tables; a broken tool or an attacker does not). ``update_engine --once`` is
 then offered a real signed payload. Every case must be refused before anything happens: exit 1 with one line naming
 the disk, the partition and the problem, error 7 reported to Omaha, not one payload byte downloaded, the whole
@@ -25,26 +25,14 @@ from dbus_fast import MessageType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sim.bus import PrivateBus
+from sim.disks import USR_A_INDEX, USR_B_INDEX, craft_table, make_usr_disk, moved
+from sim.node import Node, make_node
+from sim.omaha import Offer, OmahaStub
+from sim.payload import Keys, Release
 from tests.conftest import require_tool
 from tests.faults.figures import record
-from tests.faults.support import (
-    NEW_VERSION,
-    TEST_OMAHA_URL_FLAG,
-    Keys,
-    Node,
-    Offer,
-    OmahaStub,
-    Release,
-    make_node,
-)
-from tests.helpers.dbus import PrivateBus
-from tests.helpers.disks import (
-    USR_A_INDEX,
-    USR_B_INDEX,
-    craft_table,
-    make_usr_disk,
-    moved,
-)
+from tests.faults.support import NEW_VERSION, TEST_OMAHA_URL_FLAG
 from tests.integration import test_daemon
 from tests.integration.test_daemon import call, connect, get_status, make_daemon, subscribe, wait_for_owner
 from update_engine import gpt

@@ -9,12 +9,9 @@ a private bus.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
-import ipaddress
 import os
 import re
-import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,31 +20,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from coreos_common.status import UpdateStatus
+from sim.bus import start_private_bus
+from sim.disks import disk_facts
+from sim.node import Node, make_node
+from sim.omaha import Offer, OmahaStub, serve_bytes
+from sim.payload import Keys, Release, build_release
+from sim.tls import make_server_tls
+from sim.tools import VENV_BIN
 from tests.faults.figures import record
-from tests.faults.support import (
-    FRESH_USR_A,
-    MIB,
-    NEW_VERSION,
-    TEST_OMAHA_URL_FLAG,
-    Keys,
-    Node,
-    Offer,
-    OmahaStub,
-    Release,
-    assert_nothing_armed,
-    build_release,
-    disk_facts,
-    make_node,
-    serve_bytes,
-)
-from tests.helpers.dbus import start_private_bus
-from tests.helpers.node import VENV_BIN
+from tests.faults.support import FRESH_USR_A, MIB, NEW_VERSION, TEST_OMAHA_URL_FLAG, assert_nothing_armed
 from update_engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
 from update_engine.http import HttpLimits
@@ -278,7 +261,9 @@ async def stub(release_for_hostile: Release) -> AsyncIterator[OmahaStub]:
 @pytest.fixture(scope="session")
 def release_for_hostile(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Release:
     """About 2 MiB of payload: large enough for the downloader to deliver a first 1 MiB before a fault."""
-    return build_release(tmp_path_factory.mktemp("hostile-release"), keys, image_size=4 * MIB, seed=2)
+    return build_release(
+        tmp_path_factory.mktemp("hostile-release"), keys, image_size=4 * MIB, kernel_size=9000, seed=2
+    )
 
 
 async def _attempt(
@@ -379,62 +364,6 @@ async def test_honest_server_still_works(tmp_path: Path, keys: Keys, stub: Omaha
 # --- https configured, http offered ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tls:
-    ca: Path
-    context: ssl.SSLContext
-
-
-def _make_tls(directory: Path) -> Tls:
-    """A throw-away CA and a certificate for 127.0.0.1 signed by it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fault test CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_path, key_path)
-    return Tls(ca_path, context)
-
-
-async def _https_stub(tls: Tls, release: Release) -> tuple[OmahaStub, web.AppRunner, int]:
-    """The stub's routes, served over https on a second port."""
-    plain = await OmahaStub(payload=release.data).start()
-    app = web.Application()
-    app.router.add_post("/v1/update/", plain._omaha)
-
-    async def package(request: web.Request) -> web.StreamResponse:
-        return await serve_bytes(request, release.data, plain)
-
-    app.router.add_get("/packages/{name}", package)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context)
-    await site.start()
-    return plain, runner, int(runner.addresses[0][1])
-
-
 async def _once(node: Node, keys: Keys, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
         *node.once_args(keys), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
@@ -459,14 +388,13 @@ async def _once(node: Node, keys: Keys, env: dict[str, str]) -> subprocess.Compl
 async def test_https_server_offering_http_payload(
     payload_scheme: str, tmp_path: Path, keys: Keys, small_release: Release
 ) -> None:
-    tls = _make_tls(tmp_path / "tls")
-    plain, runner, tls_port = await _https_stub(tls, small_release)
-    try:
-        base = f"https://127.0.0.1:{tls_port}" if payload_scheme == "https" else plain.base
-        plain.offer = Offer(NEW_VERSION, small_release.size, small_release.sha256_b64, codebase=f"{base}/packages/")
-        node = make_node(tmp_path, f"https://127.0.0.1:{tls_port}/v1/update/")
+    tls = make_server_tls(tmp_path / "tls", "fault test CA")
+    async with OmahaStub(payload=small_release.data, tls=tls) as stub:
+        base = stub.https_base if payload_scheme == "https" else stub.base
+        stub.offer = Offer(NEW_VERSION, small_release.size, small_release.sha256_b64, codebase=f"{base}/packages/")
+        node = make_node(tmp_path, stub.https_url)
         before = disk_facts(node.disk)
-        result = await _once(node, keys, {**os.environ, "SSL_CERT_FILE": str(tls.ca)})
+        result = await _once(node, keys, {**os.environ, "SSL_CERT_FILE": str(tls.ca_file)})
         if payload_scheme == "https":
             # Control: the trust store and the https server work, so a refusal below is about the scheme.
             assert result.returncode == 0, result.stderr
@@ -477,9 +405,6 @@ async def test_https_server_offering_http_payload(
         assert result.returncode != 0, "an https Omaha server's plain-http payload URL was used"
         assert "http" in result.stderr
         assert_nothing_armed(node, before)
-    finally:
-        await runner.cleanup()
-        await plain.stop()
 
 
 # --- the daemon survives and checks again ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coreupdate import openapi
-from tests.helpers.coreupdate_server import COREOS_APP_ID, CoreUpdateServer, cpp_update_check, start_coreupdate
+from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, cpp_update_check, start_coreupdate
 
 pytestmark = pytest.mark.integration
 
@@ -211,7 +211,7 @@ def test_events_set_statuses_and_failures_pause_the_rollout(server: CoreUpdateSe
 def test_a_database_outage_gives_503_and_recovers_without_a_restart(
     tmp_path: Path, postgres_server: Any
 ) -> None:
-    from tests.helpers.postgres import PostgresServer
+    from sim.postgres import PostgresServer
 
     pg = PostgresServer()
     pg.start()

@@ -19,23 +19,17 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH
-from tests.e2e.test_once import Keys, Release, build_release
-from tests.helpers.dbus import PrivateBus, start_private_bus
-from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
-from tests.helpers.node import VENV_BIN, DevServerProcess, NodeRoot, make_node_root, start_devserver
-from tests.helpers.systemd import start_systemd_standin
-from update_engine.payload.generate import make_key_pair
+from sim.bus import PrivateBus, start_private_bus
+from sim.devserver import DevServerProcess, start_devserver
+from sim.disks import cgpt_flags, make_usr_disk, partition_bytes
+from sim.node import NodeRoot, make_node_root
+from sim.payload import Keys, Release, build_release
+from sim.standins.systemd import start_systemd_standin
+from sim.tools import UPDATE_ENGINE_POLICY as POLICY
+from sim.tools import VENV_BIN
 
-POLICY = Path(__file__).resolve().parents[2] / "units" / "com.coreos.update1.conf"
 USR_A, USR_B = 3, 4
 S = "UPDATE_STATUS_"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    d = tmp_path_factory.mktemp("keys")
-    make_key_pair(d / "key.pem", d / "key.pub.pem")
-    return Keys(d / "key.pem", d / "key.pub.pem")
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +39,14 @@ def release(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Release:
 
 @pytest.fixture
 def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    b = start_private_bus(tmp_path / "dbus", [POLICY])
-    try:
+    with start_private_bus(tmp_path / "dbus", [POLICY]) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture
 def devserver(tmp_path: Path, release: Release) -> Iterator[DevServerProcess]:
-    server = start_devserver(tmp_path / "srv", [(release.payload, "2.0.0", None)])
-    try:
+    with start_devserver(tmp_path / "srv", [(release.payload, "2.0.0", None)]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -25,8 +25,8 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
+from sim.bus import PrivateBus, start_private_bus
 from tests.conftest import require_tool
-from tests.helpers.dbus import PrivateBus, start_private_bus
 from update_engine.dbus_service import (
     ManagerService,
     NameNotAcquired,

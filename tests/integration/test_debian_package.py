@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from sim.bus import start_private_bus
+from sim.disks import cgpt_flags, make_usr_disk, partition_bytes
+from sim.node import make_node_root
+from sim.ports import free_port, wait_for_port
 from tests.conftest import require_tool
-from tests.helpers.dbus import start_private_bus
-from tests.helpers.disks import cgpt_flags, make_usr_disk, partition_bytes
-from tests.helpers.etcd import start_cluster
-from tests.helpers.node import free_port, make_node_root, wait_for_port
+from tests.fixtures.etcd import start_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -4,9 +4,7 @@ load, faults."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
-import ipaddress
 import itertools
 import logging
 import subprocess
@@ -15,10 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends import etcd as etcd_module
@@ -31,12 +25,14 @@ from locksmithd.backends.etcd import (
 )
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, key_for_group
+from sim.etcd import EtcdCluster
+from sim.ports import free_port
+from sim.tls import make_server_tls
 from tests.conftest import require_tool
-from tests.helpers.etcd import EtcdCluster, ServerTls, etcd_cluster3, etcd_single, free_port, start_cluster
+from tests.fixtures.etcd import start_cluster
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["etcd_cluster3", "etcd_single"]  # fixtures used by name below
 
 # Bounds on waiting for something that should happen promptly; exceeding one is a failure, not a measurement.
 SETTLE = 30.0
@@ -739,55 +735,9 @@ async def test_member_killed_and_restarted_mid_traffic(etcd_cluster3: EtcdCluste
 # -- TLS and authentication ----------------------------------------------------------------------------------
 
 
-def _write_test_pki(directory: Path) -> ServerTls:
-    """A CA and a server certificate for 127.0.0.1, written as PEM files."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test etcd CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = ServerTls(directory / "server.pem", directory / "server-key.pem", directory / "ca.pem")
-    paths.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
-
-
 def test_ca_only_tls(tmp_path: Path) -> None:
     """A CA file alone is enough to reach an https etcd (locksmith also wanted a client cert, Flatcar#948)."""
-    tls = _write_test_pki(tmp_path / "pki")
+    tls = make_server_tls(tmp_path / "pki", "test etcd CA")
     cluster = start_cluster(1, tmp_path / "etcd-tls", tls=tls)
     try:
         assert cluster.endpoints[0].startswith("https://")

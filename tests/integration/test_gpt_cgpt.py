@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers import disks
-from tests.helpers.disks import (
+from sim.disks import (
     MIB,
     USR_A_INDEX,
     USR_B_INDEX,
@@ -23,12 +21,11 @@ from tests.helpers.disks import (
     partition_sha256,
     usr_a_pattern,
 )
+from tests.conftest import require_tool
 from update_engine import gpt
 from update_engine.gpt import GptDisk, GptError, PartitionFlags, Prioritize
 
 pytestmark = pytest.mark.integration
-
-usr_disk = disks.usr_disk
 
 
 def cgpt(*args: str) -> subprocess.CompletedProcess[str]:

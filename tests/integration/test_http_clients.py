@@ -16,7 +16,7 @@ import pytest
 from coreos_common.http1 import HttpUnreachable, ResponseTooLarge
 from coreos_common.http_async import HttpClient
 from coreos_common.http_sync import SyncHttpClient
-from tests.helpers.etcd import free_port
+from sim.ports import free_port
 
 pytestmark = pytest.mark.integration
 

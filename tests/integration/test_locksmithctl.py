@@ -20,13 +20,13 @@ from locksmithd import __version__, ctl
 from locksmithd.backends.etcd import EtcdSemaphoreStore
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import key_for_group
-from tests.helpers.dbus import PrivateBus, private_bus
-from tests.helpers.etcd import EtcdCluster, free_port, start_cluster
-from tests.helpers.login1 import Login1StandIn, login1, start_login1
+from sim.bus import PrivateBus
+from sim.etcd import EtcdCluster
+from sim.ports import free_port
+from sim.standins.login1 import Login1StandIn, start_login1
+from tests.fixtures.etcd import start_cluster
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["login1", "private_bus"]  # fixtures used by name below
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
 _groups = iter(range(10**6))

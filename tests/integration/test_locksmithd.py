@@ -24,17 +24,19 @@ from aiohttp import web
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
-from tests.conftest import require_tool
-from tests.helpers.dbus import PrivateBus, start_private_bus
-from tests.helpers.etcd import EtcdCluster, free_port, start_cluster
-from tests.helpers.login1 import Login1StandIn, start_login1
-from tests.helpers.systemd import start_systemd_standin
-from tests.helpers.update_engine_standin import (
+from sim.bus import PrivateBus, start_private_bus
+from sim.etcd import EtcdCluster
+from sim.ports import free_port
+from sim.standins.login1 import Login1StandIn, start_login1
+from sim.standins.systemd import start_systemd_standin
+from sim.standins.update_engine import (
     UpdateEngineStandIn,
     emit_from_other_connection,
     policy_files,
     status_of,
 )
+from tests.conftest import require_tool
+from tests.fixtures.etcd import start_cluster
 
 pytestmark = pytest.mark.integration
 

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.coreupdate_server import (
-    COREOS_APP_ID,
-    VENV_BIN,
-    CoreUpdateServer,
-    coreupdate_command,
-    start_coreupdate,
-)
-from update_engine.payload.generate import generate_full_payload, make_key_pair
+from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, coreupdate_command, start_coreupdate
+from sim.payload import Keys
+from sim.tools import VENV_BIN
+from update_engine.payload.generate import generate_full_payload
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +24,12 @@ APP_ARG = "{" + COREOS_APP_ID.upper() + "}"  # braces and upper case are accepte
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def signed(tmp_path_factory: pytest.TempPathFactory, keys: Keys, other_keys: Keys) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("payload")
-    make_key_pair(d / "key.pem", d / "key.pub.pem")
-    make_key_pair(d / "other.pem", d / "other.pub.pem")
     image = d / "usr.img"
     image.write_bytes(os.urandom(8192) + b"usr " * 4096)
-    generate_full_payload(image, d / "update.gz", (d / "key.pem").read_bytes())
-    return {"payload": d / "update.gz", "public": d / "key.pub.pem", "other": d / "other.pub.pem"}
+    generate_full_payload(image, d / "update.gz", keys.private.read_bytes())
+    return {"payload": d / "update.gz", "public": keys.public, "other": other_keys.public}
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
+from sim.disks import cgpt_flags, craft_table, make_usr_disk, moved
+from sim.node import NodeRoot, make_node_root
+from sim.ports import free_port
 from tests.conftest import require_tool
-from tests.helpers.disks import cgpt_flags, craft_table, make_usr_disk, moved
-from tests.helpers.node import NodeRoot, free_port, make_node_root
 from update_engine.attempter import (
     REBOOT_MARKER_NAME,
     AttemptMachine,

@@ -17,9 +17,9 @@ from coreos_common.dbus import (
     get_name_owner,
     name_has_owner,
 )
-from tests.unit.test_systemd import client, private_bus
+from tests.unit.test_systemd import client
 
-__all__ = ["client", "private_bus"]  # fixtures used by name below
+__all__ = ["client"]  # a fixture used by name below
 
 
 async def test_owner_of_a_name_and_of_nobody(client: MessageBus) -> None:

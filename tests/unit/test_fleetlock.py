@@ -10,7 +10,7 @@ from aiohttp import web
 
 from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends.fleetlock import FleetLockBackend, endpoint_url, parse_refusal, request_body
-from tests.helpers.etcd import free_port
+from sim.ports import free_port
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 

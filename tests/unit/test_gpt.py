@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.disks import (
+from sim.disks import (
     LINUX_DATA_TYPE_GUID,
     MIB,
     EntriesEdit,

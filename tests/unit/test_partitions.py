@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.disks import MIB, usr_layout, write_gpt_image
+from sim.disks import MIB, usr_layout, write_gpt_image
 from update_engine.errors import ErrorCode
 from update_engine.gpt import GptDisk
 from update_engine.partitions import (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sim.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Op, build_payload, key_pair
 from tests.conftest import require_tool
-from tests.helpers.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Op, build_payload, key_pair
 from update_engine.errors import ErrorCode
 from update_engine.payload import apply as apply_module
 from update_engine.payload import update_metadata_pb2 as pb

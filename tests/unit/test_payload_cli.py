@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.payload import key_pair
+from sim.payload import key_pair
 from update_engine.payload.cli import main
 
 B = 4096

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Built, Op, build_payload, key_pair
+from sim.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Built, Op, build_payload, key_pair
 from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import (

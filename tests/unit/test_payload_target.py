@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.payload import key_pair
+from sim.payload import key_pair
 from update_engine.errors import ErrorCode
 from update_engine.payload import apply as apply_module
 from update_engine.payload import update_metadata_pb2 as pb

@@ -15,11 +15,12 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
+from sim.bus import PrivateBus, start_private_bus
+from sim.disks import cgpt_flags, make_usr_disk
+from sim.node import NodeRoot, make_node_root
+from sim.ports import free_port
+from sim.standins.systemd import start_systemd_standin
 from tests.conftest import require_tool
-from tests.helpers.dbus import PrivateBus, start_private_bus
-from tests.helpers.disks import cgpt_flags, make_usr_disk
-from tests.helpers.node import NodeRoot, free_port, make_node_root
-from tests.helpers.systemd import start_systemd_standin
 from update_engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
 from update_engine.http import HttpLimits
 from update_engine.scheduler import CheckScheduler

@@ -20,10 +20,8 @@ from coreos_common.systemd import (
     unit_state,
     wait_for_boot_complete,
 )
-from tests.helpers.dbus import PrivateBus, private_bus
-from tests.helpers.systemd import BootCompleteUnit, start_systemd_standin
-
-__all__ = ["private_bus"]  # a fixture used by name below
+from sim.bus import PrivateBus
+from sim.standins.systemd import BootCompleteUnit, start_systemd_standin
 
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

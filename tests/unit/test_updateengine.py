@@ -25,8 +25,8 @@ from locksmithd.updateengine import (
     is_idle,
     is_need_reboot,
 )
-from tests.helpers.dbus import PrivateBus, start_private_bus
-from tests.helpers.update_engine_standin import (
+from sim.bus import PrivateBus, start_private_bus
+from sim.standins.update_engine import (
     UpdateEngineStandIn,
     emit_from_other_connection,
     policy_files,

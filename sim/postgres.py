@@ -1,9 +1,11 @@
 """A private PostgreSQL 15 server for tests and benchmarks: ``initdb`` and ``pg_ctl`` from Debian's
 ``postgresql`` package, in a temporary directory, listening on 127.0.0.1 on a free port.
 
-initdb refuses to run as root, so when we are root the server runs as the system user ``coreupdate-test``
+Rules: initdb refuses to run as root, so when we are root the server runs as the system user ``coreupdate-test``
 (created on first use with ``useradd --system``) through ``runuser``.  Authentication is ``trust`` for that
-loopback-only server; the database superuser is ``coreupdate``.  No pytest imports: the bench uses it too.
+loopback-only server; the database superuser is ``coreupdate``.  Every ``pg_ctl`` and ``psql`` call is bounded
+(60 s to start or stop, 120 s per command).  ``start``/``stop`` may be called again to simulate an outage;
+``close`` (or leaving ``with PostgresServer() as server``) stops it and removes its directory.
 """
 
 from __future__ import annotations
@@ -15,16 +17,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
+
+from sim.ports import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TEST_USER = "coreupdate-test"
 SUPERUSER = "coreupdate"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ensure_user() -> str | None:
@@ -49,7 +48,7 @@ class PostgresServer:
         self.user = _ensure_user()
         self.dir = Path(tempfile.mkdtemp(prefix="coreupdate-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.log = self.dir / "server.log"
         if self.user is not None:
             shutil.chown(self.dir, self.user)
@@ -93,6 +92,16 @@ class PostgresServer:
     def close(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     def wait_stopped(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

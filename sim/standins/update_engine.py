@@ -6,11 +6,14 @@ It is the stand-in for the real update-engine daemon where only its D-Bus face m
 ones are ignored) and ``emit_from_other_connection`` sends one from a connection that does not own the name (a
 forged signal, or what ``locksmithctl send-need-reboot`` does).
 
-The bus must let root own the name: include ``units/com.coreos.update1.conf`` (``policy_files()`` returns it,
-or a minimal equivalent when the unit file is not in the tree).
+Rules: the bus must let root own the name: include ``units/com.coreos.update1.conf`` (``policy_files()`` returns
+it, or a minimal equivalent when the unit file is not in the tree). It installs nothing and touches no disk; use it
+as ``async with UpdateEngineStandIn(address, status) as stand_in`` or ``start()``/``stop()``.
 """
 
+import asyncio
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, RequestNameReply
@@ -18,9 +21,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
-
-_REPO = Path(__file__).resolve().parents[2]
-UNIT_POLICY = _REPO / "units" / "com.coreos.update1.conf"
+from sim.tools import UPDATE_ENGINE_POLICY
 
 _MINIMAL_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -35,8 +36,8 @@ _MINIMAL_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus C
 
 def policy_files(workdir: Path) -> list[Path]:
     """The D-Bus policy that lets root own com.coreos.update1: the project's own, or a minimal one."""
-    if UNIT_POLICY.exists():
-        return [UNIT_POLICY]
+    if UPDATE_ENGINE_POLICY.exists():
+        return [UPDATE_ENGINE_POLICY]
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "com.coreos.update1.conf"
     path.write_text(_MINIMAL_POLICY)
@@ -121,8 +122,16 @@ class UpdateEngineStandIn:
     async def stop(self) -> None:
         if self.bus is not None:
             self.bus.disconnect()
-            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(self.bus.wait_for_disconnect(), 10)  # type: ignore[no-untyped-call]
             self.bus = None
+
+    async def __aenter__(self) -> "UpdateEngineStandIn":
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
 
 
 def _status_signal(signature: str, body: list[Any]) -> Message:

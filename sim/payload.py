@@ -1,12 +1,24 @@
-"""Payload test material: RSA keys made once per test session, and hand-built payloads for cases no
-generator produces (MOVE, holes, BSDIFF, bad extents)."""
+"""Payload material: signing key pairs, releases (a USR image, a kernel and their signed payload), and hand-built
+payloads for cases no generator produces (MOVE, holes, BSDIFF, bad extents).
+
+Rules: :func:`key_pair` is the one way the harness makes a signing key. RSA-2048 generation is slow, so each name
+is generated once per process and kept in memory; :func:`key_files` writes one as the PEM files the commands take
+(``--public-key``, ``update-payload generate --private-key``). Different names are different keys, so "a key
+nobody trusts" is ``key_pair("other")``. Releases are made with the product's own generator
+(:func:`update_engine.payload.generate.generate_full_payload`); their content is reproducible when a seed is
+given.
+"""
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -14,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import BLOCK_SIZE, SPARSE_HOLE, encode_header, encode_signatures
+from update_engine.payload.generate import CHUNK_SIZE, generate_full_payload
 
 REPLACE = pb.InstallOperation.REPLACE
 REPLACE_BZ = pb.InstallOperation.REPLACE_BZ
@@ -24,13 +37,23 @@ HOLE = SPARSE_HOLE
 
 @dataclass(frozen=True)
 class KeyPair:
+    """A signing key and its public key, as PEM (PKCS#8 and SubjectPublicKeyInfo)."""
+
     private_pem: bytes
     public_pem: bytes
 
 
+@dataclass(frozen=True)
+class Keys:
+    """A key pair written as files: ``private`` signs payloads, ``public`` is what nodes trust."""
+
+    private: Path
+    public: Path
+
+
 @functools.cache
 def key_pair(name: str = "main") -> KeyPair:
-    """An RSA-2048 key pair, generated once per test process for each name (key generation is slow)."""
+    """An RSA-2048 key pair, generated once per process for each name (key generation is slow)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return KeyPair(
         private_pem=key.private_bytes(
@@ -40,6 +63,62 @@ def key_pair(name: str = "main") -> KeyPair:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
     )
+
+
+def key_files(directory: Path, name: str = "main") -> Keys:
+    """The key pair ``name`` written to ``directory/key.pem`` (mode 0600) and ``directory/key.pub.pem``."""
+    pair = key_pair(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = Keys(directory / "key.pem", directory / "key.pub.pem")
+    keys.private.touch(mode=0o600)
+    keys.private.write_bytes(pair.private_pem)
+    keys.public.write_bytes(pair.public_pem)
+    return keys
+
+
+def sha256_b64(data: bytes) -> str:
+    """The SHA-256 of ``data`` in base64, as Omaha's ``hash_sha256`` attribute carries it."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Release:
+    """A USR image, its kernel and their signed payload."""
+
+    image: Path
+    kernel: Path
+    payload: Path
+
+    @property
+    def data(self) -> bytes:
+        return self.payload.read_bytes()
+
+    @property
+    def size(self) -> int:
+        return self.payload.stat().st_size
+
+    @property
+    def sha256_b64(self) -> str:
+        return sha256_b64(self.data)
+
+
+def build_release(
+    workdir: Path, keys: Keys, *, image_size: int = 3 * 1024 * 1024 + 4096, kernel_size: int = 70_000,
+    chunk_size: int = CHUNK_SIZE, seed: int | None = None,
+) -> Release:
+    """A new USR image, half random (stored raw) and half text (stored bzip2-compressed), a random kernel, and
+    their payload signed with ``keys``; the same ``seed`` gives the same bytes, None fresh ones."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed if seed is not None else os.urandom(16))
+    half = image_size // 2
+    text = b"flatcar usr partition content " * (image_size // 30 + 1)
+    image = workdir / "usr.img"
+    image.write_bytes((rng.randbytes(half) + text)[:image_size])
+    kernel = workdir / "vmlinuz"
+    kernel.write_bytes(rng.randbytes(kernel_size))
+    payload = workdir / "update.gz"
+    generate_full_payload(image, payload, keys.private.read_bytes(), kernel=kernel, chunk_size=chunk_size)
+    return Release(image, kernel, payload)
 
 
 @dataclass

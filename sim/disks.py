@@ -3,23 +3,17 @@
 ``make_usr_disk`` builds a small image with EFI-SYSTEM (1), BIOS-BOOT (2), USR-A (3), USR-B (4), OEM (6) and
 ROOT (9); USR-A/USR-B carry the USR type and the fixed unique GUIDs of real images, and the flags of a fresh
 image (USR-A priority 1 successful 1, USR-B all zero).  USR-A is filled with a deterministic pattern
-(:func:`usr_a_pattern`) so a test can prove the running partition was not touched.
+(:func:`usr_a_pattern`) so a test can prove the running partition was not touched.  :func:`disk_facts` reads what
+a fault must leave alone (USR-A's bytes and flags) with both cgpt and :mod:`update_engine.gpt`, and fails when
+they disagree.
 
-The ``usr_disk`` fixture gives a fresh image per test under ``tmp_path``.  To use it, import it into a
-``conftest.py`` next to the tests (pytest finds fixtures by name)::
-
-    from tests.helpers.disks import usr_disk  # noqa: F401
-
-or list ``"tests.helpers.disks"`` in ``pytest_plugins`` of the top-level ``tests/conftest.py``.  Inside a test
-module write ``usr_disk = disks.usr_disk`` (after ``from tests.helpers import disks``): a plain import there
-makes ruff read each test's ``usr_disk`` parameter as a redefinition.
-
-512-byte-sector images are made by sgdisk.  sgdisk cannot give an image file another sector size, so 4096-byte
-images are assembled by hand from :mod:`update_engine.gpt`'s serialiser (:func:`write_gpt_image`).
-
+Rules: 512-byte-sector images are made by sgdisk.  sgdisk cannot give an image file another sector size, so
+4096-byte images are assembled by hand from :mod:`update_engine.gpt`'s serialiser (:func:`write_gpt_image`).
 sgdisk also refuses to make a table whose entries overlap or leave the usable area; :func:`craft_table` edits the
 entries or headers of an image in place and gives them correct CRCs again, as a broken tool or an attacker would,
-so the tests can show what happens with such tables.
+so the tests can show what happens with such tables.  sgdisk syncs and sleeps a second on every run, so each
+layout is built once per process (:func:`cached_image`) and copied.  cgpt is the independent reader: flags a test
+checks come from cgpt, not from the code under test.
 """
 
 from __future__ import annotations
@@ -31,13 +25,11 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import require_tool
+from sim.tools import find_tool
 from update_engine import gpt
 
 MIB = 1 << 20
@@ -93,7 +85,7 @@ def _disk_bytes(layout: Sequence[PartitionSpec]) -> int:
 
 
 def _sgdisk_image(path: Path, layout: Sequence[PartitionSpec]) -> None:
-    sgdisk = require_tool("sgdisk")
+    sgdisk = find_tool("sgdisk")
     args = [sgdisk, "--clear", f"--disk-guid={DISK_GUID}"]
     start = MIB // 512
     for p in layout:
@@ -260,7 +252,7 @@ def make_usr_disk(path: Path, *, usr_mib: int = 8, sector_size: int = 512) -> Pa
 
 
 def _cgpt_value(path: Path, index: int, field: str) -> str:
-    cgpt = require_tool("cgpt")
+    cgpt = find_tool("cgpt")
     result = subprocess.run(
         [cgpt, "show", "-i", str(index), f"-{field}", str(path)], check=True, capture_output=True, text=True
     )
@@ -297,7 +289,40 @@ def partition_sha256(path: Path, index: int, *, sector_size: int = 512) -> str:
     return hashlib.sha256(partition_bytes(path, index, sector_size=sector_size)).hexdigest()
 
 
-@pytest.fixture
-def usr_disk(tmp_path: Path) -> Iterator[Path]:
-    """A fresh Flatcar-like image (:func:`make_usr_disk` defaults) at ``tmp_path/disk.img``."""
-    yield make_usr_disk(tmp_path / "disk.img")
+class DiskCheckError(AssertionError):
+    """cgpt cannot read an image, or cgpt and :mod:`update_engine.gpt` read different flags from it."""
+
+
+def cgpt_flags_checked(disk: Path, index: int) -> tuple[int, int, int]:
+    """(priority, tries, successful) from cgpt's attribute word; DiskCheckError if cgpt finds no valid table."""
+    shown = subprocess.run(
+        [find_tool("cgpt"), "show", "-i", str(index), "-A", str(disk)], capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise DiskCheckError(f"cgpt cannot read {disk}: {shown.stderr.strip()}")
+    flags = gpt.PartitionFlags.from_attributes(int(shown.stdout.strip(), 0) << 48)
+    return flags.priority, flags.tries, int(flags.successful)
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    """What a fault must never change (the running partition) and what it may (the passive one's flags)."""
+
+    usr_a_sha256: str
+    usr_a_flags: tuple[int, int, int]
+    usr_b_flags: tuple[int, int, int]
+    valid_copies: int  # GPT copies our reader accepts
+
+
+def disk_facts(disk: Path) -> DiskFacts:
+    """USR-A's hash, both USR partitions' flags (cgpt and our reader must agree) and how many GPT copies are valid."""
+    with gpt.GptDisk.open(disk, writable=False) as gpt_disk:
+        snap = gpt_disk.snapshot
+        valid = sum(copy.problem is None for copy in (snap.primary, snap.backup))
+        ours = {i: gpt_disk.flags(i) for i in (USR_A_INDEX, USR_B_INDEX)}
+    a, b = cgpt_flags_checked(disk, USR_A_INDEX), cgpt_flags_checked(disk, USR_B_INDEX)
+    for index, theirs in ((USR_A_INDEX, a), (USR_B_INDEX, b)):
+        mine = ours[index]
+        if (mine.priority, mine.tries, int(mine.successful)) != theirs:
+            raise DiskCheckError(f"cgpt and GptDisk disagree on partition {index}: {theirs} and {mine}")
+    return DiskFacts(partition_sha256(disk, USR_A_INDEX), a, b, valid)

@@ -1,8 +1,17 @@
 """A stand-in for systemd's manager on a private bus (PID 1 cannot run in a test): ``GetUnit`` for
 ``boot-complete.target`` and that unit's ``ActiveState`` and ``Job`` properties, which update-engine (healthy-boot
-marking) and locksmithd (lock release after boot) both ask about."""
+marking) and locksmithd (lock release after boot) both ask about.
+
+Rules: the unit starts ``inactive`` with a start job queued (as during a boot); the caller sets
+``unit.state = "active"`` when its simulated boot completes (``unit.queued = False``: no job either, as on a system
+whose boot does not pull the target in; ``unit.error``: ``GetUnit`` fails with that D-Bus error). Any other unit is
+``NoSuchUnit``. Nothing is started.
+"""
 
 from __future__ import annotations
+
+from types import TracebackType
+from typing import NamedTuple
 
 from dbus_fast import BusType, DBusError, PropertyAccess, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -46,11 +55,32 @@ class SystemdManagerStandIn(ServiceInterface):
         return BOOT_COMPLETE_PATH
 
 
-async def start_systemd_standin(address: str) -> tuple[MessageBus, BootCompleteUnit]:
+class SystemdStandIn(NamedTuple):
+    """The stand-in's connection and the unit whose state the caller drives; ``bus, unit = …`` unpacks it."""
+
+    bus: MessageBus
+    unit: BootCompleteUnit
+
+    def stop(self) -> None:
+        self.bus.disconnect()
+
+    async def __aenter__(self) -> SystemdStandIn:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def start_systemd_standin(address: str) -> SystemdStandIn:
     """Stand-in for systemd's manager (PID 1 cannot run here): GetUnit and boot-complete.target's state."""
     bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
     unit = BootCompleteUnit()
     bus.export("/org/freedesktop/systemd1", SystemdManagerStandIn(unit))
     bus.export(BOOT_COMPLETE_PATH, unit)
-    assert await bus.request_name("org.freedesktop.systemd1") == RequestNameReply.PRIMARY_OWNER
-    return bus, unit
+    reply = await bus.request_name("org.freedesktop.systemd1")
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        bus.disconnect()
+        raise RuntimeError(f"could not own org.freedesktop.systemd1 on {address}: {reply}")
+    return SystemdStandIn(bus, unit)

@@ -1,22 +1,23 @@
 """The logind stand-in: ``org.freedesktop.login1.Manager`` on a private bus, recording what it is asked.
 
 systemd-logind cannot run in a test container and a real ``Reboot`` would end the test, so this small
-dbus-fast service takes logind's name and object path on the private bus from ``tests.helpers.dbus`` and
-records every ``Reboot``/``PowerOff`` call. ``fail_times`` makes the first N calls fail with a logind-like
-D-Bus error, so callers' error handling and retries can be tested.
+dbus-fast service takes logind's name and object path on a private bus (:mod:`sim.bus`) and records every
+``Reboot``/``PowerOff`` call. ``fail_times`` makes the first N calls fail with a logind-like D-Bus error, so
+callers' error handling and retries can be tested. A subclass may override ``_record`` to act on a call (the
+demo's nodes go down).
+
+Rules: only root may own ``org.freedesktop.login1`` on a private bus (its stand-in policy); the stand-in answers
+and records, and never reboots anything itself.
 """
 
 # No ``from __future__ import annotations`` here: dbus-fast reads the "b" signature annotations at runtime.
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
 
-import pytest
 from dbus_fast import BusType, DBusError, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
-
-from tests.helpers.dbus import PrivateBus
 
 LOGIN1_NAME = "org.freedesktop.login1"
 LOGIN1_PATH = "/org/freedesktop/login1"
@@ -58,6 +59,8 @@ class Login1Manager(ServiceInterface):
 
 @dataclass
 class Login1StandIn:
+    """The manager, connected and owning logind's name; ``stop()`` (or leaving ``async with``) disconnects."""
+
     bus: MessageBus
     manager: Login1Manager
     address: str = field(default="")
@@ -66,11 +69,20 @@ class Login1StandIn:
         """Release the name and disconnect."""
         self.bus.disconnect()
 
+    async def __aenter__(self) -> "Login1StandIn":
+        return self
 
-async def start_login1(address: str, fail_times: int = 0) -> Login1StandIn:
-    """Connect to the bus at ``address``, export the manager and own ``org.freedesktop.login1``."""
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def start_login1(address: str, fail_times: int = 0, manager: Login1Manager | None = None) -> Login1StandIn:
+    """Connect to the bus at ``address``, export ``manager`` (default: a recording one refusing ``fail_times``
+    calls) and own ``org.freedesktop.login1``."""
     bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
-    manager = Login1Manager(fail_times)
+    manager = manager if manager is not None else Login1Manager(fail_times)
     bus.export(LOGIN1_PATH, manager)
     reply = await bus.request_name(LOGIN1_NAME)
     if reply != RequestNameReply.PRIMARY_OWNER:
@@ -78,12 +90,3 @@ async def start_login1(address: str, fail_times: int = 0) -> Login1StandIn:
         raise RuntimeError(f"could not own {LOGIN1_NAME} on {address}: {reply}")
     return Login1StandIn(bus, manager, address)
 
-
-@pytest.fixture
-async def login1(private_bus: PrivateBus) -> AsyncIterator[Login1StandIn]:
-    """The logind stand-in on the ``private_bus`` fixture's bus (needs root: only root may own the name)."""
-    stand_in = await start_login1(private_bus.address)
-    try:
-        yield stand_in
-    finally:
-        stand_in.stop()

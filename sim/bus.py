@@ -1,8 +1,11 @@
-"""A private ``dbus-daemon`` configured like the system bus, for tests and the demo.
+"""A private ``dbus-daemon`` configured like the system bus, for tests, the demo and the benchmarks.
 
-The configuration mirrors Debian's ``system.conf`` default context (deny own, deny method calls, allow signals and
-replies) and then includes the policy files a test passes, so a policy file is exercised exactly as it would be on a
-node. The socket directory is world-accessible so a test can also connect as an unprivileged user.
+Rules: the configuration mirrors Debian's ``system.conf`` default context (deny own, deny method calls, allow
+signals and replies) and then includes the policy files the caller passes, so a policy file is exercised exactly as
+it would be on a node; the stand-ins' policy (root may own and call logind's and systemd's names) is included
+unless ``stand_ins=False``. The socket directory is world-accessible so a test can also connect as an unprivileged
+user. :func:`start_private_bus` returns once the daemon listens (at most 10 s); the :class:`PrivateBus` it returns
+is a context manager whose exit stops the daemon (SIGTERM, SIGKILL after 5 s) and removes the socket directory.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
-import pytest
+from sim.tools import find_tool
 
 _SYSTEM_LIKE_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -77,12 +81,18 @@ class PrivateBus:
                 self.process.wait(timeout=5)
         shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
+    def __enter__(self) -> PrivateBus:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
 
 def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_ins: bool = True) -> PrivateBus:
     """Start ``dbus-daemon`` on a socket under ``workdir`` with the given policy files included."""
-    daemon = shutil.which("dbus-daemon")
-    if daemon is None:
-        raise RuntimeError("dbus-daemon is not installed (apt-get install dbus-daemon)")
+    daemon = find_tool("dbus-daemon")
     workdir.mkdir(parents=True, exist_ok=True)
     # The socket lives outside pytest's 0700 temp root so that tests can also connect as an unprivileged user.
     sockdir = Path(tempfile.mkdtemp(prefix="private-bus-"))
@@ -107,17 +117,10 @@ def start_private_bus(workdir: Path, policy_files: Sequence[Path] = (), stand_in
     line = proc.stdout.readline() if ready else b""
     if not line.strip():
         proc.kill()
+        proc.wait(timeout=5)
         err = proc.stderr.read().decode() if proc.stderr else ""
+        shutil.rmtree(sockdir, ignore_errors=True)
         raise RuntimeError(f"dbus-daemon did not start listening within 10 s: {err}")
     os.chmod(socket_path, 0o777)
     return PrivateBus(address=f"unix:path={socket_path}", socket_path=socket_path, process=proc)
 
-
-@pytest.fixture
-def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    """A private system-like bus with the stand-in policy only (add project policies with start_private_bus)."""
-    bus = start_private_bus(tmp_path / "dbus")
-    try:
-        yield bus
-    finally:
-        bus.stop()

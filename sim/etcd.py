@@ -1,10 +1,14 @@
-"""Real ``etcd`` members on 127.0.0.1 for tests, the demo and benchmarks (no pytest import here).
+"""Real ``etcd`` members on 127.0.0.1 for tests, the demo and benchmarks: one member or a Raft cluster, TLS.
 
 ``EtcdCluster(n, workdir)`` starts ``n`` members with free ports, data directories and log files under
 ``workdir``, waits until every member reports healthy, and offers fault injection: ``kill(i)`` (SIGKILL),
 ``stop(i)`` (SIGTERM), ``start(i)`` (restart with the member's data directory). ``key_history`` reads every
 value a key ever had from etcd's MVCC history, so a test can check an invariant in every revision, not just
-the last.
+the last. With ``tls`` (see :mod:`sim.tls`) the client URLs are https.
+
+Rules: use it as a context manager (or ``start_all``/``stop_all`` in a ``finally``); a member that does not
+answer ``/health`` within 30 s is an error carrying the end of its log; every stop is SIGTERM, then SIGKILL
+after 10 s. Reads and writes through ``put``/``get`` bypass the code under test on purpose.
 """
 
 from __future__ import annotations
@@ -12,9 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -26,23 +28,13 @@ from typing import Any
 
 import requests  # type: ignore[import-untyped, unused-ignore]
 
+from sim.ports import free_port
+from sim.tls import ServerTls
+from sim.tools import find_tool
+
+__all__ = ["EtcdCluster", "ServerTls"]
+
 HEALTH_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class ServerTls:
-    """Serve the client URLs over https with this certificate; ``ca_file`` is what clients verify against."""
-
-    cert_file: Path
-    key_file: Path
-    ca_file: Path
 
 
 @dataclass
@@ -67,9 +59,7 @@ class EtcdCluster:
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        self._binary = shutil.which("etcd") or shutil.which("etcd", path="/usr/sbin:/usr/bin:/usr/local/bin")
-        if self._binary is None:
-            raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
+        self._binary = find_tool("etcd")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for i in range(self.size):
             self.members.append(
@@ -102,7 +92,6 @@ class EtcdCluster:
     # -- processes -------------------------------------------------------------------------------------------
 
     def _command(self, member: _Member) -> list[str]:
-        assert self._binary is not None
         initial = ",".join(f"{m.name}={self._peer_url(m)}" for m in self.members)
         client_url = f"{self.scheme}://127.0.0.1:{member.client_port}"
         cmd = [

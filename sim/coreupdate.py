@@ -1,22 +1,28 @@
-"""Start ``coreupdate serve`` on a free loopback port with a temporary data directory and an API token, and
-talk to its API.  No pytest imports: the bench and the demo use it too."""
+"""The product's update server, ``coreupdate serve``, run as a process on 127.0.0.1, and its API.
+
+Rules: a free port and the data directory given (SQLite there, or ``database``) with one API token named
+``test``; the call returns once the server logs that it serves Omaha (at most 30 s) and fails with its log
+otherwise; :class:`CoreUpdateServer` is a context manager whose exit stops it (SIGTERM, SIGKILL after 20 s).
+API calls are bounded (30 s by default).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-VENV_BIN = Path(sys.executable).parent
+from sim.ports import free_port
+from sim.tools import VENV_BIN
+
 COREOS_APP_ID = "e96281a6-d1af-4bde-9a0a-97b76e56dc57"
 
 # An update check exactly as the original C++ update_engine writes it (4/8-space indents, its attribute order,
@@ -42,14 +48,10 @@ def cpp_update_check(machine: str, track: str = "stable", version: str = "1.0.0"
     return CPP_UPDATE_CHECK.format(machine=machine, track=track, version=version).encode()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class CoreUpdateServer:
+    """A running ``coreupdate serve``: its Omaha URL for nodes, and its API for the test or demo."""
+
     process: subprocess.Popen[bytes]
     port: int
     data_dir: Path
@@ -119,8 +121,16 @@ class CoreUpdateServer:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(timeout=20)
         return int(self.process.returncode)
+
+    def __enter__(self) -> CoreUpdateServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def coreupdate_command(*args: str) -> list[str]:
