@@ -27,7 +27,7 @@ from coreupdate.model import Application, Group, GroupPolicy, InstanceStatus, Pa
 from coreupdate.storage.store import Conflict, InstanceFilter, NotFound, token_matches
 from coreupdate.validation import ValidationError
 from update_engine.errors import UpdateEngineError
-from update_engine.payload.apply import verify_payload_file
+from update_engine.payload.files import check_payload_file, verify_payload_file
 
 if TYPE_CHECKING:
     from coreupdate.server import Server
@@ -220,7 +220,10 @@ class Api:
                 raise ValidationError("payload", "is empty")
             key = config.payload_public_key
             try:
-                verified = await self.server.db(verify_payload_file, tmp, key, require_signature=key is not None)
+                if key is not None:
+                    verified = await self.server.db(verify_payload_file, tmp, key)
+                else:
+                    verified = await self.server.db(check_payload_file, tmp)
             except UpdateEngineError as exc:
                 raise ValidationError("payload", f"is not a valid signed update payload: {exc}") from None
             package = Package(

@@ -29,7 +29,7 @@ from coreupdate.cliutil import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_US
 from coreupdate.validation import ValidationError, canonical_app_id
 from update_engine import omaha
 from update_engine.errors import UpdateEngineError
-from update_engine.payload.apply import payload_digests, verify_payload_file
+from update_engine.payload.files import payload_digests, verify_payload_file
 
 PROG = "updateservicectl"
 DEFAULT_SERVER = "http://127.0.0.1:8080"

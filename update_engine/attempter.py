@@ -511,8 +511,8 @@ class UpdateAttempter:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
         # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
-        from update_engine.payload.apply import PayloadSink, remove_partial_kernels
-        from update_engine.payload.target import WriteTarget
+        from update_engine.payload.sink import PayloadSink
+        from update_engine.payload.target import WriteTarget, remove_partial_kernels
 
         if kernel_path is not None:
             remove_partial_kernels(kernel_path)

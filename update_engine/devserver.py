@@ -21,7 +21,7 @@ from aiohttp import web
 from coreos_common import logs
 from update_engine import omaha
 from update_engine.errors import describe
-from update_engine.payload.apply import payload_digests
+from update_engine.payload.files import payload_digests
 
 log = logging.getLogger("update-engine-devserver")
 

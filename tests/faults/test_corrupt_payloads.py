@@ -34,7 +34,6 @@ from tests.faults.figures import record
 from tests.faults.support import NEW_VERSION, TEST_OMAHA_URL_FLAG, assert_nothing_armed
 from update_engine.errors import ErrorCode, describe
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink
 from update_engine.payload.format import (
     HEADER_SIZE,
     PayloadError,
@@ -46,6 +45,7 @@ from update_engine.payload.format import (
     parse_signatures,
 )
 from update_engine.payload.generate import generate_full_payload
+from update_engine.payload.sink import PayloadSink
 from update_engine.payload.target import WriteTarget
 
 pytestmark = pytest.mark.faults

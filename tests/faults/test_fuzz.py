@@ -35,16 +35,21 @@ from sim.payload import Keys, Release, build_release
 from tests.faults.figures import record
 from tests.faults.support import KIB, MemoryDisk
 from update_engine import config, gpt, omaha
+from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink
+from update_engine.payload import verify
+from update_engine.payload.executor import Executor
 from update_engine.payload.format import (
+    ManifestParsed,
+    OperationData,
     PayloadError,
     PayloadStreamParser,
     encode_header,
     parse_header,
     parse_manifest,
 )
-from update_engine.payload.target import WriteTarget
+from update_engine.payload.sink import PayloadSink
+from update_engine.payload.target import KernelFile, WriteTarget
 
 pytestmark = pytest.mark.faults
 
@@ -354,28 +359,41 @@ def payload_specs(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(payload_specs())
 def test_payload_apply_on_generated_payloads(scratch: Path, data: bytes) -> None:
-    """Hand-built payloads with hostile manifests are applied to a scratch partition (signature not required):
-    PayloadError or a verified result, never another exception, never a write past the partition."""
+    """Hand-built payloads with hostile manifests, unsigned, run by the parser and the executor themselves on a
+    scratch partition (the signature is the sink's check, not theirs): PayloadError or a partition that hashes as
+    the manifest says, never another exception, never a write past the partition."""
     Count.one("payload apply")
     target = scratch / "partition.img"
     target.write_bytes(b"\xee" * (PARTITION + BLOCK))  # one guard block after the partition
-    kernel = scratch / "vmlinuz-b"
-    kernel.unlink(missing_ok=True)
+    kernel_path = scratch / "vmlinuz-b"
     with no_hang():
-        sink = PayloadSink(
-            WriteTarget(target, 0, PARTITION), public_key_pem=None, expected_size=None, expected_sha256_b64=None,
-            kernel_path=kernel, require_signature=False,
-        )
+        partition = WriteTarget(target, 0, PARTITION).open()
+        kernel: KernelFile | None = None
         try:
-            sink.write(data)
-            verified = sink.close()
+            parser = PayloadStreamParser(partition_size=PARTITION)
+            executor: Executor | None = None
+            for item in parser.feed(data):
+                if isinstance(item, ManifestParsed):
+                    proc = next((p for p in item.manifest.procedures if p.type == pb.InstallProcedure.KERNEL), None)
+                    if proc is not None and proc.HasField("new_info"):
+                        kernel = KernelFile(kernel_path, proc.new_info.size, -(-proc.new_info.size // BLOCK) * BLOCK)
+                    executor = Executor(partition, kernel.file if kernel else None, item.manifest.block_size)
+                elif isinstance(item, OperationData):
+                    assert executor is not None
+                    executor.execute(item)
+            assert parser.manifest is not None and parser.done
+            npi = parser.manifest.new_partition_info
+            verify.check_partition(partition.sha256(npi.size, ErrorCode.NEW_ROOTFS_VERIFICATION_ERROR), npi.size, npi)
         except PayloadError as exc:
-            sink.abort()
             event(f"refused with {exc.code}")
-            assert not kernel.exists()
         else:
             event("applied and verified")
-            assert verified.partition_size == PARTITION
+            assert npi.size == PARTITION
+        finally:
+            partition.close()
+            if kernel is not None:
+                kernel.discard()
+    assert not list(scratch.glob(".vmlinuz-b.*")), "a kernel file was left behind"
     assert target.read_bytes()[PARTITION:] == b"\xee" * BLOCK, "a write went past the partition"
 
 

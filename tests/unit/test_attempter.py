@@ -28,7 +28,7 @@ from update_engine.attempter import (
 from update_engine.errors import ErrorCode, ResetNotAllowed, RollbackRefused
 from update_engine.gpt import GptTableInvalid
 from update_engine.http import HttpLimits
-from update_engine.payload.apply import remove_partial_kernels
+from update_engine.payload.target import remove_partial_kernels
 
 S = UpdateStatus
 T = Trigger
@@ -212,7 +212,7 @@ def test_only_unfinished_files_of_this_kernel_are_removed(tmp_path: Path, caplog
     stale = [".vmlinuz-b.abc123.partial", ".vmlinuz-b.zz_9.partial"]
     for name in stale:
         (tmp_path / name).write_bytes(b"half a kernel")
-    with caplog.at_level(logging.INFO, logger="update_engine.payload.apply"):
+    with caplog.at_level(logging.INFO, logger="update_engine.payload.target"):
         remove_partial_kernels(tmp_path / "vmlinuz-b")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert all((tmp_path / name).read_bytes() == data for name, data in kept.items())
@@ -222,7 +222,7 @@ def test_only_unfinished_files_of_this_kernel_are_removed(tmp_path: Path, caplog
 
 def test_nothing_to_clean_leaves_the_kernel_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "vmlinuz-a").write_bytes(b"kernel")
-    with caplog.at_level(logging.INFO, logger="update_engine.payload.apply"):
+    with caplog.at_level(logging.INFO, logger="update_engine.payload.target"):
         remove_partial_kernels(tmp_path / "vmlinuz-a")
         remove_partial_kernels(tmp_path / "vmlinuz-b")  # not installed yet: nothing to do either
     assert [p.name for p in tmp_path.iterdir()] == ["vmlinuz-a"]
@@ -234,7 +234,7 @@ def test_an_unremovable_leftover_is_reported_and_the_rest_still_cleaned(
 ) -> None:
     (tmp_path / ".vmlinuz-b.dir.partial").mkdir()  # cannot be unlinked: a directory
     (tmp_path / ".vmlinuz-b.file.partial").write_bytes(b"x")
-    with caplog.at_level(logging.INFO, logger="update_engine.payload.apply"):
+    with caplog.at_level(logging.INFO, logger="update_engine.payload.target"):
         remove_partial_kernels(tmp_path / "vmlinuz-b")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".vmlinuz-b.dir.partial"]
     assert f"Cannot remove the unfinished kernel file {tmp_path / '.vmlinuz-b.dir.partial'}" in caplog.text

@@ -13,7 +13,7 @@ import pytest
 from sim.payload import key_pair
 from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink, verify_payload_file
+from update_engine.payload.files import verify_payload_file
 from update_engine.payload.format import (
     SPARSE_HOLE,
     PayloadError,
@@ -23,6 +23,7 @@ from update_engine.payload.format import (
     validate_manifest,
 )
 from update_engine.payload.generate import _encode_chunk, generate_full_payload, make_key_pair
+from update_engine.payload.sink import PayloadSink
 from update_engine.payload.target import WriteTarget
 
 B = 4096

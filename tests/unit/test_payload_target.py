@@ -11,11 +11,11 @@ import pytest
 
 from sim.payload import key_pair
 from update_engine.errors import ErrorCode
-from update_engine.payload import apply as apply_module
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.apply import PayloadSink
-from update_engine.payload.format import PayloadError
+from update_engine.payload.executor import Executor
+from update_engine.payload.format import Destination, OperationData, PayloadError
 from update_engine.payload.generate import generate_full_payload
+from update_engine.payload.sink import PayloadSink
 from update_engine.payload.target import BoundedFile, OutsidePartition, WriteTarget
 
 B = 4096
@@ -146,14 +146,17 @@ def test_every_byte_the_sink_writes_to_the_partition_goes_through_the_bounded_ta
 
 
 def test_the_bounded_file_stops_a_write_the_extent_check_let_through(disk: Path) -> None:
-    """Were the extent check given a wrong limit, the partition's own bound still refuses the write."""
+    """Were the manifest check given a wrong limit, the partition's own bound still refuses the write."""
     io = WriteTarget(disk, BASE, SIZE).open()
     before = disk.read_bytes()
     try:
-        extent = pb.Extent(start_block=SIZE // B, num_blocks=1)  # the block just after the partition
-        writer = apply_module._ExtentWriter(io, 1 << 64, [extent], B, io.what, None)
+        op = pb.InstallOperation(
+            type=pb.InstallOperation.REPLACE,
+            dst_extents=[pb.Extent(start_block=SIZE // B, num_blocks=1)],  # the block just after the partition
+        )
+        unchecked = OperationData(0, op, Destination.PARTITION, memoryview(b"\xee" * B))
         with pytest.raises(OutsidePartition, match=f"refusing to write {B} bytes at byte {SIZE}"):
-            writer.write(b"\xee" * B)
+            Executor(io, None, B).execute(unchecked)
     finally:
         io.close()
     assert disk.read_bytes() == before

@@ -18,7 +18,7 @@ from typing import Any
 
 from coreos_common import logs
 from update_engine.errors import ErrorCode, UpdateEngineError
-from update_engine.payload.apply import VerifiedPayload, verify_payload_file
+from update_engine.payload.files import verify_payload_file
 from update_engine.payload.format import (
     HEADER_SIZE,
     MAX_SIGNATURES_SIZE,
@@ -30,6 +30,7 @@ from update_engine.payload.format import (
     summarize_manifest,
 )
 from update_engine.payload.generate import generate_full_payload, make_key_pair
+from update_engine.payload.verify import VerifiedPayload
 
 PROG = "update-payload"
 _READ_CHUNK = 1024 * 1024

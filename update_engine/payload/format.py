@@ -1,7 +1,7 @@
 """The CrAU (version 1) payload format: header, manifest, validation and an incremental parser.
 
-Everything here is pure: bytes and protobuf messages in, values and events out, no files or clocks. The apply
-and verify shells in ``apply.py`` drive :class:`PayloadStreamParser` with whatever chunks the network delivers.
+Everything here is pure: bytes and protobuf messages in, values and events out, no files or clocks. The sink
+(``sink.py``) drives :class:`PayloadStreamParser` with whatever chunks the network delivers.
 
 Layout (all offsets in bytes)::
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -386,6 +386,25 @@ def validate_manifest(manifest: pb.DeltaArchiveManifest, *, partition_size: int 
             )
 
 
+def writes_sequentially(manifest: pb.DeltaArchiveManifest) -> bool:
+    """True when the partition operations write blocks 0, 1, 2… in order, without holes, up to the new size.
+
+    Every full payload does. Its partition can then be hashed from the bytes as they are written, and no
+    operation reads what another wrote.
+    """
+    if not manifest.HasField("new_partition_info"):
+        return False
+    next_block = 0
+    for op in manifest.partition_operations:
+        if op.type not in (pb.InstallOperation.REPLACE, pb.InstallOperation.REPLACE_BZ):
+            return False
+        for extent in op.dst_extents:
+            if extent.start_block != next_block:
+                return False
+            next_block += extent.num_blocks
+    return next_block * manifest.block_size >= manifest.new_partition_info.size
+
+
 @dataclass(frozen=True)
 class ProcedureSummary:
     type: str | None
@@ -457,12 +476,17 @@ class ManifestParsed:
 
 @dataclass(frozen=True)
 class OperationData:
-    """An operation whose data blob arrived complete and matched its SHA-256 (empty blob for MOVE)."""
+    """An operation whose data blob arrived complete and matched its SHA-256 (empty blob for MOVE).
+
+    ``buffer`` is the buffer from the parser's ``allocate`` that holds ``blob`` when the blob was assembled from
+    several chunks (None when it is a slice of one chunk): whoever is done with the blob gives it back.
+    """
 
     op_index: int
     op: pb.InstallOperation
     destination: Destination
     blob: memoryview
+    buffer: bytearray | None = None
 
 
 @dataclass(frozen=True)
@@ -485,17 +509,26 @@ class PayloadStreamParser:
     """Turns payload bytes, in chunks of any size, into events.
 
     Each unit (header, manifest, one operation's blob, the signature blob) is handed out once complete: as a
-    zero-copy slice of the caller's chunk when it lies inside one, else assembled in a buffer of exactly its
-    size. The caller must not modify a chunk after feeding it. An operation's blob is checked against its
-    SHA-256 before its event is produced. Memory is bounded by the unit limits (manifest, operation, signature).
-    Bytes after the signature blob (or after the last operation of an unsigned payload) are an error.
+    zero-copy slice of the caller's chunk when it lies inside one, else assembled in a buffer of its size
+    (an operation blob in one from ``allocate``, which may be larger, so a caller can reuse buffers). The caller
+    must not modify a chunk after feeding it. An operation's blob is checked against its SHA-256 before its
+    event is produced. Memory is bounded by the unit limits (manifest, operation, signature). Bytes after the
+    signature blob (or after the last operation of an unsigned payload) are an error.
+
+    A caller that holds back the buffers of the events it has not handled yet feeds at most
+    :attr:`unit_remaining` bytes at a time: then one call completes at most one unit, so ``allocate`` is never
+    asked for a buffer while the previous one is still in the caller's hands.
     """
 
-    def __init__(self, *, partition_size: int | None = None) -> None:
+    def __init__(
+        self, *, partition_size: int | None = None, allocate: Callable[[int], bytearray] = bytearray
+    ) -> None:
         self._partition_size = partition_size
+        self._allocate = allocate
         self._stage = _Stage.HEADER
         self._need = HEADER_SIZE
         self._buf: bytearray | None = None
+        self._buf_pooled = False
         self._filled = 0
         self._consumed = 0
         self.header: PayloadHeader | None = None
@@ -511,6 +544,13 @@ class PayloadStreamParser:
     def consumed(self) -> int:
         """Bytes accepted so far."""
         return self._consumed
+
+    @property
+    def unit_remaining(self) -> int:
+        """Bytes that complete the unit being read (0 once the payload is complete)."""
+        if self._stage is _Stage.DONE:
+            return 0
+        return self._need - self._filled if self._buf is not None else self._need
 
     def describe_position(self) -> str:
         """Where the parser stands, for error messages about truncated payloads."""
@@ -543,7 +583,8 @@ class PayloadStreamParser:
                 self._complete(unit, events)
                 continue
             if self._buf is None:
-                self._buf = bytearray(self._need)
+                self._buf_pooled = self._stage is _Stage.OPERATIONS
+                self._buf = self._allocate(self._need) if self._buf_pooled else bytearray(self._need)
                 self._filled = 0
             take = min(self._need - self._filled, size - pos)
             self._buf[self._filled : self._filled + take] = view[pos : pos + take]
@@ -551,11 +592,10 @@ class PayloadStreamParser:
             pos += take
             self._consumed += take
             if self._filled == self._need:
-                unit = memoryview(self._buf)
-                self._buf = None
-                self._complete(unit, events)
+                buffer, self._buf = self._buf, None
+                self._complete(memoryview(buffer)[: self._need], events, buffer if self._buf_pooled else None)
 
-    def _complete(self, unit: memoryview, events: list[PayloadEvent]) -> None:
+    def _complete(self, unit: memoryview, events: list[PayloadEvent], buffer: bytearray | None = None) -> None:
         if self._stage is _Stage.HEADER:
             self.header = parse_header(unit)
             events.append(HeaderParsed(self.header))
@@ -577,7 +617,7 @@ class PayloadStreamParser:
                     planned,
                     f"data SHA-256 is {digest.hex()}, the manifest says {planned.operation.data_sha256_hash.hex()}",
                 )
-            events.append(OperationData(planned.index, planned.operation, planned.destination, unit))
+            events.append(OperationData(planned.index, planned.operation, planned.destination, unit, buffer))
             self._next_op += 1
             self._advance(events)
         elif self._stage is _Stage.SIGNATURES:

@@ -9,16 +9,24 @@ Rules of this module:
 * The range is checked against the size of the file or device when it is opened: a partition that runs past the
   end of the disk is refused before the first write.
 
+* Positioned I/O only: any number of threads may use one :class:`BoundedFile` at once, on disjoint ranges. It has
+  no state that changes after it is opened, except being closed, which its owner does once every thread using it
+  has stopped.
+
 :class:`BoundedFile` is the seam between the payload pipeline and the disk, in the style of
 :class:`update_engine.gpt.BlockIO`: everything the pipeline writes (the passive partition, a scratch partition, the
 new kernel) goes through one, and a fault test can subclass it (or :class:`WriteTarget` to hand out its own) to
-observe or cut off writes.
+observe or cut off writes. :class:`KernelFile` writes the new kernel to ``.<name>.<random>.partial`` beside its
+final path and renames it into place only once verified; :func:`remove_partial_kernels` sweeps what a killed
+attempt left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +34,10 @@ from update_engine.errors import ErrorCode
 from update_engine.payload.format import PayloadError
 
 log = logging.getLogger(__name__)
+
+# The new kernel is written to ``.<name>.<random>.partial`` beside its final path, then renamed.
+PARTIAL_KERNEL_SUFFIX = ".partial"
+_READ_CHUNK = 1024 * 1024
 
 
 class OutsidePartition(PayloadError):
@@ -50,6 +62,18 @@ class BoundedFile:
         self.size = size
         self.what = what
         self._owns_fd = owns_fd
+
+    @classmethod
+    def scratch(cls, size: int) -> BoundedFile:
+        """An anonymous temporary file of ``size`` bytes, for running operations with no target to write."""
+        with tempfile.TemporaryFile(prefix="payload-scratch-") as stream:
+            fd = os.dup(stream.fileno())
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(fd, 0, size, "the scratch partition")
 
     @property
     def fd(self) -> int:
@@ -91,6 +115,19 @@ class BoundedFile:
                 raise PayloadError(code, f"reading {self.what}: it ends at byte {position}")
             buf = buf[got:]
             position += got
+
+    def sha256(self, length: int, code: ErrorCode) -> bytes:
+        """SHA-256 of the first ``length`` bytes, read back; a short file or a read error raise with ``code``."""
+        digest = hashlib.sha256()
+        buf = bytearray(min(_READ_CHUNK, length))
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            piece = view[: min(len(buf), length - done)]
+            self.preadinto(piece, done, code)
+            digest.update(piece)
+            done += len(piece)
+        return digest.digest()
 
     def drop_cache(self, offset: int, length: int) -> None:
         """Start writeback of a written range and let the page cache drop it; only a hint, errors are logged."""
@@ -146,3 +183,75 @@ class WriteTarget:
                 f"of {self.path} ({disk_size} bytes)",
             )
         return BoundedFile(fd, self.offset, self.size, f"the target {self.path}")
+
+
+class KernelFile:
+    """The new kernel, written to a temporary file beside ``path`` and renamed into place once verified."""
+
+    def __init__(self, path: Path, size: int, capacity: int) -> None:
+        """``size`` is the kernel's length, ``capacity`` its whole blocks (what operations may write)."""
+        self.path = path
+        self.size = size
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_KERNEL_SUFFIX, dir=path.parent)
+        except OSError as exc:
+            raise PayloadError(
+                ErrorCode.KERNEL_DEVICE_OPEN_ERROR,
+                f"cannot create a temporary kernel file next to {path}: {exc}",
+            ) from exc
+        self.tmp: Path | None = Path(name)
+        self.file = BoundedFile(fd, 0, capacity, f"the kernel file {name}")
+
+    def sha256(self) -> bytes:
+        """Cut the file to the kernel's size and hash it."""
+        try:
+            os.ftruncate(self.file.fd, self.size)
+        except OSError as exc:
+            raise PayloadError(ErrorCode.DOWNLOAD_WRITE_ERROR, f"truncating {self.tmp}: {exc}") from exc
+        return self.file.sha256(self.size, ErrorCode.NEW_KERNEL_VERIFICATION_ERROR)
+
+    def install(self) -> None:
+        """Make the verified kernel durable under its final name."""
+        assert self.tmp is not None
+        try:
+            os.fchmod(self.file.fd, 0o644)
+            os.fsync(self.file.fd)
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise PayloadError(
+                ErrorCode.DOWNLOAD_WRITE_ERROR, f"installing the new kernel as {self.path}: {exc}"
+            ) from exc
+        log.info("installed the new kernel as %s", self.path)
+
+    def discard(self) -> None:
+        """Close the file and remove it unless it was installed. Never raises."""
+        try:
+            self.file.close()
+        except OSError as exc:
+            log.warning("closing %s failed: %s", self.file.what, exc)
+        if self.tmp is not None:
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", self.tmp, exc)
+            self.tmp = None
+
+
+def remove_partial_kernels(kernel_path: Path) -> None:
+    """Delete the temporary kernel files (``.<name>.*.partial``, as KernelFile names them) that an attempt
+    killed before its rename left beside ``kernel_path``: without this each crash would leave one more in /boot."""
+    for stale in kernel_path.parent.glob(f".{kernel_path.name}.*{PARTIAL_KERNEL_SUFFIX}"):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("Cannot remove the unfinished kernel file %s: %s; remove it by hand", stale, exc.strerror)
+            continue
+        log.info("Removed %s, an unfinished kernel file left by an interrupted attempt", stale)
