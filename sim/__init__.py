@@ -15,7 +15,9 @@ Rules every module here keeps:
   CA), ``postgres`` (a private PostgreSQL server), ``disks`` (GPT images by sgdisk, cgpt checks), ``node`` (a
   node's file system root), ``payload`` (key pairs, releases, hand-built payloads), ``devserver`` and
   ``coreupdate`` (the product's two Omaha servers as processes), ``omaha`` (the Omaha stub with hooks for hostile
-  behaviour), ``standins/`` (logind, systemd, update-engine).
+  behaviour), ``link`` (a slow network link), ``standins/`` (logind, systemd, update-engine, the GRUB gptprio
+  bootloader), ``fleet/`` (a simulated fleet of nodes running the real daemons, with etcd and a pluggable Omaha
+  side).
 * **What sim starts, sim stops.** Every process or server it starts is a context manager (``with`` or
   ``async with``) whose exit stops it, also after an error, and every wait is bounded.
 * **Loopback only.** Servers listen on 127.0.0.1 on free ports, never fixed ones.

@@ -326,3 +326,10 @@ def disk_facts(disk: Path) -> DiskFacts:
         if (mine.priority, mine.tries, int(mine.successful)) != theirs:
             raise DiskCheckError(f"cgpt and GptDisk disagree on partition {index}: {theirs} and {mine}")
     return DiskFacts(partition_sha256(disk, USR_A_INDEX), a, b, valid)
+
+
+def usr_flags(path: Path) -> dict[str, gpt.PartitionFlags]:
+    """Flags of USR-A and USR-B as the disk holds them now, by label (read with :mod:`update_engine.gpt`)."""
+    with gpt.GptDisk.open(path, writable=False) as disk:
+        a, b = disk.usr_partitions()
+        return {a.name: a.flags, b.name: b.flags}

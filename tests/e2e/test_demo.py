@@ -157,3 +157,22 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     assert "interrupted; everything the demo started is stopped" in rest
     assert leftover_processes(tmp_path) == []
+
+
+def test_a_reader_that_goes_away_stops_the_demo_quietly(tmp_path: Path) -> None:
+    """``demo/run | head -0``: no traceback, everything stopped, the exit status of a writer whose pipe closed."""
+    proc = subprocess.Popen(
+        demo_command(tmp_path, "--scenario", "update"), cwd=REPO, env=demo_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    try:
+        _, err = proc.communicate(timeout=RUN_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert proc.returncode == 141, err
+    assert leftover_processes(tmp_path) == []

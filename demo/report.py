@@ -1,0 +1,153 @@
+"""The demo's summary: a table per node, the time per phase, every revision of the semaphore, the Omaha events per
+node, the invariants, and the verdict (exit status 0 only when every node reached its end state and nothing was
+broken).
+
+Rules: the summary reads the fleet's records and etcd's history of the semaphore key; a problem it finds (an
+invalid or over-full revision, a history that cannot be read) makes the verdict a failure, named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from demo.scenario import OLD_VERSION, SEMAPHORE_MAX, DemoOptions, Outcome, end_state_missing
+from demo.story import BAD, GOOD, NOTE, Console, describe_event
+from locksmithd.semaphore import SEMAPHORE_KEY, Semaphore, SemaphoreError
+from sim.fleet.fleet import Fleet
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def span(start: float | None, end: float | None) -> str:
+    return seconds(end - start if start is not None and end is not None else None)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    lines = [header, *rows]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines]
+
+
+def _first(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _last(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+@dataclass
+class Report:
+    """The summary of one run; ``print`` returns the exit status."""
+
+    out: Console
+    fleet: Fleet
+    options: DemoOptions
+    expected: Mapping[str, Outcome]
+    setup_done_at: float | None
+    finished_at: float | None
+
+    def node_rows(self) -> list[list[str]]:
+        rows = []
+        for node in self.fleet.nodes:
+            history, expected = node.history, self.expected[node.name]
+            boot = history.current_boot
+            booted = boot.choice.label if boot else "-"
+            if any(b.failed for b in history.boots):
+                booted += " (after a failed boot)"
+            reboot_at = history.reboot_calls[0] if history.reboot_calls else None
+            healthy_at = boot.marked_good_at if boot and len(history.boots) > 1 else None
+            reached = not end_state_missing(history, expected) and not history.problems
+            rows.append([
+                node.name, f"{OLD_VERSION} → {history.version}", booted, str(len(history.reboot_calls)),
+                span(history.first_check_at, history.installed_at), span(history.installed_at, history.lock_taken_at),
+                span(reboot_at, healthy_at), expected.value if reached else f"NOT {expected.value}",
+            ])  # fmt: skip
+        return rows
+
+    def phase_line(self) -> str:
+        histories = [node.history for node in self.fleet.nodes]
+        checks = _first([h.first_check_at for h in histories])
+        installed = _last([h.installed_at for h in histories])
+        taken = _first([h.lock_taken_at for h in histories])
+        released = _last([h.lock_released_at for h in histories])
+        return " · ".join([
+            f"set-up {seconds(self.setup_done_at)}",
+            f"first check → last installed {span(checks, installed)}",
+            f"rolling reboot (first lock → last release) {span(taken, released)}",
+            f"total {seconds(self.finished_at)}",
+        ])  # fmt: skip
+
+    async def print(self) -> int:
+        out, fleet = self.out, self.fleet
+        out.plain()
+        out.plain("Summary", NOTE)
+        header = ["node", "version", "booted", "reboots", "check→installed", "waiting for lock",
+                  "reboot→healthy", "result"]  # fmt: skip
+        for line in table(header, self.node_rows()):
+            out.plain("  " + line)
+        out.plain()
+        out.plain("Time per phase: " + self.phase_line())
+        out.plain()
+        history, history_failures = await self.semaphore_revisions()
+        out.plain()
+        out.plain("Events the Omaha dev server received:")
+        for node in fleet.nodes:
+            by_version: dict[str, list[str]] = {}
+            for event in node.history.omaha_events:
+                by_version.setdefault(event.app_version, []).append(describe_event(event))
+            if not by_version:
+                out.plain(f"  {node.name:<7} none")
+            for i, (version, texts) in enumerate(by_version.items()):
+                out.plain(f"  {node.name if i == 0 else '':<7} from {version}: " + "; ".join(texts))
+
+        failures = [f"{n.name} lacks: {', '.join(m)}" for n in fleet.nodes
+                    if (m := end_state_missing(n.history, self.expected[n.name]))]  # fmt: skip
+        failures += [f"{n.name}: {p}" for n in fleet.nodes for p in n.history.problems]
+        failures += fleet.violations + history_failures
+        out.plain()
+        if not fleet.too_many_down:
+            out.plain(f"Never more than {SEMAPHORE_MAX} node down at once (max {SEMAPHORE_MAX}); "
+                      f"at most {fleet.max_down} was.", GOOD)  # fmt: skip
+        if history and not any("holders" in v for v in fleet.violations + history_failures):
+            out.plain(f"No revision of the semaphore had more than {SEMAPHORE_MAX} holder.", GOOD)
+        if failures:
+            out.plain("FAILED:", BAD)
+            for failure in failures:
+                out.plain(f"  {failure}", BAD)
+            return 1
+        out.plain(f"OK: {self.options.scenario} scenario completed in {out.elapsed():.1f}s.", GOOD)
+        return 0
+
+    async def semaphore_revisions(self) -> tuple[list[tuple[int, bytes | None]], list[str]]:
+        """Print every revision of the semaphore key; return them and what was wrong with them."""
+        out = self.out
+        failures: list[str] = []
+        out.plain(f"Semaphore {SEMAPHORE_KEY}, every revision:")
+        try:
+            history = await self.fleet.semaphore_history(10.0)
+        except Exception as exc:
+            failures.append(f"could not read the semaphore's history: {exc}")
+            return [], failures
+        for revision, value in history:
+            if value is None:
+                out.plain(f"  rev {revision:>4}  deleted")
+                continue
+            try:
+                sem = Semaphore.decode(value)
+            except SemaphoreError as exc:
+                failures.append(f"semaphore revision {revision} is invalid: {exc}")
+                out.plain(f"  rev {revision:>4}  invalid: {exc}", BAD)
+                continue
+            names = ", ".join(sorted(self.fleet.node_name(h) for h in sem.holders)) or "-"
+            out.plain(f"  rev {revision:>4}  max={sem.max}  holders: {names}")
+            if len(sem.holders) > sem.max:
+                failures.append(f"semaphore revision {revision} has {len(sem.holders)} holders, max {sem.max}")
+        return history, failures
+
