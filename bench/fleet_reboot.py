@@ -49,9 +49,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends.etcd import (
     SEMAPHORE,
-    Backoff,
     EtcdLockBackend,
     EtcdSemaphoreStore,
     EtcdTransientError,
@@ -170,7 +170,7 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
             await asyncio.sleep(config["reboot_s"])
             asked = time.monotonic()
             # Like the daemon's unlock loop: a release that etcd could not take now is retried with backoff.
-            unlock_backoff = Backoff(10.0 * scale, 300.0 * scale)
+            unlock_delays = BackoffPolicy(10.0 * scale, 300.0 * scale).delays()
             while True:
                 try:
                     await backend.release(machine_id)
@@ -179,7 +179,7 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
                     report.release_retries += 1
                     if report.release_retries <= 3:
                         logging.getLogger("fleet").error("%s: release failed (%s); retrying", machine_id, exc)
-                    await asyncio.sleep(unlock_backoff.next())
+                    await asyncio.sleep(next(unlock_delays))
             report.released.append(time.monotonic())
             report.release_calls.append(report.released[-1] - asked)
         except Exception as exc:  # reported to the parent, which counts it against the run
