@@ -61,7 +61,23 @@ def open_store(args: argparse.Namespace) -> Store:
             where = db_engine.shown_url(url)
             raise CliError(f"cannot open the database {where}: {str(exc).splitlines()[0]}", EXIT_UNREACHABLE) from None
         raise
+    if not args.database:
+        _give_to_directory_owner(data_dir)
     return store
+
+
+def _give_to_directory_owner(data_dir: Path) -> None:
+    """Run as root on the service's directory (``coreupdate token create`` after install), files the command
+    created would belong to root and the server (user coreupdate) could not write them: hand them over."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = data_dir.stat()
+        for path in data_dir.glob(db_engine.SQLITE_FILE + "*"):
+            if path.stat().st_uid != owner.st_uid:
+                os.chown(path, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        log.warning("Cannot give the database files in %s to their directory's owner: %s", data_dir, exc.strerror)
 
 
 def _listen(text: str) -> tuple[str, int]:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from coreos_common.notify import SystemdNotifier
 from coreupdate import api
 from coreupdate.catalog import Catalog
 from coreupdate.metrics import CONTENT_TYPE, Metrics
@@ -309,12 +310,17 @@ async def serve(server: Server, host: str, port: int, *, ready: Callable[[str], 
     shown = f"[{host}]" if ":" in host else host
     log.info("Serving Omaha on http://%s:%d/v1/update/ and the API on /api/v1/ (%d application(s), %d group(s))",
              shown, port, len(server.catalog.apps), len(server.catalog.groups))
+    notifier = SystemdNotifier()
+    notifier.ready(f"Serving on {shown}:{port}")
+    watchdog = loop.create_task(notifier.run_watchdog(), name="watchdog")
     if ready is not None:
         ready(f"http://{shown}:{port}")
     try:
         await stop.wait()
     finally:
+        notifier.stopping()
         log.info("Stopping: flushing %d pending write(s)", server.writer.pending)
+        watchdog.cancel()
         await runner.cleanup()
         await server.stop()
 

@@ -1,4 +1,7 @@
-"""The Debian package: built from a copy of this tree, installed with apt, run on Debian's python3, purged.
+"""The Debian packages: built from a copy of this tree, installed with apt, run on Debian's python3, purged.
+
+One source builds three binary packages: ``python3-coreos-update-stack`` (the Python modules), the node package
+``coreos-update-stack`` (update-engine, locksmithd and their units) and the server package ``coreupdate``.
 
 Everything after the install runs the installed programs with /usr/bin/python3 and a clean environment, so
 the code is exercised with Debian's own library versions (python3-dbus-fast, -aiohttp, -protobuf, -etcd3gw,
@@ -31,6 +34,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "coreos-update-stack"
+LIB_PACKAGE = "python3-coreos-update-stack"
+SERVER_PACKAGE = "coreupdate"
+ALL_PACKAGES = (SERVER_PACKAGE, PACKAGE, LIB_PACKAGE)
+SERVER_PROGRAMS = ("coreupdate", "updateservicectl")
+SERVER_UNIT = "coreupdate.service"
+SERVER_STATE_DIR = Path("/var/lib/coreupdate")
 BUILD_TOOLS = (
     "dpkg-dev", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools",
     "python3-wheel", "lintian",
@@ -88,7 +97,8 @@ def apt_install(args: Sequence[str]) -> None:
 
 
 def purge() -> subprocess.CompletedProcess[str]:
-    return run(["apt-get", "purge", "-y", "-q", PACKAGE], timeout=300)
+    installed = [p for p in ALL_PACKAGES if dpkg_status(p) not in ("", "unknown ok not-installed")]
+    return run(["apt-get", "purge", "-y", "-q", *installed], timeout=300)
 
 
 def copy_tree(destination: Path) -> None:
@@ -120,6 +130,8 @@ def unit_dir() -> Path:
 @dataclass(frozen=True)
 class Built:
     deb: Path
+    lib_deb: Path
+    server_deb: Path
     changes: Path
     lintian: str
     untracked_after_build: list[str]
@@ -131,9 +143,9 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         pytest.skip("building and installing a Debian package needs root")
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         pytest.skip("not a Debian system (no apt-get/dpkg)")
-    if dpkg_status(PACKAGE) not in ("", "unknown ok not-installed"):
+    if any(dpkg_status(p) not in ("", "unknown ok not-installed") for p in ALL_PACKAGES):
         purge()  # left behind by an interrupted run, installed or with its files still on disk
-    elif STATE_DIR.exists():
+    elif STATE_DIR.exists() or SERVER_STATE_DIR.exists():
         pytest.skip(f"{STATE_DIR} exists without the package: it looks like a real node's state, left alone")
     missing = [p for p in BUILD_TOOLS if not is_installed(p)]
     if missing:
@@ -148,15 +160,17 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     run(["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=source, timeout=600)
     untracked = run([*git, "ls-files", "--others", "--exclude-standard"]).stdout.splitlines()
     untracked += run([*git, "diff", "--name-only"]).stdout.splitlines()
-    debs = sorted(work.glob(f"{PACKAGE}_*_all.deb"))
+    debs = {name: sorted(work.glob(f"{name}_*_all.deb")) for name in ALL_PACKAGES}
     changes = sorted(work.glob(f"{PACKAGE}_*.changes"))
-    assert len(debs) == 1 and len(changes) == 1, sorted(p.name for p in work.iterdir())
+    assert all(len(found) == 1 for found in debs.values()) and len(changes) == 1, sorted(
+        p.name for p in work.iterdir())
     lintian = run(["lintian", str(changes[0])], timeout=300, check=False)
     try:
-        apt_install([str(debs[0])])
-        yield Built(debs[0], changes[0], lintian.stdout + lintian.stderr, untracked)
+        apt_install([str(debs[name][0]) for name in ALL_PACKAGES])
+        yield Built(debs[PACKAGE][0], debs[LIB_PACKAGE][0], debs[SERVER_PACKAGE][0], changes[0],
+                    lintian.stdout + lintian.stderr, untracked)
     finally:
-        if is_installed(PACKAGE):
+        if any(is_installed(p) for p in ALL_PACKAGES):
             purge()
 
 
@@ -200,7 +214,7 @@ def test_every_module_imports_with_debian_python_and_libraries(package: Built) -
     script = """
 import importlib, json, pkgutil
 result = {"failed": {}, "files": {}}
-for top in ("coreos_common", "update_engine", "locksmithd"):
+for top in ("coreos_common", "update_engine", "locksmithd", "coreupdate"):
     pkg = importlib.import_module(top)
     result["files"][top] = pkg.__file__
     for info in pkgutil.walk_packages(pkg.__path__, top + "."):
@@ -209,7 +223,7 @@ for top in ("coreos_common", "update_engine", "locksmithd"):
         except Exception as exc:
             result["failed"][info.name] = repr(exc)
 for lib in ("dbus_fast", "aiohttp", "google.protobuf", "etcd3gw", "cryptography", "pyudev", "sdnotify",
-            "defusedxml"):
+            "defusedxml", "sqlalchemy", "prometheus_client", "psycopg2"):
     result["files"][lib] = importlib.import_module(lib).__file__
 print(json.dumps(result))
 """
@@ -346,11 +360,91 @@ def test_locksmithctl_locks_and_unlocks_in_etcd_on_debian_libraries(package: Bui
         cluster.stop_all()
 
 
+def test_node_and_server_packages_do_not_pull_each_other(package: Built) -> None:
+    def depends(deb: Path) -> set[str]:
+        text = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+        return {item.split()[0] for item in text.replace("\n", " ").split(",") if item.strip()}
+
+    node, server, lib = depends(package.deb), depends(package.server_deb), depends(package.lib_deb)
+    assert SERVER_PACKAGE not in node and "python3-sqlalchemy" not in node | lib
+    assert PACKAGE not in server and LIB_PACKAGE in server and LIB_PACKAGE in node
+    assert {"python3-sqlalchemy", "python3-psycopg2", "python3-prometheus-client"} <= server
+    server_files = run(["dpkg-deb", "-c", str(package.server_deb)]).stdout
+    assert "update_engine.service" not in server_files and "/usr/bin/locksmithd" not in server_files
+
+
+def test_server_files_user_and_unit(package: Built) -> None:
+    units = unit_dir()
+    assert (units / SERVER_UNIT).read_text() == (REPO / "units" / SERVER_UNIT).read_text()
+    for program in SERVER_PROGRAMS:
+        path = Path("/usr/bin") / program
+        assert os.access(path, os.X_OK) and path.read_text().startswith("#!/usr/bin/python3"), path
+    user = run(["getent", "passwd", "coreupdate"]).stdout
+    assert ":/var/lib/coreupdate:" in user
+    assert SERVER_STATE_DIR.is_dir() and SERVER_STATE_DIR.owner() == "coreupdate"
+    analyze = require_tool("systemd-analyze")
+    result = run([analyze, "verify", str(units / SERVER_UNIT)], check=False)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    security = run([analyze, "security", "--offline=true", str(units / SERVER_UNIT)], check=False)
+    assert "Overall exposure level for coreupdate.service: 1." in security.stdout + security.stderr
+
+
+def test_server_runs_a_rollout_on_debian_libraries(package: Built, tmp_path: Path) -> None:
+    """The installed server and CLI on Debian's SQLAlchemy 1.4, aiohttp, prometheus-client: a payload made by
+    the installed update-payload is uploaded, verified and offered; fake clients update; metrics answer."""
+    release = make_release(tmp_path / "release")
+    data = tmp_path / "cu"
+    token = run(["/usr/bin/coreupdate", "token", "create", "--data-dir", str(data)]).stdout.strip()
+    port = free_port()
+    log_path = tmp_path / "coreupdate.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(["/usr/bin/coreupdate", "serve", "--data-dir", str(data), "--listen",
+                                   f"127.0.0.1:{port}", "--payload-public-key", str(release.public_key)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=DEBIAN_ENV, cwd="/")
+    try:
+        wait_for_port(port, server)
+        ctl = ["/usr/bin/updateservicectl", "--server", f"http://127.0.0.1:{port}", "--key", token]
+        app = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+        run([*ctl, "package", "create", "--app-id", app, "--version", "2.0.0", "--file", str(release.payload),
+             "--public-key", str(release.public_key)])
+        run([*ctl, "channel", "update", "--app-id", app, "--channel", "stable", "--version", "2.0.0"])
+        run([*ctl, "group", "update", "--app-id", app, "--group-id", "stable", "--update-count", "1",
+             "--update-interval", "3600", "--office-hours", "Mon-Sun 0:00 24h", "--timezone", "Europe/Berlin"])
+        fake = run([*ctl, "instance", "fake", "--app-id", app, "--group-id", "stable", "--version", "1.0.0",
+                    "--clients-per-app", "2", "--min-sleep", "0", "--max-sleep", "0"]).stdout
+        assert fake.splitlines() == ["{fake-client-000}: updated from 1.0.0 to 2.0.0", "{fake-client-001}: noupdate"]
+        # Events are written behind the answers: wait (bounded) until the last ones are in.
+        deadline = time.monotonic() + 20
+        while True:
+            listed = json.loads(run([*ctl, "--json", "instance", "list", "--app-id", app]).stdout)
+            statuses = {i["status"] for i in listed["instances"]}
+            if statuses == {"Complete", "OnHold"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert statuses == {"Complete", "OnHold"}
+        metrics = run(["/usr/bin/python3", "-c", f"import urllib.request; print(urllib.request.urlopen("
+                       f"'http://127.0.0.1:{port}/metrics').read().decode())"]).stdout
+        assert 'coreupdate_update_checks_total{decision="grant"} 1.0' in metrics
+    finally:
+        stop(server)
+    assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+def test_server_on_postgresql_with_debian_psycopg2(package: Built, postgres_server: object) -> None:
+    url = postgres_server.create_database("debpkg")  # type: ignore[attr-defined]
+    made = run(["/usr/bin/coreupdate", "token", "create", "--database", url.replace("+psycopg2", "")])
+    assert made.stdout.startswith("cu_")
+    listed = run(["/usr/bin/coreupdate", "token", "list", "--database", url]).stdout
+    assert listed.splitlines()[1].split()[:2] == ["1", "admin"]
+
+
 def test_purge_removes_every_installed_file(package: Built) -> None:
     units = unit_dir()
     purge()
-    assert not is_installed(PACKAGE)
-    for path in (*(units / name for name in UNITS), DBUS_POLICY, TMPFILES, SAMPLE,
-                 *(Path("/usr/bin") / p for p in PROGRAMS), Path(DIST_PACKAGES) / "update_engine",
-                 Path(DIST_PACKAGES) / "locksmithd", STATE_DIR):
+    assert not any(is_installed(p) for p in ALL_PACKAGES)
+    for path in (*(units / name for name in (*UNITS, SERVER_UNIT)), DBUS_POLICY, TMPFILES, SAMPLE,
+                 *(Path("/usr/bin") / p for p in (*PROGRAMS, *SERVER_PROGRAMS)),
+                 Path(DIST_PACKAGES) / "update_engine", Path(DIST_PACKAGES) / "locksmithd",
+                 Path(DIST_PACKAGES) / "coreupdate", Path(DIST_PACKAGES) / "coreos_common", STATE_DIR,
+                 SERVER_STATE_DIR):
         assert not path.exists(), f"{path} survived the purge"

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,9 +86,17 @@ def test_a_rollout_driven_from_the_command_line(server: CoreUpdateServer, signed
               "--clients-per-app", "3", "--min-sleep", "0", "--max-sleep", "0")
     assert fake.splitlines() == ["{fake-client-000}: updated from 1.0.0 to 2.0.0",
                                  "{fake-client-001}: updated from 1.0.0 to 2.0.0", "{fake-client-002}: noupdate"]
-    listed = json.loads(ok(server, "--json", "instance", "list", "--app-id", COREOS_APP_ID, "--group-id", "canary"))
-    statuses = {i["machine_id"]: i["status"] for i in listed["instances"]}
-    assert statuses["fake-client-000"] == "Complete" and statuses["fake-client-002"] == "OnHold"
+    # Events are written behind the answers: wait (bounded) until the last ones are in.
+    deadline = time.monotonic() + 20
+    while True:
+        listed = json.loads(ok(server, "--json", "instance", "list", "--app-id", COREOS_APP_ID, "--group-id",
+                               "canary"))
+        statuses = {i["machine_id"]: i["status"] for i in listed["instances"]}
+        if statuses.get("fake-client-001") == "Complete" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert statuses["fake-client-000"] == "Complete" and statuses["fake-client-001"] == "Complete"
+    assert statuses["fake-client-002"] == "OnHold"
     versions = ok(server, "instance", "list-app-versions", "--app-id", COREOS_APP_ID, "--group-id", "canary")
     assert versions.splitlines()[1].split() == ["2.0.0", "2"]
 
