@@ -1,4 +1,5 @@
-"""Go ``time.Duration`` text: one parser and one printer, as locksmith's settings and log lines spell durations.
+"""Go ``time.Duration`` text: one parser and one printer, as locksmith's settings and log lines spell durations,
+and a short printer for people (``90 min``, ``2 h``, ``1 d``) where a page shows a setting in a few words.
 
 Rules: the syntax is Go's ``time.ParseDuration`` (units ``ns us µs ms s m h``, no ``d``, a sign allowed,
 fractions allowed, an int64 of nanoseconds at most) and the output is Go's ``Duration.String()``.  Values are
@@ -96,6 +97,26 @@ def format_go_duration(value: timedelta | float) -> str:
     if hours:
         text = f"{int(hours)}h{text}"
     return sign + text
+
+
+def format_short_duration(value: timedelta | float) -> str:
+    """A whole duration in one unit when it fits one (``45 s``, ``90 min``, ``2 h``, ``3 d``), else Go's text.
+
+    Minutes are used up to three hours (``90 min`` reads better than ``1h30m0s``), hours up to three days.
+    """
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0 or seconds != int(seconds):
+        return format_go_duration(seconds)
+    whole = int(seconds)
+    if whole % 86400 == 0 and whole >= 3 * 86400:
+        return f"{whole // 86400} d"
+    if whole % 3600 == 0 and whole >= 3 * 3600:
+        return f"{whole // 3600} h"
+    if whole % 60 == 0 and whole >= 60:
+        return f"{whole // 60} min"
+    if whole < 60:
+        return f"{whole} s"
+    return format_go_duration(seconds)
 
 
 def _trim(value: Fraction) -> str:

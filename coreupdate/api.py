@@ -8,16 +8,11 @@ thing 404; a contradiction (duplicate, still in use) 409; the database unavailab
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -25,9 +20,8 @@ from aiohttp import web
 from coreupdate import openapi, validation
 from coreupdate.model import Application, Group, GroupPolicy, InstanceStatus, Package
 from coreupdate.storage.store import Conflict, InstanceFilter, NotFound, token_matches
+from coreupdate.uploads import store_upload
 from coreupdate.validation import ValidationError
-from update_engine.errors import UpdateEngineError
-from update_engine.payload.files import check_payload_file, verify_payload_file
 
 if TYPE_CHECKING:
     from coreupdate.server import Server
@@ -198,51 +192,11 @@ class Api:
         app_id = self._app_id(request)
         version = validation.version(request.match_info["version"])
         name = validation.file_name(request.query.get("file_name", "update.gz"))
-        if (app_id, version) in self.server.catalog.packages:
-            raise Conflict(f"application {app_id} already has a package for version {version}")
-        config = self.server.config
-        incoming = config.package_dir / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=incoming, prefix=f"{version}-")
-        tmp = Path(tmp_name)
-        try:
-            sha256, sha1, size = hashlib.sha256(), hashlib.sha1(), 0
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in request.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > config.max_payload_bytes:
-                        raise ValidationError("payload", f"is larger than the server's limit of "
-                                                         f"{config.max_payload_bytes} bytes")
-                    sha256.update(chunk)
-                    sha1.update(chunk)
-                    out.write(chunk)
-            if size == 0:
-                raise ValidationError("payload", "is empty")
-            key = config.payload_public_key
-            try:
-                if key is not None:
-                    verified = await self.server.db(verify_payload_file, tmp, key)
-                else:
-                    verified = await self.server.db(check_payload_file, tmp)
-            except UpdateEngineError as exc:
-                raise ValidationError("payload", f"is not a valid signed update payload: {exc}") from None
-            package = Package(
-                app_id=app_id, version=version, size=size, sha256_b64=base64.b64encode(sha256.digest()).decode(),
-                sha1_b64=base64.b64encode(sha1.digest()).decode(), file_name=name,
-            )
-            final = config.package_dir / app_id / version / name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            try:
-                created = await self.server.db(self.store.add_package, package)
-            except Exception:
-                final.unlink(missing_ok=True)
-                raise
-        finally:
-            tmp.unlink(missing_ok=True)
+        stored = await store_upload(self.server, app_id, version, name, request.content.iter_chunked(_CHUNK))
+        created, verified = stored.package, stored.verified
         await self._changed()
-        log.info("Package %s %s stored (%d bytes, sha256 %s, signature %s)", app_id, version, size,
-                 package.sha256_b64, "verified" if verified.signature_verified else "not checked: no server key")
+        log.info("Package %s %s stored (%d bytes, sha256 %s, signature %s)", app_id, version, created.size,
+                 created.sha256_b64, "verified" if verified.signature_verified else "not checked: no server key")
         body = package_json(created, self.server.base_url(request))
         body["signature_verified"] = verified.signature_verified
         return web.json_response(body, status=201)

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from coreos_common.notify import SystemdNotifier
 from coreupdate import api
+from coreupdate import web as web_ui
 from coreupdate.catalog import Catalog
 from coreupdate.metrics import CONTENT_TYPE, Metrics
 from coreupdate.office_hours import parse_office_hours
@@ -59,6 +60,8 @@ class ServerConfig:
     events_retention_s: float = 30 * DAY
     history_retention_s: float = 90 * DAY
     instances_retention_s: float = 180 * DAY
+    behind_tls_proxy: bool = False  # browsers reach the dashboard through a TLS proxy: Secure cookies
+    history_resolution_s: float = 3600.0  # the period of the versions-over-time snapshots
     catalog_poll_s: float = 1.0
     writer_interval_s: float = 0.25
     db_threads: int = 4
@@ -197,6 +200,7 @@ class Server:
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/health", self.handle_health)
         api.add_routes(app, self)
+        web_ui.add_routes(app, self)
         return app
 
     @web.middleware
@@ -273,8 +277,9 @@ class Server:
         loop = asyncio.get_running_loop()
         self._tasks += [
             loop.create_task(self._poll_catalog(), name="catalog-poll"),
-            loop.create_task(self._every(SNAPSHOT_EVERY_S, "Version snapshot",
-                                         lambda: self.db(self.store.snapshot_versions)), name="snapshot"),
+            loop.create_task(self._every(min(SNAPSHOT_EVERY_S, self.config.history_resolution_s), "Version snapshot",
+                                         lambda: self.db(self.store.snapshot_versions,
+                                                         self.config.history_resolution_s)), name="snapshot"),
             loop.create_task(self._every(PRUNE_EVERY_S, "Retention pruning", self._prune), name="prune"),
         ]
 
@@ -308,7 +313,8 @@ async def serve(server: Server, host: str, port: int, *, ready: Callable[[str], 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     shown = f"[{host}]" if ":" in host else host
-    log.info("Serving Omaha on http://%s:%d/v1/update/ and the API on /api/v1/ (%d application(s), %d group(s))",
+    log.info("Serving Omaha on http://%s:%d/v1/update/, the API on /api/v1/ and the dashboard on / "
+             "(%d application(s), %d group(s))",
              shown, port, len(server.catalog.apps), len(server.catalog.groups))
     notifier = SystemdNotifier()
     notifier.ready(f"Serving on {shown}:{port}")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coreos_common.goduration import DurationError, format_go_duration, parse_go_duration
+from coreos_common.goduration import DurationError, format_go_duration, format_short_duration, parse_go_duration
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,11 @@ def test_printed_durations_parse_back(micros: int) -> None:
 def test_retry_delays_in_seconds_print_like_locksmith_logs_them() -> None:
     durations = [format_go_duration(x) for x in (10, 20, 40, 80, 160, 300, 0.25)]
     assert durations == ["10s", "20s", "40s", "1m20s", "2m40s", "5m0s", "250ms"]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (45, "45 s"), (60, "1 min"), (5400, "90 min"), (3 * 3600, "3 h"), (86400, "24 h"), (7200, "120 min"),
+    (3 * 86400, "3 d"), (90061, "25h1m1s"), (61, "1m1s"), (0.5, "500ms"), (0, "0s"),
+])
+def test_short_durations_use_one_unit_when_it_fits(seconds: float, text: str) -> None:
+    assert format_short_duration(seconds) == text

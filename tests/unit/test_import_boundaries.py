@@ -9,7 +9,8 @@ The rules (README's module map and DESIGN §3):
   its D-Bus adapter ``update_engine.dbus_service``: the adapter drives the engine, not the other way round.
 * ``coreupdate`` imports, of the daemons, only update-engine's codecs: Omaha (``update_engine.omaha`` with the
   error codes its events carry, ``update_engine.errors``) and the payload format and verification
-  (``update_engine.payload.format``, ``update_engine.payload.files``), and those never pull in a daemon shell.
+  (``update_engine.payload.format``, ``update_engine.payload.files`` and the ``VerifiedPayload`` it returns,
+  ``update_engine.payload.verify``), and those never pull in a daemon shell.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PACKAGES = ("coreos_common", "update_engine", "locksmithd", "coreupdate")
 # What coreupdate may import of the daemons, and what those modules may never bring along with them.
 SERVER_MAY_IMPORT = frozenset(
     {"update_engine", "update_engine.omaha", "update_engine.errors", "update_engine.payload",
-     "update_engine.payload.format", "update_engine.payload.files"}
+     "update_engine.payload.format", "update_engine.payload.files", "update_engine.payload.verify"}
 )  # fmt: skip
 DAEMON_SHELLS = frozenset(
     {"update_engine.attempter", "update_engine.service", "update_engine.daemon", "update_engine.dbus_service",

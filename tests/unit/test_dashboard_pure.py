@@ -1,0 +1,89 @@
+"""The dashboard's pure pieces: rollout phases and one-line policies, the group form's decoding (validated by
+the API's own rules), SVG charts with escaped text, and the sign-in rate limiter with a fake clock."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from coreupdate.model import GroupPolicy, InstanceStatus
+from coreupdate.web import charts, forms, present
+from coreupdate.web.ratelimit import FailureLimiter
+
+
+def test_rollout_phases_in_their_order() -> None:
+    p = present.Progress
+    state = present.rollout_state
+    assert state(paused=True, pause_reason="", channel="s", version="2", granted=1, progress=p(1, 2)).phase == "paused"
+    assert state(paused=False, pause_reason="", channel="s", version=None, granted=0,
+                 progress=p(0, 2)).detail == "channel s offers no package"
+    assert state(paused=False, pause_reason="", channel="s", version="2", granted=0, progress=p(2, 2)).phase == \
+        present.RolloutPhase.COMPLETE
+    assert state(paused=False, pause_reason="", channel="s", version="2", granted=0, progress=p(0, 2)).phase == \
+        present.RolloutPhase.IDLE
+    assert state(paused=False, pause_reason="", channel="s", version="2", granted=1, progress=p(1, 2)).phase == \
+        present.RolloutPhase.IN_PROGRESS
+    assert p(1, 3).text == "1 of 3 (33 %)" and p(0, 0).percent == 0
+
+
+def test_the_policy_reads_as_one_line() -> None:
+    policy = GroupPolicy(update_count=1, update_interval=timedelta(minutes=90), office_hours="Mon-Fri 09:00 8h",
+                         timezone="Europe/Berlin", safe_mode=True, failure_pause_count=3)
+    assert present.policy_summary(policy) == ("1 every 90 min, office hours Mon-Fri 09:00 8h Europe/Berlin, safe mode, "
+                                              "pause after 3 failure(s), timeout 60 min")
+    assert present.policy_summary(GroupPolicy()).startswith("no rate limit")
+
+
+def test_the_form_decodes_text_and_names_every_wrong_field() -> None:
+    base = GroupPolicy()
+    good = forms.policy_form(base, {"update_count": "2", "update_interval": "1h30m", "update_timeout": "600",
+                                    "office_hours": "", "timezone": "UTC", "safe_mode": "on",
+                                    "failure_pause_count": "", "failure_pause_fraction": "0.5"})
+    assert good.errors == {} and good.policy is not None
+    assert (good.policy.update_count, good.policy.update_interval, good.policy.update_timeout) == (
+        2, timedelta(minutes=90), timedelta(minutes=10))
+    assert good.policy.safe_mode and good.policy.failure_pause_fraction == 0.5
+    assert good.policy.failure_pause_count is None
+    bad = forms.policy_form(base, {"update_count": "0", "update_interval": "soon", "update_timeout": "1h",
+                                   "office_hours": "Xyz 09:00 1h", "timezone": "Mars/Olympus",
+                                   "failure_pause_fraction": "2"})
+    assert bad.policy is None
+    assert set(bad.errors) == {"update_count", "update_interval", "timezone", "office_hours",
+                               "failure_pause_fraction"}
+    assert "write seconds or a duration" in bad.errors["update_interval"]
+    assert bad.values["update_interval"] == "soon"
+    assert forms.policy_form(base, forms.policy_values(good.policy)).policy == good.policy
+
+
+def test_charts_escape_text_stack_versions_and_fold_old_ones() -> None:
+    points = [charts.TimePoint(3600.0 * i, {f"1.{v}.0": v + 1 for v in range(10)}) for i in range(3)]
+    points.append(charts.TimePoint(4 * 3600.0, {"<script>": 1}))
+    series = charts.fold_versions(points)
+    assert series.versions[0] == charts.OLDER and len(series.versions) == charts.MAX_VERSIONS + 1
+    assert series.points[0].versions[charts.OLDER] == 1 + 2 + 3 + 4  # 1.0.0-1.3.0 summed
+    svg = str(charts.versions_chart(series))
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    assert svg.count('<g class="bar"') == 4 and 'role="img"' in svg
+    assert "1970-01-01 02:00 UTC: 1.9.0 10" in svg
+    status = str(charts.status_chart({InstanceStatus.COMPLETE: 3, InstanceStatus.ERROR: 1}, present.STATUS_ORDER))
+    assert status.index("Complete") < status.index("Error") and "Instances by status: Complete 3, Error 1" in status
+    assert "No check-ins" in str(charts.versions_chart(charts.fold_versions([])))
+    assert charts.ordered_versions(["1.10.0", "1.9.0", "1.9.0"]) == ["1.9.0", "1.10.0"]
+
+
+def test_the_limiter_refuses_past_the_count_and_forgets_with_time() -> None:
+    now = [1000.0]
+    limiter = FailureLimiter(3, 60.0, lambda: now[0], max_keys=2)
+    for _ in range(3):
+        assert limiter.retry_after("u") == 0
+        limiter.failed("u")
+        now[0] += 1
+    assert limiter.retry_after("u") == 57.0  # the first failure leaves the window at 1060
+    now[0] = 1060.5
+    assert limiter.retry_after("u") == 0
+    limiter.failed("u")
+    limiter.succeeded("u")
+    assert limiter.retry_after("u") == 0
+    for key in ("a", "b", "c"):
+        for _ in range(3):
+            limiter.failed(key)
+    assert limiter.retry_after("a") == 0 and limiter.retry_after("c") > 0  # at most two keys remembered
