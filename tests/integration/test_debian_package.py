@@ -67,10 +67,10 @@ DEBIAN_ENV = {
 
 
 def run(args: Sequence[str], *, timeout: float = 120, cwd: Path | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+        check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     # cwd "/" by default: run from the repository, `python3 -c` would import the work tree instead.
     result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd or "/",
-                            env=DEBIAN_ENV)
+                            env=DEBIAN_ENV, input=stdin)
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         pytest.fail(f"{' '.join(args)} exited {result.returncode}:\n{output}")
@@ -389,6 +389,19 @@ def test_server_files_user_and_unit(package: Built) -> None:
     assert "Overall exposure level for coreupdate.service: 1." in security.stdout + security.stderr
 
 
+# Sign in to the dashboard as "ops" and print the overview and the stylesheet's first line (stdlib only).
+DASHBOARD_SIGN_IN = """
+import re, sys, urllib.parse, urllib.request, http.cookiejar
+base = sys.argv[1]
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+form = opener.open(base + "/login").read().decode()
+token = re.search('name="csrf_token" value="([^"]+)"', form).group(1)
+data = urllib.parse.urlencode({"csrf_token": token, "name": "ops", "password": "a long password", "next": "/"})
+print(opener.open(base + "/login", data.encode()).read().decode())
+print(opener.open(base + "/static/style.css").read().decode().splitlines()[0])
+"""
+
+
 def test_server_runs_a_rollout_on_debian_libraries(package: Built, tmp_path: Path) -> None:
     """The installed server and CLI on Debian's SQLAlchemy 1.4, aiohttp, prometheus-client: a payload made by
     the installed update-payload is uploaded, verified and offered; fake clients update; metrics answer."""
@@ -422,6 +435,11 @@ def test_server_runs_a_rollout_on_debian_libraries(package: Built, tmp_path: Pat
                 break
             time.sleep(0.1)
         assert statuses == {"Complete", "OnHold"}
+        # The dashboard's templates and static files are installed and render on Debian's Jinja2.
+        run(["/usr/bin/coreupdate", "user", "add", "ops", "--role", "viewer", "--data-dir", str(data)],
+            stdin="a long password\n")
+        page = run(["/usr/bin/python3", "-c", DASHBOARD_SIGN_IN, f"http://127.0.0.1:{port}"]).stdout
+        assert "1 every 60 min, office hours Mon-Sun 0:00 24h Europe/Berlin" in page and "Complete" in page
         metrics = run(["/usr/bin/python3", "-c", f"import urllib.request; print(urllib.request.urlopen("
                        f"'http://127.0.0.1:{port}/metrics').read().decode())"]).stdout
         assert 'coreupdate_update_checks_total{decision="grant"} 1.0' in metrics
