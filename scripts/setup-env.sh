@@ -5,7 +5,7 @@
 # PYTHON names the interpreter for a new .venv (default python3).
 
 export DEBIAN_FRONTEND=noninteractive
-SETUP_APT_PACKAGES="dbus-daemon dbus-bin libglib2.0-bin systemd etcd-server etcd-client gdisk cgpt openssl bzip2 python3-venv util-linux dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel lintian git postgresql"
+SETUP_APT_PACKAGES="dbus-daemon dbus-bin libglib2.0-bin systemd etcd-server etcd-client gdisk cgpt openssl bzip2 python3-venv util-linux dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel lintian git postgresql chromium chromium-driver"
 
 setup_env_missing=""
 for setup_env_pkg in $SETUP_APT_PACKAGES; do

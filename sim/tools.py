@@ -23,6 +23,8 @@ _PACKAGES = {
     "sgdisk": "gdisk",
     "cgpt": "cgpt",
     "openssl": "openssl",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 

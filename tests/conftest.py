@@ -2,7 +2,7 @@
 
 The fixtures over the simulation harness (:mod:`sim`) live in ``tests/fixtures/`` and are registered here for
 every test: ask for them by name (``private_bus``, ``login1``, ``etcd_single``, ``etcd_cluster3``, ``usr_disk``,
-``keys``, ``other_keys``, ``postgres_server``).
+``keys``, ``other_keys``, ``postgres_server``, ``chromium``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 pytest_plugins = [
+    "tests.fixtures.browser",
     "tests.fixtures.bus",
     "tests.fixtures.disks",
     "tests.fixtures.etcd",
