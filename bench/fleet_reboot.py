@@ -1,22 +1,22 @@
 """Fleet reboot benchmark: N simulated nodes take turns through the etcd reboot semaphore.
 
-Starts a real single-member etcd on 127.0.0.1, then runs the same fleet in each mode with the real
-EtcdLockBackend, one per node:
+Starts a real single-member etcd on 127.0.0.1, then runs the same fleet in each mode, one client per node:
 
-* ``watch``: waiters queue in the waiting line and only the front few of them watch the key (this
-  project's behaviour);
-* ``crowd``: every waiter watches the key, with no line (the behaviour without the line, and that of an
-  etcd that refuses the line's leases);
-* ``poll``: waiters only retry with locksmith's backoff (10 s doubling to 5 min).
+* ``watch``: the real EtcdLockBackend: waiters queue in the waiting line and only the front few of them
+  watch the key (this project's behaviour);
+* ``crowd``: the real EtcdLockBackend started without the line, so every waiter watches the key (what a
+  node does when etcd refuses the line's leases);
+* ``poll``: locksmith's way, written here from the same etcd operations: try, and while the semaphore is
+  full sleep with locksmith's backoff (10 s doubling to 5 min) and try again.
 
 Each node acquires a slot, "reboots" (sleeps ``--reboot-s``), and releases. Real durations are scaled down by
 ``scale = reboot_s / real_reboot_s`` (default 0.2 s standing for a 60 s reboot, so 1/300): the polling
-backoff 10 s → 5 min becomes 33 ms → 1 s, and the watch fallback uses the same scaled backoff. The hand-off
+backoff 10 s → 5 min becomes 33 ms → 1 s, and retries after failures use the same scaled backoff. The hand-off
 delay (a few hundred ms on a real node) is network-scale, not reboot-scale, and is set with
 ``--handoff-jitter``.
 
 A real fleet runs one node per machine; here the nodes are spread over ``--procs`` worker processes (each
-node keeps its own store, HTTP connections, watch thread and request thread, as on a real node), which start
+node keeps its own client, HTTP connections and watches, as on a real node), which start
 together at a time the parent gives them and report when each node took and released its slot
 (``time.monotonic`` is system-wide on Linux, so the times of all workers compare).
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
 import math
@@ -50,12 +49,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coreos_common.backoff import BackoffPolicy
-from locksmithd.backends.etcd import (
-    SEMAPHORE,
-    EtcdLockBackend,
-    EtcdSemaphoreStore,
-    EtcdTransientError,
-)
+from locksmithd.backends import LockBackendUnavailable
+from locksmithd.backends.etcd import ops
+from locksmithd.backends.etcd.backend import EtcdLockBackend
+from locksmithd.backends.etcd.gateway import EtcdStats
+from locksmithd.backends.etcd.sync import SyncEtcdClient
+from locksmithd.backends.etcd.waiter import AtFront, Following, Held, Tuning
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import Semaphore, SemaphoreError
 from sim.etcd import EtcdCluster
@@ -139,47 +138,55 @@ def process_cpu(pid: int) -> float:
 # -- worker process ------------------------------------------------------------------------------------------
 
 
+async def poll_for_slot(backend: EtcdLockBackend, machine_id: str, backoff: BackoffPolicy) -> None:
+    """locksmith's wait: read, try; while full, sleep the next backoff delay and try again."""
+    client = backend.client
+    delays = backoff.delays()
+    while True:
+        start = await client.run(ops.read(client.session, client.keys))
+        attempt = await client.run(ops.try_take(client.session, client.keys, machine_id, start))
+        if attempt.acquired:
+            return
+        await asyncio.sleep(next(delays))
+
+
 async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
     """Run this worker's share of the fleet, every node starting at ``start_at``."""
-    loop = asyncio.get_running_loop()
     indices: list[int] = config["indices"]
-    # A real node has a thread of its own for each blocking etcd request; asyncio's default pool (a handful
-    # of threads per process) would queue the requests of hundreds of nodes behind each other.
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=max(4, len(indices))))
     settings = EtcdSettings(endpoints=tuple(config["endpoints"]), group=config["group"])
     scale = config["reboot_s"] / config["real_reboot_s"]
+    backoff = BackoffPolicy(10.0 * scale, 300.0 * scale)
+    tuning = Tuning(config["handoff_jitter"], config["max_handoff_jitter"], line=config["mode"] == "watch")
     report = WorkerReport()
-    backends = [
-        EtcdLockBackend(
-            settings,
-            use_watch=config["mode"] in ("watch", "crowd"),
-            use_line=config["mode"] == "watch",
-            first_backoff=10.0 * scale,
-            max_backoff=300.0 * scale,
-            handoff_jitter=config["handoff_jitter"],
-            max_handoff_jitter=config["max_handoff_jitter"],
-        )
-        for _ in indices
-    ]
+    stats = [EtcdStats() for _ in indices]
+    backends = [EtcdLockBackend(settings, tuning=tuning, stats=counters) for counters in stats]
 
     async def node(i: int, backend: EtcdLockBackend) -> None:
         machine_id = f"node-{i:05d}"
         try:
-            await backend.acquire(machine_id)
+            # Like the strategy: a failure of etcd is retried with the backoff.
+            for delay in backoff.delays():
+                try:
+                    if config["mode"] == "poll":
+                        await poll_for_slot(backend, machine_id, backoff)
+                    else:
+                        await backend.acquire(machine_id)
+                    break
+                except LockBackendUnavailable:
+                    await asyncio.sleep(delay)
             report.acquired.append(time.monotonic())
             await asyncio.sleep(config["reboot_s"])
             asked = time.monotonic()
             # Like the daemon's unlock loop: a release that etcd could not take now is retried with backoff.
-            unlock_delays = BackoffPolicy(10.0 * scale, 300.0 * scale).delays()
-            while True:
+            for delay in backoff.delays():
                 try:
                     await backend.release(machine_id)
                     break
-                except EtcdTransientError as exc:
+                except LockBackendUnavailable as exc:
                     report.release_retries += 1
                     if report.release_retries <= 3:
                         logging.getLogger("fleet").error("%s: release failed (%s); retrying", machine_id, exc)
-                    await asyncio.sleep(next(unlock_delays))
+                    await asyncio.sleep(delay)
             report.released.append(time.monotonic())
             report.release_calls.append(report.released[-1] - asked)
         except Exception as exc:  # reported to the parent, which counts it against the run
@@ -188,8 +195,8 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
     async def sample() -> None:
         while True:
             report.threads = max(report.threads, threading.active_count())
-            report.following.append(sum(1 for b in backends if b.waiting_on == SEMAPHORE))
-            report.waiting.append(sum(1 for b in backends if b.waiting_on is not None))
+            report.following.append(sum(1 for b in backends if isinstance(b.phase, AtFront | Following)))
+            report.waiting.append(sum(1 for b in backends if b.phase is not None and not isinstance(b.phase, Held)))
             await asyncio.sleep(0.1)
 
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
@@ -198,12 +205,12 @@ async def run_nodes(config: dict[str, Any], start_at: float) -> WorkerReport:
     await asyncio.gather(*(node(i, b) for i, b in zip(indices, backends, strict=True)))
     sampler.cancel()
     report.cpu = time.process_time() - cpu_start
-    for backend in backends:
-        report.requests += backend.store.requests_sent
-        report.conflicts += backend.store.conflicts
-        report.watch_events += backend.store.watch_events
-        report.semaphore_watches += backend.store.semaphore_watches
-        report.line_watches += backend.store.line_watches
+    for counters in stats:
+        report.requests += counters.requests
+        report.conflicts += counters.conflicts
+        report.watch_events += counters.watch_events
+        report.semaphore_watches += counters.semaphore_watches
+        report.line_watches += counters.line_watches
     await asyncio.gather(*(b.close() for b in backends))
     return report
 
@@ -287,8 +294,8 @@ def run_workers(
 def run_fleet(cluster: EtcdCluster, args: argparse.Namespace, mode: str) -> RunResult:
     group = f"bench-{mode}"
     settings = EtcdSettings(endpoints=tuple(cluster.endpoints), group=group)
-    store = EtcdSemaphoreStore(settings)
-    store.update(lambda sem: sem.set_max(args.max))
+    store = SyncEtcdClient(settings)
+    store.run(ops.apply(store.session, store.keys, lambda sem: sem.set_max(args.max)))
     store.close()
 
     reports, start, end, etcd_cpu, machine_cpu = run_workers(cluster, args, mode, group)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -495,6 +494,8 @@ def _env(environ: Mapping[str, str], name: str) -> str:
 
 
 def _bypassed(host: str, no_proxy: str) -> bool:
+    import ipaddress  # only with a proxy configured: a command without one does not pay for it
+
     try:
         if ipaddress.ip_address(host).is_loopback:
             return True

@@ -280,6 +280,11 @@ class HttpClient:
             connection.close()
             self._streams.discard(connection)
 
+    @property
+    def open_streams(self) -> int:
+        """Streamed responses not closed yet."""
+        return len(self._streams)
+
     async def close(self) -> None:
         """Close every connection, idle or streaming."""
         connections = [c for idle in self._idle.values() for c in idle] + list(self._streams)

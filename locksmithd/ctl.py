@@ -1,51 +1,67 @@
 """``locksmithctl``: show and change the cluster reboot semaphore, fake a reboot signal, reboot under it.
 
 Command line as locksmith's: Go-style global flags before the subcommand (``-flag value``, ``-flag=value``,
-one or two dashes), ``LOCKSMITHCTL_<FLAG>`` environment variables for flags not given, then
-``status``/``lock``/``unlock``/``set-max``/``send-need-reboot``/``reboot``/``help``. Output lines and exit
-codes are locksmith's, except that every failure is one clear line on stderr and exit status 1 (locksmith
-panicked on a failed ``status`` read and exited 0 after a failed ``set-max`` write), a holder locking again
-succeeds, and ``reboot`` releases the lock it took when logind refuses to reboot.
+one or two dashes; ``-h``/``-help`` print the usage and succeed), ``LOCKSMITHCTL_<FLAG>`` environment variables
+for flags not given (a value that does not parse is ignored, as Go's ``flag.Set`` errors were), then
+``status``/``lock``/``unlock``/``set-max``/``send-need-reboot``/``reboot``/``help``. Output lines, error
+prefixes and exit codes are locksmith's (a failure to reach etcd is ``Error initializing etcd client: …``),
+except that every failure is one clear line on stderr and exit status 1 (locksmith panicked on a failed
+``status`` read and exited 0 after a failed ``set-max`` write), a holder locking again succeeds, ``reboot``
+releases the lock it took when logind refuses to reboot, ``status`` shows how long each holder has held its
+slot and on which host, and ``unlock --older-than`` releases the holders older than a duration. The README
+lists every difference.
+
+Rules of this file: a command imports only what it uses (``--version`` and ``status`` must start in tens of
+milliseconds: the etcd commands use the blocking etcd shell and never load asyncio or D-Bus); a reader that
+closes stdout early (``locksmithctl status | head -0``) ends the command quietly with status 141, as a
+process killed by SIGPIPE; nothing ever shows a Python traceback.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from dbus_fast import BusType, Message
-from dbus_fast.aio import MessageBus
-
-from coreos_common import logs
-from coreos_common.boolean import parse_bool
-from coreos_common.identity import IdentityError, read_machine_id
-from coreos_common.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
 from locksmithd import __version__
-from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd import EtcdSemaphoreStore
-from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
-from locksmithd.semaphore import Semaphore, SemaphoreError
+
+# ``typing`` alone costs a few milliseconds at start; the annotations below are only read by mypy.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
+    from typing import TypeVar
+
+    from dbus_fast.aio import MessageBus
+
+    from locksmithd.backends.etcd.gateway import Procedure
+    from locksmithd.backends.etcd.ops import SemaphoreKeys, Snapshot, Update
+    from locksmithd.backends.etcd.sync import SyncEtcdClient
+    from locksmithd.backends.etcd_settings import EtcdSettings
+    from locksmithd.semaphore import HolderRecord, Semaphore
+
+    T = TypeVar("T")
 
 PROGRAM = "locksmithctl"
 ENV_PREFIX = "LOCKSMITHCTL_"
+# 128 + SIGPIPE: what a shell reports for a command whose reader went away.
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
     """Bad command line: printed with the usage, exit status 2."""
 
 
-@dataclass(frozen=True)
+class CommandFailed(Exception):
+    """A command's failure: the message is printed on stderr, exit status 1."""
+
+
 class Flag:
-    name: str
-    help: str
-    default: str = ""
-    boolean: bool = False
+    """One flag: its name, help, default (None: the etcd default endpoints) and whether it is a boolean."""
+
+    __slots__ = ("boolean", "default", "help", "name")
+
+    def __init__(self, name: str, help: str, default: str | None = "", boolean: bool = False) -> None:
+        self.name, self.help, self.default, self.boolean = name, help, default, boolean
 
     @property
     def env(self) -> str:
@@ -54,7 +70,7 @@ class Flag:
 
 GLOBAL_FLAGS: tuple[Flag, ...] = (
     Flag("debug", "Print debug information to stderr.", "false", boolean=True),
-    Flag("endpoint", "etcd endpoint(s) for locksmith, comma-separated.", ",".join(DEFAULT_ENDPOINTS)),
+    Flag("endpoint", "etcd endpoint(s) for locksmith, comma-separated.", None),
     Flag("etcd-cafile", "etcd CA file (alone: verify the server only)."),
     Flag("etcd-certfile", "etcd client certificate file (needs -etcd-keyfile)."),
     Flag("etcd-keyfile", "etcd client key file (needs -etcd-certfile)."),
@@ -65,14 +81,14 @@ GLOBAL_FLAGS: tuple[Flag, ...] = (
     Flag("bus-address", "D-Bus address of the system bus (default: the system bus)."),
     Flag("version", "Print the version and exit.", "false", boolean=True),
 )
+HELP_FLAGS = frozenset({"h", "help"})
 
 
-@dataclass(frozen=True)
 class Command:
-    name: str
-    usage: str
-    summary: str
-    flags: tuple[Flag, ...] = ()
+    __slots__ = ("flags", "name", "summary", "usage")
+
+    def __init__(self, name: str, usage: str, summary: str, flags: tuple[Flag, ...] = ()) -> None:
+        self.name, self.usage, self.summary, self.flags = name, usage, summary, flags
 
 
 _GROUP_FLAG = Flag("group", "Reboot group (overrides the global -group).")
@@ -81,12 +97,15 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "status",
         "status [--json] [--group G]",
-        "Show the semaphore: free slots, maximum and holders.",
+        "Show the semaphore: free slots, maximum, holders (with how long and where they hold a slot).",
         (Flag("json", "Print one JSON object.", "false", boolean=True), _GROUP_FLAG),
     ),
     Command("lock", "lock [--group G] [id]", "Take a slot for id (default: this machine).", (_GROUP_FLAG,)),
     Command(
-        "unlock", "unlock [--group G] [id]", "Release id's slot (default: this machine).", (_GROUP_FLAG,)
+        "unlock",
+        "unlock [--group G] [id] | unlock --older-than DURATION",
+        "Release id's slot (default: this machine), or every slot held for longer than DURATION (e.g. 6h).",
+        (_GROUP_FLAG, Flag("older-than", "Release the holders that took their slot longer ago than this.")),
     ),
     Command("set-max", "set-max [--group G] N", "Set the number of slots to N.", (_GROUP_FLAG,)),
     Command(
@@ -100,16 +119,19 @@ _COMMANDS = {c.name: c for c in COMMANDS}
 
 
 def _out(text: str = "") -> None:
-    print(text, file=sys.stdout)
+    sys.stdout.write(text + "\n")
 
 
 def _err(text: str) -> None:
-    print(text, file=sys.stderr)
+    sys.stderr.write(text + "\n")
 
 
 # -- flags ---------------------------------------------------------------------------------------------------
 
+
 def _parse_bool(text: str, where: str) -> bool:
+    from coreos_common.boolean import parse_bool
+
     try:
         return parse_bool(text)
     except ValueError:
@@ -118,6 +140,10 @@ def _parse_bool(text: str, where: str) -> bool:
 
 def _is_number(token: str) -> bool:
     return token.startswith("-") and token[1:].isdigit()
+
+
+class HelpRequested(Exception):
+    """``-h``/``-help``: print the usage and succeed, as Go's flag package does."""
 
 
 def parse_flags(
@@ -150,6 +176,8 @@ def parse_flags(
         name, eq, value = body.partition("=")
         flag = table.get(name)
         if flag is None:
+            if name in HELP_FLAGS:
+                raise HelpRequested
             raise UsageError(f"flag provided but not defined: -{name}")
         if flag.boolean:
             given[name] = str(_parse_bool(value, f"-{name}")).lower() if eq else "true"
@@ -163,9 +191,11 @@ def parse_flags(
     return given, positional
 
 
-@dataclass
 class Options:
-    values: dict[str, str] = field(default_factory=dict)
+    """The global flags' values, resolved."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
 
     def get(self, name: str) -> str:
         return self.values[name]
@@ -174,18 +204,33 @@ class Options:
         return self.values[name] == "true"
 
 
+def _default(flag: Flag) -> str:
+    if flag.default is not None:
+        return flag.default
+    from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS
+
+    return ",".join(DEFAULT_ENDPOINTS)
+
+
 def resolve_globals(given: Mapping[str, str], environ: Mapping[str, str]) -> Options:
-    """Command line > non-empty ``LOCKSMITHCTL_<FLAG>`` > default."""
+    """Command line > non-empty ``LOCKSMITHCTL_<FLAG>`` > default; an environment value that does not parse
+    is ignored, as locksmith's ``flagsFromEnv`` ignored it."""
     values: dict[str, str] = {}
     for flag in GLOBAL_FLAGS:
         if flag.name in given:
             values[flag.name] = given[flag.name]
             continue
         env_value = environ.get(flag.env, "")
+        value = _default(flag)
         if env_value and flag.name != "version":
-            values[flag.name] = str(_parse_bool(env_value, flag.env)).lower() if flag.boolean else env_value
-        else:
-            values[flag.name] = flag.default
+            if not flag.boolean:
+                value = env_value
+            else:
+                import contextlib
+
+                with contextlib.suppress(UsageError):
+                    value = str(_parse_bool(env_value, flag.env)).lower()
+        values[flag.name] = value
     return Options(values)
 
 
@@ -212,7 +257,7 @@ def usage_text() -> str:
         *_columns([(c.name, c.summary) for c in COMMANDS]),
         "",
         "GLOBAL OPTIONS:",
-        *_columns([(f"-{f.name}={f.default}" if f.default else f"-{f.name}", f.help) for f in GLOBAL_FLAGS]),
+        *_columns([(f"-{f.name}={_default(f)}" if _default(f) else f"-{f.name}", f.help) for f in GLOBAL_FLAGS]),
         "",
         f"Flags not given on the command line are read from {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}ENDPOINT).",
         f"Run '{PROGRAM} help <command>' for more information on a command.",
@@ -233,15 +278,13 @@ def command_help(command: Command) -> str:
     return "\n".join(lines)
 
 
-# -- commands ------------------------------------------------------------------------------------------------
-
-
-class CommandFailed(Exception):
-    """A command's failure: the message is printed on stderr, exit status 1."""
+# -- the semaphore -------------------------------------------------------------------------------------------
 
 
 def machine_id_of(root: Path) -> str:
     """This machine's id, as locksmithd names its lock holder (coreos_common.identity's one rule)."""
+    from coreos_common.identity import IdentityError, read_machine_id
+
     try:
         return read_machine_id(root)
     except IdentityError as exc:
@@ -249,6 +292,8 @@ def machine_id_of(root: Path) -> str:
 
 
 def _settings(opts: Options, group: str) -> EtcdSettings:
+    from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoints
+
     return EtcdSettings(
         endpoints=parse_endpoints(opts.get("endpoint")),
         ca_file=opts.get("etcd-cafile"),
@@ -260,73 +305,235 @@ def _settings(opts: Options, group: str) -> EtcdSettings:
     )
 
 
-def _store(opts: Options, group: str) -> EtcdSemaphoreStore:
-    try:
-        return EtcdSemaphoreStore(_settings(opts, group))
-    except LockBackendError as exc:
-        raise CommandFailed(f"Error initializing etcd client: {exc}") from None
+class Cluster:
+    """The group's semaphore through the blocking etcd client; failures become locksmith's error lines.
+
+    A failure before etcd ever answered (unreachable, refused, not etcd) is locksmith's ``Error initializing
+    etcd client: …``; later ones carry the command's own prefix.
+    """
+
+    def __init__(self, opts: Options, group: str) -> None:
+        from locksmithd.backends import LockBackendError
+        from locksmithd.backends.etcd.sync import SyncEtcdClient
+
+        self.group = group
+        try:
+            self.client: SyncEtcdClient = SyncEtcdClient(_settings(opts, group))
+        except LockBackendError as exc:
+            raise CommandFailed(f"Error initializing etcd client: {exc}") from None
+        self.keys: SemaphoreKeys = self.client.keys
+
+    def run(self, procedure: Procedure[T], prefix: str) -> T:
+        from locksmithd.backends import LockBackendError
+        from locksmithd.semaphore import SemaphoreError
+
+        try:
+            return self.client.run(procedure)
+        except (LockBackendError, SemaphoreError) as exc:
+            if not self.client.session.contacted:
+                raise CommandFailed(f"Error initializing etcd client: {exc}") from None
+            raise CommandFailed(f"{prefix}: {exc}") from None
+
+    def status(self) -> tuple[Snapshot, dict[str, HolderRecord]]:
+        from locksmithd.backends.etcd import ops
+
+        return self.run(ops.status(self.client.session, self.keys), "Error getting status")
+
+    def apply(
+        self, change: Callable[[Semaphore], Semaphore], prefix: str, records: Mapping[str, HolderRecord] | None = None
+    ) -> Update:
+        from locksmithd.backends.etcd import ops
+
+        return self.run(ops.apply(self.client.session, self.keys, change, records=records), prefix)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _group(opts: Options, local: dict[str, str]) -> str:
     return local.get("group", opts.get("group"))
 
 
+def _record(opts: Options, holder: str, group: str) -> HolderRecord:
+    """What ``lock`` records: the time, the group, and this host's name when the slot is this machine's."""
+    import socket
+    import time
+
+    from locksmithd.semaphore import HolderRecord
+
+    own = holder == _own_id_or_none(opts)
+    return HolderRecord.at(time.time(), socket.gethostname() if own else "", group)
+
+
+def _own_id_or_none(opts: Options) -> str | None:
+    from pathlib import Path
+
+    try:
+        return machine_id_of(Path(opts.get("config-root")))
+    except CommandFailed:
+        return None
+
+
+def _show_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    from coreos_common.goduration import format_go_duration
+
+    return format_go_duration(round(seconds))
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
 def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
+    import time
+
     if args:
         raise UsageError(f"status takes no arguments, got {' '.join(args)}")
-    group = _group(opts, local)
-    store = _store(opts, group)
+    cluster = Cluster(opts, _group(opts, local))
     try:
-        sem, _ = store.get()
-    except LockBackendError as exc:
-        raise CommandFailed(f"Error getting status: {exc}") from None
+        snapshot, records = cluster.status()
     finally:
-        store.close()
+        cluster.close()
+    sem, now = snapshot.semaphore, time.time()
     if local.get("json") == "true":
+        import json
+
+        details = []
+        for holder in sem.holders:
+            record = records.get(holder)
+            details.append(
+                {"id": holder, "since": None, "age_seconds": None, "hostname": None, "group": None, "version": None}
+                if record is None
+                else {
+                    "id": holder,
+                    "since": record.since,
+                    "age_seconds": None if (age := record.age(now)) is None else round(age),
+                    "hostname": record.hostname,
+                    "group": record.group,
+                    "version": record.version,
+                }
+            )
         doc = {
-            "group": group,
-            "key": store.key,
+            "group": cluster.group,
+            "key": cluster.keys.semaphore,
             "semaphore": sem.semaphore,
             "max": sem.max,
             "holders": list(sem.holders),
+            "holder_details": details,
         }
         _out(json.dumps(doc))
         return 0
     _out(f"Available: {sem.semaphore}")
     _out(f"Max: {sem.max}")
     if sem.holders:
-        _out()
-        _out("MACHINE ID")
+        rows = [("MACHINE ID", "AGE", "HOST")]
         for holder in sem.holders:
-            _out(holder)
+            record = records.get(holder)
+            shown = _show_age(record.age(now)) if record is not None else "unknown"
+            rows.append((holder, shown, record.hostname if record is not None else ""))
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        _out()
+        for holder, shown, host in rows:
+            _out(f"{holder.ljust(widths[0])}  {shown.ljust(widths[1])}  {host}".rstrip())
     return 0
 
 
 def _one_id(opts: Options, args: list[str], command: str) -> str:
+    from pathlib import Path
+
     if len(args) > 1:
         raise UsageError(f"{command} takes at most one id, got {' '.join(args)}")
     return args[0] if args else machine_id_of(Path(opts.get("config-root")))
 
 
-def _apply(store: EtcdSemaphoreStore, fn: Callable[[Semaphore], Semaphore], prefix: str) -> Semaphore:
-    try:
-        return store.apply(fn).current
-    except (SemaphoreError, LockBackendError) as exc:
-        raise CommandFailed(f"{prefix}: {exc}") from None
-    finally:
-        store.close()
-
-
 def cmd_lock(opts: Options, local: dict[str, str], args: list[str]) -> int:
     holder = _one_id(opts, args, "lock")
-    _apply(_store(opts, _group(opts, local)), lambda sem: sem.lock(holder), "Error locking")
+    group = _group(opts, local)
+    cluster = Cluster(opts, group)
+    try:
+        cluster.apply(lambda sem: sem.lock(holder), "Error locking", {holder: _record(opts, holder, group)})
+    finally:
+        cluster.close()
     return 0
 
 
 def cmd_unlock(opts: Options, local: dict[str, str], args: list[str]) -> int:
+    if "older-than" in local:
+        if args:
+            raise UsageError("unlock --older-than takes no id")
+        return _unlock_older_than(opts, _group(opts, local), local["older-than"])
     holder = _one_id(opts, args, "unlock")
-    _apply(_store(opts, _group(opts, local)), lambda sem: sem.unlock(holder), "Error unlocking")
+    cluster = Cluster(opts, _group(opts, local))
+    try:
+        cluster.apply(lambda sem: sem.unlock(holder), "Error unlocking")
+    finally:
+        cluster.close()
     return 0
+
+
+def _unlock_older_than(opts: Options, group: str, text: str) -> int:
+    """Release every holder whose record says it took its slot longer ago than ``text`` (a Go duration);
+    holders without a record (old locksmith, v2) have no known age and keep their slots."""
+    import time
+
+    from coreos_common.goduration import DurationError, format_go_duration, parse_go_duration
+    from locksmithd.backends.etcd import ops
+
+    try:
+        limit = parse_go_duration(text).total_seconds()
+    except DurationError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
+    if limit < 0:
+        raise UsageError(f"--older-than must not be negative, got {text}")
+    cluster = Cluster(opts, group)
+    try:
+        for _ in range(ops.MAX_CONFLICT_RETRIES):
+            snapshot, records = cluster.status()
+            now = time.time()
+            ages = {h: r.age(now) for h, r in records.items()}
+            old = {h: age for h, age in ages.items() if age is not None and age > limit}
+            unknown = [h for h in snapshot.semaphore.holders if ages.get(h) is None]
+            if not old:
+                break
+            release = frozenset(old)
+            new = snapshot.semaphore
+            for holder in sorted(release):
+                new = new.unlock(holder)
+            written = cluster.run(
+                ops.compare_and_swap(cluster.client.session, cluster.keys, snapshot, new), "Error unlocking"
+            )
+            if written.ok:
+                for holder in sorted(release):
+                    record = records[holder]
+                    host = f", host {record.hostname}" if record.hostname else ""
+                    _out(f"Unlocked {holder} (held since {record.since}, {_show_age(old[holder])}{host})")
+                break
+            # Another writer came first: the records read may be stale, read everything again.
+        else:
+            raise CommandFailed(f"Error unlocking: gave up after {ops.MAX_CONFLICT_RETRIES} conflicting writes")
+    finally:
+        cluster.close()
+    if not old:
+        _out(f"No holder has held its slot for longer than {format_go_duration(limit)}.")
+    for holder in unknown:
+        _err(f"Kept {holder}: no record of when it took its slot (an old locksmith, or the v2 semaphore)")
+    return 0
+
+
+def _parse_max(text: str) -> int:
+    """A decimal integer within locksmith's int64, as Go's strconv.Atoi reads it."""
+    from locksmithd.semaphore import MAX_SLOTS
+
+    body = text[1:] if text[:1] in "+-" else text
+    if not body.isascii() or not body.isdigit():
+        raise CommandFailed(f"Invalid maximum value: {text}")
+    value = int(text)
+    if value > MAX_SLOTS or value < -MAX_SLOTS - 1:
+        raise CommandFailed(f"Invalid maximum value: {text}")
+    if value < 0:
+        raise CommandFailed(f"Invalid maximum value: {text} (must be 0 or more)")
+    return value
 
 
 def cmd_set_max(opts: Options, local: dict[str, str], args: list[str]) -> int:
@@ -334,25 +541,21 @@ def cmd_set_max(opts: Options, local: dict[str, str], args: list[str]) -> int:
         raise CommandFailed("New maximum value must be set.")
     if len(args) > 1:
         raise UsageError(f"set-max takes one value, got {' '.join(args)}")
+    new_max = _parse_max(args[0])
+    cluster = Cluster(opts, _group(opts, local))
     try:
-        new_max = int(args[0], 10)
-    except ValueError:
-        raise CommandFailed(f"Invalid maximum value: {args[0]}") from None
-    if new_max < 0:
-        raise CommandFailed(f"Invalid maximum value: {args[0]} (must be 0 or more)")
-    seen: list[Semaphore] = []
-
-    def set_max(sem: Semaphore) -> Semaphore:
-        seen.append(sem)
-        return sem.set_max(new_max)
-
-    result = _apply(_store(opts, _group(opts, local)), set_max, "Error setting value")
-    _out(f"Old-Max: {seen[-1].max}")
-    _out(f"Max: {result.max}")
+        update = cluster.apply(lambda sem: sem.set_max(new_max), "Error setting value")
+    finally:
+        cluster.close()
+    _out(f"Old-Max: {update.before.semaphore.max}")
+    _out(f"Max: {update.after.semaphore.max}")
     return 0
 
 
 async def _connect_system_bus(address: str) -> MessageBus:
+    from dbus_fast import BusType
+    from dbus_fast.aio import MessageBus
+
     try:
         return await MessageBus(bus_address=address or None, bus_type=BusType.SYSTEM).connect()
     except Exception as exc:
@@ -360,6 +563,10 @@ async def _connect_system_bus(address: str) -> MessageBus:
 
 
 async def _send_need_reboot(address: str) -> None:
+    from dbus_fast import Message
+
+    from coreos_common.status import INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
+
     bus = await _connect_system_bus(address)
     try:
         body = list(StatusSnapshot(current_operation=UpdateStatus.UPDATED_NEED_REBOOT.value).as_tuple())
@@ -373,6 +580,8 @@ async def _send_need_reboot(address: str) -> None:
 
 
 def cmd_send_need_reboot(opts: Options, local: dict[str, str], args: list[str]) -> int:
+    import asyncio
+
     if args:
         raise UsageError(f"send-need-reboot takes no arguments, got {' '.join(args)}")
     asyncio.run(_send_need_reboot(opts.get("bus-address")))
@@ -380,36 +589,39 @@ def cmd_send_need_reboot(opts: Options, local: dict[str, str], args: list[str]) 
 
 
 async def _reboot(opts: Options, holder: str) -> None:
+    import asyncio
+
     from coreos_common.dbus import DBusCallError
     from locksmithd.login1 import request_reboot
 
-    store = _store(opts, opts.get("group"))
+    group = opts.get("group")
+    cluster = Cluster(opts, group)
     try:
         bus = await _connect_system_bus(opts.get("bus-address"))
         try:
-            try:
-                result = await asyncio.to_thread(store.apply, lambda sem: sem.lock(holder))
-            except (SemaphoreError, LockBackendError) as exc:
-                raise CommandFailed(f"Error locking: {exc}") from None
-            took_lock = result.written
+            record = {holder: _record(opts, holder, group)}
+            result = await asyncio.to_thread(cluster.apply, lambda sem: sem.lock(holder), "Error locking", record)
             try:
                 await request_reboot(bus)
             except (DBusCallError, OSError, EOFError) as exc:
                 problem = f"Error rebooting: {exc}"
-                if took_lock:
+                if result.written:
                     try:
-                        await asyncio.to_thread(store.apply, lambda sem: sem.unlock_if_held(holder))
+                        await asyncio.to_thread(cluster.apply, lambda sem: sem.unlock_if_held(holder), "Error")
                         problem += f" (released the lock of {holder} again)"
-                    except (SemaphoreError, LockBackendError) as unlock_exc:
+                    except CommandFailed as unlock_exc:
                         problem += f"; and releasing the lock failed: {unlock_exc}"
                 raise CommandFailed(problem) from None
         finally:
             bus.disconnect()
     finally:
-        store.close()
+        cluster.close()
 
 
 def cmd_reboot(opts: Options, local: dict[str, str], args: list[str]) -> int:
+    import asyncio
+    from pathlib import Path
+
     if args:
         raise UsageError(f"reboot takes no arguments, got {' '.join(args)}")
     if os.geteuid() != 0:
@@ -432,23 +644,25 @@ _HANDLERS: dict[str, Callable[[Options, dict[str, str], list[str]], int]] = {
 # -- entry point ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+def _run(args: list[str]) -> int:
     try:
         given, rest = parse_flags(args, GLOBAL_FLAGS, interspersed=False)
         if "version" in given and given["version"] == "true":
             _out(f"{PROGRAM} version {__version__}")
             return 0
         opts = resolve_globals(given, os.environ)
+    except HelpRequested:
+        _out(usage_text())
+        return 0
     except UsageError as exc:
         _err(str(exc))
         _err(usage_text())
         return 2
 
-    logs.setup(PROGRAM, verbose=opts.flag("debug"))
-    if not opts.flag("debug"):
-        # A command's result is its output; the library's INFO decisions belong to the daemon's journal.
-        logging.getLogger().setLevel(logging.WARNING)
+    if opts.flag("debug"):
+        from coreos_common import logs
+
+        logs.setup(PROGRAM, verbose=True)
 
     if not rest:
         _out(usage_text())
@@ -472,6 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         local, positional = parse_flags(sub_args, command.flags, interspersed=True)
         return _HANDLERS[name](opts, local, positional)
+    except HelpRequested:
+        _out(command_help(command))
+        return 0
     except UsageError as exc:
         _err(f"{PROGRAM} {name}: {exc}")
         _err(command_help(command))
@@ -479,6 +696,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         _err(str(exc))
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader is gone: say nothing more, and keep the interpreter's final flush from failing too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

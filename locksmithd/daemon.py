@@ -126,9 +126,9 @@ def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProt
             sleep=clock.sleep,
         )
         return FleetLockStrategy(fleet, settings.machine_id, backoff, clock)
-    from locksmithd.backends.etcd import EtcdLockBackend
+    from locksmithd.backends.etcd.backend import EtcdLockBackend
 
-    etcd = EtcdLockBackend(settings.etcd, first_backoff=backoff.initial, max_backoff=backoff.maximum)
+    etcd = EtcdLockBackend(settings.etcd)
     if settings.strategy is Strategy.ETCD_LOCK:
         return EtcdLockStrategy(etcd, settings.machine_id, backoff, clock)
     return BestEffortStrategy(

@@ -1,9 +1,12 @@
 """The cluster reboot semaphore: key paths, JSON value and lock transitions, with no I/O.
 
-Theory of operation: one etcd key per group holds ``{"semaphore":S,"max":M,"holders":[ids]}``, the key and
-value format locksmith uses, so nodes running either can share a cluster. A node may reboot while its machine
-id is in ``holders``. Every change is a pure transition from one value to the next; the I/O shell writes the
-result with a compare-and-swap on the key's revision, so two nodes can never both take the last slot.
+Theory of operation: one etcd key per group holds ``{"semaphore":S,"max":M,"holders":[ids]}``, the key path
+and value format locksmith uses. (locksmith keeps it in etcd's v2 key space and this project in v3, which are
+separate stores: nodes running locksmith and nodes running this daemon only share a limit when the daemon's
+v2 compatibility mode also holds the v2 semaphore, see ``locksmithd.backends.etcd.v2``.) A node may reboot
+while its machine id is in ``holders``. Every change is a pure transition from one value to the next; the I/O
+shell writes the result with a compare-and-swap on the key's revision, so two nodes can never both take the
+last slot.
 
 Invariant, checked on every decode and kept by every transition: ``semaphore == max - len(holders)``,
 ``max >= 0``, holders unique and sorted. ``semaphore`` is negative only when ``set_max`` lowered ``max`` below
@@ -18,7 +21,9 @@ checks capacity first and answers ``semaphore is at 0`` to its own holder, locks
 from __future__ import annotations
 
 import bisect
+import calendar
 import json
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -27,6 +32,13 @@ GROUPS_PREFIX = "coreos.com/updateengine/rebootlock/groups/"
 
 # How much of a bad stored value an error message quotes.
 _QUOTE_LIMIT = 200
+# No semaphore is larger (30,000 holders); anything beyond is a corrupt value, not something to parse.
+MAX_VALUE_SIZE = 1 << 20
+# locksmith stores counts as Go ints (int64): a larger max would break every locksmith reading the key.
+MAX_SLOTS = 2**63 - 1
+HOLDERS_SUFFIX = "/holders/"
+# When a holder took its slot: ISO 8601 in UTC, to the second.
+SINCE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def key_for_group(group: str) -> str:
@@ -104,13 +116,23 @@ class Semaphore:
         """Parse a stored value; raises SemaphoreError quoting ``raw`` for anything but a valid semaphore.
 
         ``holders`` may be ``null`` or missing (locksmith writes ``null`` for a fresh key); unknown fields are
-        ignored; holders are returned sorted.
+        ignored; holders are returned sorted. Every way a value can fail to decode is a SemaphoreError: JSON
+        nested too deep for the parser (RecursionError), values larger than any semaphore, anything else.
         """
+        if len(raw) > MAX_VALUE_SIZE:
+            raise SemaphoreError(
+                f"semaphore value {_quote(raw)} is {len(raw)} bytes, larger than any semaphore "
+                f"(at most {MAX_VALUE_SIZE} bytes)"
+            )
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
             doc = json.loads(text)
         except (UnicodeDecodeError, ValueError) as exc:
             raise SemaphoreError(f"semaphore value {_quote(raw)} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise SemaphoreError(f"semaphore value {_quote(raw)} is JSON nested too deep to be a semaphore") from None
+        except Exception as exc:  # any other way the parser gives up is still a bad value, never a crash
+            raise SemaphoreError(f"semaphore value {_quote(raw)} cannot be decoded: {type(exc).__name__}") from None
         if not isinstance(doc, dict):
             raise SemaphoreError(f"semaphore value {_quote(raw)} is not a JSON object")
         for name in ("semaphore", "max"):
@@ -161,8 +183,8 @@ class Semaphore:
 
     def set_max(self, new_max: int) -> Semaphore:
         """Change the number of slots; holders keep theirs even when ``new_max`` is below their count."""
-        if not _is_int(new_max) or new_max < 0:
-            raise SemaphoreError(f"max must be >= 0, got {new_max!r}")
+        if not _is_int(new_max) or not 0 <= new_max <= MAX_SLOTS:
+            raise SemaphoreError(f"max must be between 0 and {MAX_SLOTS}, got {new_max!r}")
         return Semaphore(semaphore=new_max - len(self.holders), max=new_max, holders=self.holders)
 
     def describe(self) -> str:
@@ -178,8 +200,8 @@ def _check_id(holder: str) -> None:
 
 def _invariant_problem(semaphore: int, max_: int, holders: tuple[str, ...]) -> str:
     """Why these fields do not form a valid semaphore, or '' when they do."""
-    if max_ < 0:
-        return f"max is {max_}, must be >= 0"
+    if not 0 <= max_ <= MAX_SLOTS:
+        return f"max is {max_}, must be between 0 and {MAX_SLOTS}"
     if any(not h for h in holders):
         return "holders contain an empty id"
     if len(set(holders)) != len(holders):
@@ -190,3 +212,60 @@ def _invariant_problem(semaphore: int, max_: int, holders: tuple[str, ...]) -> s
             f"semaphore is {semaphore} but max {max_} minus {len(holders)} holder(s) is {max_ - len(holders)}"
         )
     return ""
+
+
+# -- holder records ------------------------------------------------------------------------------------------
+
+
+def holder_key(semaphore_key: str, holder: str) -> str:
+    """Where the record of ``holder``'s slot lives: beside the semaphore, so its value stays locksmith's."""
+    return f"{semaphore_key}{HOLDERS_SUFFIX}{holder}"
+
+
+@dataclass(frozen=True)
+class HolderRecord:
+    """Who holds a slot and since when: written with the slot, removed with it, never consulted for a decision.
+
+    ``since`` is the time the slot was taken, as an ISO 8601 UTC string (``2024-05-01T04:00:00Z``);
+    ``hostname``, ``group`` and ``version`` (the version the holder is installing) may be empty.
+    """
+
+    since: str
+    hostname: str = ""
+    group: str = ""
+    version: str = ""
+
+    def encode(self) -> str:
+        return json.dumps(
+            {"since": self.since, "hostname": self.hostname, "group": self.group, "version": self.version},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def at(cls, epoch_seconds: float, hostname: str = "", group: str = "", version: str = "") -> HolderRecord:
+        """A record taken at ``epoch_seconds`` (the caller reads the clock)."""
+        moment = time.gmtime(epoch_seconds)
+        return cls(time.strftime(SINCE_FORMAT, moment), hostname, group, version)
+
+    def age(self, now: float) -> float | None:
+        """Seconds from ``since`` to ``now`` (epoch seconds), or None when ``since`` does not parse."""
+        try:
+            taken = calendar.timegm(time.strptime(self.since, SINCE_FORMAT))
+        except (ValueError, OverflowError):
+            return None
+        return max(0.0, now - taken)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> HolderRecord | None:
+        """The record, or None for anything that is not one (it is only shown, so a bad one shows as unknown)."""
+        if len(raw) > 4096:
+            return None
+        try:
+            doc = json.loads(raw)
+        except Exception:
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("since"), str):
+            return None
+        fields = {name: doc.get(name) for name in ("hostname", "group", "version")}
+        return cls(doc["since"], **{k: v if isinstance(v, str) else "" for k, v in fields.items()})

@@ -17,16 +17,17 @@ import base64
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-import requests  # type: ignore[import-untyped, unused-ignore]
 
 from sim.ports import free_port
 from sim.tls import ServerTls
@@ -174,8 +175,14 @@ class EtcdCluster:
 
     # -- queries ---------------------------------------------------------------------------------------------
 
-    def _verify(self) -> str | bool:
-        return str(self.tls.ca_file) if self.tls else True
+    def _context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else None
+
+    def _open(self, url: str, body: dict[str, Any] | None, timeout: float) -> Any:
+        """urlopen ``url`` (POSTing ``body`` as JSON when given) with the cluster's CA."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=timeout, context=self._context())
 
     def wait_healthy(self, index: int, timeout: float = HEALTH_TIMEOUT) -> None:
         """Block until member ``index`` answers ``/health`` with ``true`` (bounded by ``timeout``)."""
@@ -188,11 +195,12 @@ class EtcdCluster:
                     f"etcd member {index} exited ({self.members[index].log_file}): {self.log_tail(index)}"
                 )
             try:
-                resp = requests.get(f"{self.endpoint(index)}/health", timeout=1, verify=self._verify())
-                if resp.ok and resp.json().get("health") == "true":
+                with self._open(f"{self.endpoint(index)}/health", None, 1.0) as resp:
+                    text = resp.read().decode(errors="replace")
+                if json.loads(text).get("health") == "true":
                     return
-                last = resp.text
-            except (requests.RequestException, ValueError) as exc:
+                last = text
+            except (OSError, ValueError) as exc:
                 last = str(exc)
             time.sleep(0.05)
         raise RuntimeError(f"etcd member {index} not healthy after {timeout:.0f}s: {last}")
@@ -204,10 +212,8 @@ class EtcdCluster:
             return ""
 
     def _post(self, index: int, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        url = f"{self.endpoint(index)}/v3/{path}"
-        resp = requests.post(url, json=body, timeout=timeout, verify=self._verify())
-        resp.raise_for_status()
-        doc: dict[str, Any] = resp.json()
+        with self._open(f"{self.endpoint(index)}/v3/{path}", body, timeout) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
         return doc
 
     def leader_index(self) -> int | None:
@@ -219,7 +225,7 @@ class EtcdCluster:
                 continue
             try:
                 status = self._post(i, "maintenance/status", {}, timeout=2)
-            except requests.RequestException:
+            except OSError:
                 continue
             ids[str(status["header"]["member_id"])] = i
             leader = str(status.get("leader", "")) or leader
@@ -259,15 +265,8 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         read_timeout = timeout if target is not None else 1.0
         try:
-            with requests.post(
-                f"{self.endpoint(index)}/v3/watch",
-                json=body,
-                stream=True,
-                timeout=(5, read_timeout),
-                verify=self._verify(),
-            ) as resp:
-                resp.raise_for_status()
-                for line in resp.iter_lines():
+            with self._open(f"{self.endpoint(index)}/v3/watch", body, read_timeout) as resp:
+                for line in resp:
                     if not line.strip():
                         continue
                     result = json.loads(line).get("result", {})
@@ -282,7 +281,7 @@ class EtcdCluster:
                         return history
                     if time.monotonic() > deadline:
                         break
-        except requests.ConnectionError:
+        except (TimeoutError, urllib.error.URLError):
             if target is None:
                 return history  # quiet for read_timeout: everything there is has arrived
             raise

@@ -1,7 +1,7 @@
 """Where the etcd semaphore lives and how to reach it: settings only, without the HTTP client.
 
 Kept apart from ``locksmithd.backends.etcd`` so that reading and checking the configuration does not load the
-etcd client (requests, etcd3gw): a node whose strategy does not use etcd never imports it.
+etcd client: a node whose strategy does not use etcd never imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from locksmithd.backends import LockBackendError
 from locksmithd.semaphore import key_for_group
 
-DEFAULT_ENDPOINTS: tuple[str, ...] = ("http://127.0.0.1:2379",)
+# locksmith's defaults: etcd's client port, then the one etcd 2 also listened on.
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("http://127.0.0.1:2379", "http://127.0.0.1:4001")
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:

@@ -21,14 +21,15 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange
+from locksmithd.backends.etcd import ops
+from locksmithd.backends.etcd.client import EtcdClient
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import SEMAPHORE_KEY, SemaphoreError
 from sim.etcd import EtcdCluster
 from sim.fleet.events import FleetEvent, LockReleased, LockTaken, OmahaEventSeen, TooManyDown, TooManyHolders
 from sim.fleet.node import FleetNode, NodeTiming, Phase
 from sim.fleet.omaha import OmahaSide
-from sim.fleet.semaphore import SemaphoreView, SemaphoreWatch
+from sim.fleet.semaphore import KeyChange, SemaphoreView, SemaphoreWatch
 from sim.tools import VENV_BIN
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Fleet:
         self.nodes: list[FleetNode] = []
         self.by_machine_id: dict[str, FleetNode] = {}
         self.etcd: EtcdCluster | None = None
-        self.store: EtcdSemaphoreStore | None = None
+        self.store: EtcdClient | None = None
         self.view: SemaphoreView | None = None
         self.watch: SemaphoreWatch | None = None
         self.omaha_started = False
@@ -104,7 +105,8 @@ class Fleet:
         if self.store is None:
             return
         try:
-            semaphore, revision = await asyncio.to_thread(self.store.get)
+            snapshot = await self.store.run(ops.read(self.store.session, self.store.keys))
+            semaphore, revision = snapshot.semaphore, snapshot.revision
         except Exception as exc:
             log.warning("reading the semaphore: %s", exc)
             return
@@ -139,8 +141,9 @@ class Fleet:
         text = " ".join(out.decode(errors="replace").split("\n")).strip()
         if proc.returncode != 0:
             raise RuntimeError(f"locksmithctl set-max {self.semaphore_max} failed: {text}")
-        self.store = EtcdSemaphoreStore(EtcdSettings(endpoints=(self.etcd_endpoint,)))
-        semaphore, revision = await asyncio.to_thread(self.store.get)
+        self.store = EtcdClient(EtcdSettings(endpoints=(self.etcd_endpoint,)))
+        snapshot = await self.store.run(ops.read(self.store.session, self.store.keys))
+        semaphore, revision = snapshot.semaphore, snapshot.revision
         self.view = SemaphoreView(semaphore, revision)
         self.watch = SemaphoreWatch(self.store, revision, self._semaphore_changed)
         self.watch.start()
@@ -231,11 +234,11 @@ class Fleet:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         steps: list[tuple[str, Step]] = []
         if self.watch is not None:
-            steps.append(("semaphore watch", _in_thread(self.watch.stop)))
+            steps.append(("semaphore watch", self.watch.stop))
         steps += [(f"{node.name}'s daemons", node.daemons.stop) for node in self.nodes]
         steps += [(f"{node.name}'s bus", node.close) for node in self.nodes]
         if self.store is not None:
-            steps.append(("etcd client", _in_thread(self.store.close)))
+            steps.append(("etcd client", self.store.close))
         if self.omaha_started:
             steps.append(("Omaha side", self.omaha.stop))
         if self.etcd is not None:

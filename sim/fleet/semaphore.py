@@ -1,12 +1,12 @@
 """The etcd reboot semaphore as a fleet sees it: every revision, in order, with who took and who released the lock.
 
-:class:`SemaphoreWatch` follows the key with locksmithd's own etcd watch (:mod:`locksmithd.backends.etcd`) in a
-thread and hands each change to the event loop; after a broken stream it watches again from the last revision
-seen. :class:`SemaphoreView` is the pure part: it takes changes (from the watch or from a direct read, possibly
-twice) and answers, once per revision, which holders appeared and which left.
+:class:`SemaphoreWatch` follows the key with locksmithd's own etcd client (:mod:`locksmithd.backends.etcd`) in a
+task and hands each change on; after a broken stream it watches again from the last revision seen.
+:class:`SemaphoreView` is the pure part: it takes changes (from the watch or from a direct read, possibly twice)
+and answers, once per revision, which holders appeared and which left.
 
 Rules: a revision at or below the last one applied is ignored (so a direct read racing the watch is harmless); an
-undecodable value is reported, not applied; the watch thread stops within 5 s of ``stop``.
+undecodable value is reported, not applied.
 """
 
 from __future__ import annotations
@@ -14,15 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from locksmithd.backends.etcd import EtcdSemaphoreStore, KeyChange, KeyWatch
+from locksmithd.backends import LockBackendError
+from locksmithd.backends.etcd.client import EtcdClient
 from locksmithd.semaphore import Semaphore, SemaphoreError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One revision of the semaphore key; ``value`` is None when the key was deleted."""
+
+    revision: int
+    value: bytes | None
 
 
 @dataclass(frozen=True)
@@ -60,48 +67,35 @@ class SemaphoreView:
 
 
 class SemaphoreWatch:
-    """Hands every change of the semaphore key after ``after_revision`` to ``deliver`` on the event loop."""
+    """Hands every change of the semaphore key after ``after_revision`` to ``deliver``, watching again after a
+    broken stream."""
 
-    def __init__(
-        self, store: EtcdSemaphoreStore, after_revision: int, deliver: Callable[[KeyChange], None]
-    ) -> None:
-        self._store = store
+    def __init__(self, client: EtcdClient, after_revision: int, deliver: Callable[[KeyChange], None]) -> None:
+        self._client = client
         self._revision = after_revision
         self._deliver = deliver
-        self._loop = asyncio.get_running_loop()
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._watch: KeyWatch | None = None
-        self._thread = threading.Thread(target=self._run, name="semaphore-watch", daemon=True)
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._task = asyncio.create_task(self._run(), name="semaphore-watch")
 
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            watch = self._store.watch(self._revision, idle_timeout=30.0)
-            with self._lock:
-                self._watch = watch
-            if self._stopping.is_set():
-                return
+    async def _run(self) -> None:
+        while True:
             try:
-                for change in watch.changes():
-                    self._revision = change.revision
-                    with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
-                        self._loop.call_soon_threadsafe(self._deliver, change)
-            except Exception as exc:  # a broken stream: watch again from the last revision seen
-                if self._stopping.is_set():
-                    return
-                log.warning("semaphore watch: %s; watching again", exc)
-                time.sleep(0.2)
+                async with self._client.watch(self._client.keys.semaphore, self._revision) as watch:
+                    while True:
+                        for event in await watch.next(timeout=30.0):
+                            self._revision = event.kv.mod_revision
+                            self._deliver(KeyChange(self._revision, None if event.deleted else event.kv.value))
+            except (LockBackendError, TimeoutError) as exc:  # watch again from the last revision seen
+                log.debug("semaphore watch: %s; watching again", exc)
+                await asyncio.sleep(0.2)
 
-    def stop(self) -> None:
-        self._stopping.set()
-        with self._lock:
-            watch = self._watch
-        if watch is not None:
-            watch.stop()
-        self._thread.join(timeout=5)
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
-__all__ = ["SemaphoreError", "SemaphoreStep", "SemaphoreView", "SemaphoreWatch"]
+__all__ = ["KeyChange", "SemaphoreError", "SemaphoreStep", "SemaphoreView", "SemaphoreWatch"]

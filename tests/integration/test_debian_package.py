@@ -4,7 +4,7 @@ One source builds three binary packages: ``python3-coreos-update-stack`` (the Py
 ``coreos-update-stack`` (update-engine, locksmithd and their units) and the server package ``coreupdate``.
 
 Everything after the install runs the installed programs with /usr/bin/python3 and a clean environment, so
-the code is exercised with Debian's own library versions (python3-dbus-fast, -aiohttp, -protobuf, -etcd3gw,
+the code is exercised with Debian's own library versions (python3-dbus-fast, -aiohttp, -protobuf,
 -cryptography), not with the development venv's.  The tests share one build and install and run in file
 order; the last one purges the package.  They need root and apt (a Debian machine), and install the build
 tools they miss.
@@ -222,7 +222,7 @@ for top in ("coreos_common", "update_engine", "locksmithd", "coreupdate"):
             importlib.import_module(info.name)
         except Exception as exc:
             result["failed"][info.name] = repr(exc)
-for lib in ("dbus_fast", "aiohttp", "google.protobuf", "etcd3gw", "cryptography", "pyudev", "sdnotify",
+for lib in ("dbus_fast", "aiohttp", "google.protobuf", "cryptography", "pyudev", "sdnotify",
             "defusedxml", "sqlalchemy", "prometheus_client", "psycopg2"):
     result["files"][lib] = importlib.import_module(lib).__file__
 print(json.dumps(result))

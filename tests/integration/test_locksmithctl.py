@@ -6,8 +6,11 @@ import asyncio
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +20,10 @@ from dbus_fast.aio import MessageBus
 
 from coreos_common.status import INTERFACE, OBJECT_PATH
 from locksmithd import __version__, ctl
-from locksmithd.backends.etcd import EtcdSemaphoreStore
+from locksmithd.backends.etcd import ops
+from locksmithd.backends.etcd.sync import SyncEtcdClient
 from locksmithd.backends.etcd_settings import EtcdSettings
-from locksmithd.semaphore import key_for_group
+from locksmithd.semaphore import HolderRecord, Semaphore, holder_key, key_for_group
 from sim.bus import PrivateBus
 from sim.etcd import EtcdCluster
 from sim.ports import free_port
@@ -80,6 +84,19 @@ def group_of(base: list[str]) -> str:
     return base[2]
 
 
+def holders_of(out: str) -> list[tuple[str, str, str]]:
+    """The holder rows of ``status``: (machine id, age, host), checking the header and the age's form."""
+    _, _, table = out.partition("\n\n")
+    lines = table.splitlines()
+    assert lines[0].split() == ["MACHINE", "ID", "AGE", "HOST"], out
+    rows = []
+    for line in lines[1:]:
+        holder, age, *host = line.split()
+        assert re.fullmatch(r"(\d+[hms])+|unknown", age), line
+        rows.append((holder, age, " ".join(host)))
+    return rows
+
+
 # -- status, lock, unlock, set-max ---------------------------------------------------------------------------
 
 
@@ -89,7 +106,9 @@ def test_status_of_a_fresh_group(capsys: pytest.CaptureFixture[str], base: list[
 
 def test_lock_status_unlock_cycle(capsys: pytest.CaptureFixture[str], base: list[str]) -> None:
     assert run(capsys, *base, "lock") == (0, "", "")  # default id: etc/machine-id under --config-root
-    assert run(capsys, *base, "status") == (0, f"Available: 0\nMax: 1\n\nMACHINE ID\n{MACHINE_ID}\n", "")
+    code, out, err = run(capsys, *base, "status")
+    assert (code, err) == (0, "") and out.startswith("Available: 0\nMax: 1\n\nMACHINE ID")
+    assert [(h, host) for h, _, host in holders_of(out)] == [(MACHINE_ID, socket.gethostname())]
     assert run(capsys, *base, "lock", "other") == (1, "", "Error locking: semaphore is at 0\n")
     assert run(capsys, *base, "lock") == (0, "", "")  # the holder locking again is not an error
     assert run(capsys, *base, "unlock", "other") == (1, "", "Error unlocking: holder does not exist\n")
@@ -100,7 +119,9 @@ def test_lock_status_unlock_cycle(capsys: pytest.CaptureFixture[str], base: list
 def test_set_max(capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster) -> None:
     assert run(capsys, *base, "lock", "a") == (0, "", "")
     assert run(capsys, *base, "set-max", "4") == (0, "Old-Max: 1\nMax: 4\n", "")
-    assert run(capsys, *base, "status") == (0, "Available: 3\nMax: 4\n\nMACHINE ID\na\n", "")
+    code, out, _ = run(capsys, *base, "status")
+    assert code == 0 and out.startswith("Available: 3\nMax: 4\n\n")
+    assert [(h, host) for h, _, host in holders_of(out)] == [("a", "")]  # not this machine: no host
     key = key_for_group(group_of(base))
     assert etcd.get(key) == b'{"semaphore":3,"max":4,"holders":["a"]}'
     assert run(capsys, *base, "set-max") == (1, "", "New maximum value must be set.\n")
@@ -116,13 +137,20 @@ def test_status_json(capsys: pytest.CaptureFixture[str], base: list[str]) -> Non
     run(capsys, *base, "lock", "a")
     code, out, err = run(capsys, *base, "status", "--json")
     assert (code, err) == (0, "")
-    assert json.loads(out) == {
+    doc = json.loads(out)
+    details = doc.pop("holder_details")
+    assert doc == {
         "group": group_of(base),
         "key": key_for_group(group_of(base)),
         "semaphore": 0,
         "max": 2,
         "holders": ["a", "b"],
     }
+    assert [d["id"] for d in details] == ["a", "b"]
+    for detail in details:
+        assert detail["group"] == group_of(base) and detail["hostname"] == "" and detail["version"] == ""
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", detail["since"])
+        assert 0 <= detail["age_seconds"] < 600
 
 
 def test_group_after_the_subcommand_and_from_env(
@@ -134,7 +162,7 @@ def test_group_after_the_subcommand_and_from_env(
     assert etcd.get(key_for_group(group)) == b'{"semaphore":0,"max":1,"holders":["n1"]}'
     monkeypatch.setenv("LOCKSMITHCTL_ENDPOINT", ep)
     monkeypatch.setenv("LOCKSMITHCTL_GROUP", group)
-    assert run(capsys, "status")[1].endswith("MACHINE ID\nn1\n")
+    assert [h for h, _, _ in holders_of(run(capsys, "status")[1])] == ["n1"]
     # A flag given on the command line beats the environment.
     assert run(capsys, "-group=elsewhere", "status") == (0, "Available: 1\nMax: 1\n", "")
 
@@ -143,9 +171,7 @@ def test_unreachable_etcd_is_one_clear_line(capsys: pytest.CaptureFixture[str], 
     dead = f"http://127.0.0.1:{free_port()}"
     code, out, err = run(capsys, "-endpoint", dead, "status")
     assert (code, out) == (1, "")
-    assert err == f"Error getting status: no etcd endpoint answered ({dead}: connection refused)\n"
-    code, _, err = run(capsys, "-endpoint", dead, "set-max", "3")
-    assert code == 1 and err.startswith("Error setting value: no etcd endpoint answered")
+    assert err == f"Error initializing etcd client: no etcd endpoint answered ({dead}: connection refused)\n"
 
 
 def test_bad_tls_settings_are_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -164,7 +190,7 @@ def test_the_holder_is_named_as_locksmithd_names_it(
     """An uppercase machine-id: locksmithd holds the lock as the lowercase id, so locksmithctl must too."""
     (root / "etc" / "machine-id").write_text(MACHINE_ID.upper() + "\n")
     assert run(capsys, *base, "lock") == (0, "", "")
-    assert run(capsys, *base, "status") == (0, f"Available: 0\nMax: 1\n\nMACHINE ID\n{MACHINE_ID}\n", "")
+    assert [h for h, _, _ in holders_of(run(capsys, *base, "status")[1])] == [MACHINE_ID]
     assert run(capsys, *base, "unlock", MACHINE_ID) == (0, "", "")
 
 
@@ -299,8 +325,8 @@ async def test_refused_reboot_keeps_a_lock_held_before(
 ) -> None:
     """The machine already held the lock (its daemon is mid-reboot): a failed ``reboot`` must not drop it."""
     _needs_root()
-    store = EtcdSemaphoreStore(EtcdSettings(endpoints=tuple(etcd.endpoints), group=group_of(base)))
-    store.update(lambda sem: sem.lock(MACHINE_ID))
+    store = SyncEtcdClient(EtcdSettings(endpoints=tuple(etcd.endpoints), group=group_of(base)))
+    store.run(ops.apply(store.session, store.keys, lambda sem: sem.lock(MACHINE_ID)))
     stand_in = await start_login1(private_bus.address, fail_times=1)
     try:
         code = await asyncio.to_thread(ctl.main, [*base, "-bus-address", private_bus.address, "reboot"])
@@ -308,7 +334,7 @@ async def test_refused_reboot_keeps_a_lock_held_before(
         assert "released" not in capsys.readouterr().err
     finally:
         stand_in.stop()
-    assert store.get()[0].holders == (MACHINE_ID,)
+    assert store.run(ops.read(store.session, store.keys)).semaphore.holders == (MACHINE_ID,)
     store.close()
 
 
@@ -327,3 +353,195 @@ def test_reboot_needs_root(
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert run(capsys, *base, "reboot") == (1, "", "Must be root to initiate reboot.\n")
+
+
+# -- contracts with scripts ----------------------------------------------------------------------------------
+
+
+def locksmithctl(*argv: str, env: dict[str, str] | None = None, stdout: int | None = None) -> subprocess.Popen[str]:
+    """The installed console script, as an operator runs it."""
+    script = Path(sys.executable).with_name("locksmithctl")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSMITHCTL_")}
+    environ.update(env or {})
+    return subprocess.Popen(
+        [str(script), *argv],
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help", "-help"])
+def test_help_flag_prints_the_usage_and_succeeds(flag: str) -> None:
+    proc = locksmithctl(flag)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
+    assert "GLOBAL OPTIONS:" in out and "flag provided but not defined" not in out
+
+
+@pytest.mark.parametrize("argv", [("status",), ("status", "--json"), ("help",), ("-version",), ("help", "lock")])
+def test_a_closed_stdout_ends_the_command_quietly(base: list[str], argv: tuple[str, ...]) -> None:
+    """``locksmithctl status | head -0``: the reader is gone before anything is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = locksmithctl(*base, *argv, stdout=write_end)
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err == ""
+
+
+def test_set_max_refuses_values_beyond_int64(
+    capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster
+) -> None:
+    too_big = str(2**63)
+    assert run(capsys, *base, "set-max", too_big) == (1, "", f"Invalid maximum value: {too_big}\n")
+    assert etcd.get(key_for_group(group_of(base))) in (None, b'{"semaphore":1,"max":1,"holders":[]}')
+    assert run(capsys, *base, "set-max", str(2**63 - 1))[0] == 0
+
+
+def test_an_endpoint_that_is_not_etcd_is_one_line(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+    """A web server answering with an HTML error page: the endpoint and the HTTP status, not the page."""
+    import http.server
+    import threading
+
+    class NotEtcd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            page = b"<html>\n<head><title>404 Not Found</title></head>\n<body>\n" + b"<p>nothing here</p>\n" * 200
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotEtcd)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, out, err = run(capsys, "-endpoint", endpoint, "status")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1, err
+    assert endpoint in err and "404" in err and "<" not in err
+
+
+def test_unreachable_cluster_keeps_locksmiths_prefix(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for argv in (("status",), ("lock", "x"), ("unlock", "x"), ("set-max", "2")):
+        code, out, err = run(capsys, "-endpoint", dead, *argv)
+        assert (code, out) == (1, "")
+        assert err.startswith("Error initializing etcd client: ") and dead in err, err
+
+
+def test_an_unparsable_debug_variable_is_not_fatal(
+    capsys: pytest.CaptureFixture[str], base: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCKSMITHCTL_DEBUG", "maybe")
+    assert run(capsys, *base, "status") == (0, "Available: 1\nMax: 1\n", "")
+
+
+def test_default_endpoints_are_locksmiths(capsys: pytest.CaptureFixture[str]) -> None:
+    """locksmith tries etcd's client port, then etcd 2's; both in the usage and in what is reached."""
+    code, out, _ = run(capsys, "help")
+    assert code == 0 and "-endpoint=http://127.0.0.1:2379,http://127.0.0.1:4001" in out
+    assert ctl.resolve_globals({}, {}).get("endpoint") == "http://127.0.0.1:2379,http://127.0.0.1:4001"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"semaphore":1,"max":1,"holders":[' + b"[" * 50_000 + b"]" * 50_000 + b"]}",
+     b'{"semaphore":1,"max":1,"holders":[],"pad":"' + b"x" * 1_200_000 + b'"}'],
+    ids=["nested", "nested-holders", "huge"],
+)
+def test_a_corrupt_value_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster, value: bytes
+) -> None:
+    """Deeply nested JSON (json.loads raises RecursionError) and values far beyond any semaphore."""
+    key = key_for_group(group_of(base))
+    etcd.put(key, value)
+    for argv in (("status",), ("lock", "x"), ("unlock", "x"), ("set-max", "3")):
+        code, out, err = run(capsys, *base, *argv)
+        assert (code, out) == (1, ""), argv
+        assert err.count("\n") == 1 and "corrupt" in err and key in err, err
+        assert len(err) < 1000
+    assert etcd.get(key) == value  # reported, never overwritten
+
+
+# -- who holds the lock, since when ------------------------------------------------------------------------
+
+
+def put_record(etcd: EtcdCluster, group: str, holder: str, seconds_ago: float, host: str) -> None:
+    record = HolderRecord.at(time.time() - seconds_ago, host, group, "3975.2.1")
+    etcd.put(holder_key(key_for_group(group), holder), record.encode())
+
+
+def test_status_shows_each_holders_age_and_host(
+    capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster
+) -> None:
+    """Records beside the semaphore give age and host; a holder without one (locksmith's, v2) is unknown."""
+    group = group_of(base)
+    etcd.put(key_for_group(group), Semaphore(0, 3, ("legacy", "new", "old")).encode())
+    put_record(etcd, group, "old", 7 * 3600 + 5, "node-old")
+    put_record(etcd, group, "new", 60, "node-new")
+    put_record(etcd, group, "gone", 60, "node-gone")  # not a holder: never shown
+    code, out, _ = run(capsys, *base, "status")
+    assert code == 0
+    rows = holders_of(out)
+    assert [(h, host) for h, _, host in rows] == [("legacy", ""), ("new", "node-new"), ("old", "node-old")]
+    ages = {h: age for h, age, _ in rows}
+    assert ages["legacy"] == "unknown" and ages["old"].startswith("7h0m") and ages["new"].startswith("1m")
+    details = {d["id"]: d for d in json.loads(run(capsys, *base, "status", "--json")[1])["holder_details"]}
+    assert details["legacy"] == {
+        "id": "legacy", "since": None, "age_seconds": None, "hostname": None, "group": None, "version": None
+    }
+    assert details["old"]["hostname"] == "node-old" and details["old"]["version"] == "3975.2.1"
+    assert 7 * 3600 <= details["old"]["age_seconds"] < 7 * 3600 + 600
+
+
+def test_unlock_older_than_releases_only_old_holders(
+    capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster
+) -> None:
+    group = group_of(base)
+    key = key_for_group(group)
+    etcd.put(key, Semaphore(0, 3, ("legacy", "new", "old")).encode())
+    put_record(etcd, group, "old", 7 * 3600, "node-old")
+    put_record(etcd, group, "new", 60, "node-new")
+    code, out, err = run(capsys, *base, "unlock", "--older-than", "6h")
+    assert code == 0
+    assert re.fullmatch(r"Unlocked old \(held since \S+Z, 7h0m\d+s, host node-old\)\n", out), out
+    assert "Kept legacy: no record of when it took its slot" in err
+    assert etcd.get(key) == b'{"semaphore":1,"max":3,"holders":["legacy","new"]}'
+    assert etcd.get(holder_key(key, "old")) is None  # removed with the slot
+    assert etcd.get(holder_key(key, "new")) is not None
+    # In one transaction: the record's deletion has the revision of the semaphore's write.
+    deleted = [rev for rev, value in etcd.key_history(holder_key(key, "old")) if value is None]
+    assert deleted == [etcd.key_history(key)[-1][0]]
+    assert run(capsys, *base, "unlock", "--older-than", "6h") == (
+        0, "No holder has held its slot for longer than 6h0m0s.\n", "Kept legacy: no record of when it took "
+        "its slot (an old locksmith, or the v2 semaphore)\n",
+    )  # fmt: skip
+    code, _, err = run(capsys, *base, "unlock", "--older-than", "soon")
+    assert code == 2 and "--older-than" in err
+    code, _, err = run(capsys, *base, "unlock", "--older-than", "1h", "someone")
+    assert code == 2
+
+
+def test_lock_and_unlock_write_and_remove_the_record_with_the_slot(
+    capsys: pytest.CaptureFixture[str], base: list[str], etcd: EtcdCluster
+) -> None:
+    key = key_for_group(group_of(base))
+    assert run(capsys, *base, "lock") == (0, "", "")
+    record = HolderRecord.decode(etcd.get(holder_key(key, MACHINE_ID)) or b"")
+    assert record is not None and record.hostname == socket.gethostname() and record.group == group_of(base)
+    assert etcd.key_history(holder_key(key, MACHINE_ID))[-1][0] == etcd.key_history(key)[-1][0]
+    assert run(capsys, *base, "unlock") == (0, "", "")
+    assert etcd.get(holder_key(key, MACHINE_ID)) is None

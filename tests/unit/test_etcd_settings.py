@@ -17,7 +17,7 @@ from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoint
 def test_settings_accept_comma_separated_endpoints() -> None:
     s = EtcdSettings(endpoints=" http://a:1 ,https://b:2,, ")  # type: ignore[arg-type]
     assert s.endpoints == ("http://a:1", "https://b:2")
-    assert EtcdSettings().endpoints == ("http://127.0.0.1:2379",)
+    assert EtcdSettings().endpoints == ("http://127.0.0.1:2379", "http://127.0.0.1:4001")  # locksmith's
 
 
 @pytest.mark.parametrize(

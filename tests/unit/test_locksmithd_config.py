@@ -30,7 +30,7 @@ def test_defaults() -> None:
     settings = resolve_settings(no_flags(), {}, {})
     assert settings.strategy is Strategy.BEST_EFFORT
     assert settings.window is None
-    assert settings.etcd.endpoints == ("http://127.0.0.1:2379",)
+    assert settings.etcd.endpoints == ("http://127.0.0.1:2379", "http://127.0.0.1:4001")
     assert settings.etcd.group == ""
     assert settings.fleetlock_url is None and settings.fleetlock_group == "default"
     assert settings.accept_any_sender is False

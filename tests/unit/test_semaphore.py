@@ -168,10 +168,23 @@ def test_set_max_below_holder_count_oversubscribes_until_releases() -> None:
     assert sem.unlock("c").lock("d").holders == ("d",)
 
 
-@pytest.mark.parametrize("bad", [-1, -10])
-def test_set_max_negative_is_refused(bad: int) -> None:
-    with pytest.raises(SemaphoreError, match="max must be >= 0"):
+@pytest.mark.parametrize("bad", [-1, -10, 2**63])
+def test_set_max_outside_locksmiths_int64_is_refused(bad: int) -> None:
+    with pytest.raises(SemaphoreError, match="max must be between 0 and 9223372036854775807"):
         Semaphore.default().set_max(bad)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"semaphore":1,"max":1,"holders":[],"pad":"' + b"x" * (1 << 20) + b'"}',
+     b'{"semaphore":9223372036854775808,"max":9223372036854775808}'],
+    ids=["nested", "huge", "beyond-int64"],
+)
+def test_every_undecodable_value_is_a_semaphore_error(raw: bytes) -> None:
+    """json.loads gives up on deep nesting with RecursionError; huge values are refused before parsing."""
+    with pytest.raises(SemaphoreError) as info:
+        Semaphore.decode(raw)
+    assert len(str(info.value)) < 400
 
 
 @pytest.mark.parametrize("bad", ["", None])
