@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import BLOCK_SIZE, SPARSE_HOLE, encode_header, encode_signatures
 from update_engine.payload.generate import CHUNK_SIZE, generate_full_payload
+from update_engine.payload.target import BoundedFile, WriteTarget
 
 REPLACE = pb.InstallOperation.REPLACE
 REPLACE_BZ = pb.InstallOperation.REPLACE_BZ
@@ -217,3 +218,25 @@ def build_payload(
         signature_range = (len(body), len(body) + len(sig_blob))
         body += sig_blob
     return Built(body, manifest, metadata_size, ranges, signature_range)
+
+
+class RecordingFile(BoundedFile):
+    """A bounded target file that notes the (offset, length) of every write, then writes as usual."""
+
+    def __init__(self, inner: BoundedFile, writes: list[tuple[int, int]]) -> None:
+        super().__init__(inner.fd, inner.base, inner.size, inner.what)
+        self.writes = writes
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self.writes.append((offset, len(data)))
+        super().pwrite(data, offset)
+
+
+@dataclass(frozen=True)
+class RecordingTarget(WriteTarget):
+    """A write target that hands the sink a :class:`RecordingFile`: the interposition point the seam offers."""
+
+    writes: list[tuple[int, int]] = field(default_factory=list)
+
+    def open(self) -> BoundedFile:
+        return RecordingFile(super().open(), self.writes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -155,6 +156,7 @@ async def download(
                 on_first_byte()
 
     reason = ""
+    status: int | None = None
     while True:
         try:
             await _fetch_from(
@@ -164,20 +166,24 @@ async def download(
             if progress.offset == expected_size:
                 return resumes
             reason = f"connection closed after {progress.offset} of {expected_size} bytes"
+            status = None
         except HttpError as exc:
             if not resumes:
                 raise
             # A resume refused (say, Range ignored) is the end, but what broke the transfer first is news too.
             raise HttpError(exc.code, f"{exc.message}, resuming after: {reason}", status=exc.status) from exc
-        except TransferTooSlow as exc:
+        except (TransferTooSlow, WrongRange) as exc:
             reason = str(exc)
+            status = exc.status if isinstance(exc, WrongRange) else None
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
+            status = None
         offset = progress.offset
         if resumes >= limits.resume_attempts:
             raise HttpError(
                 ErrorCode.DOWNLOAD_TRANSFER_ERROR,
                 f"download from {host_of(url)} failed after {resumes} resumes: {reason}",
+                status=status,
             )
         resumes += 1
         log.warning(
@@ -185,6 +191,41 @@ async def download(
             host_of(url), offset, expected_size, reason, limits.resume_delay, resumes, limits.resume_attempts,
         )
         await asyncio.sleep(limits.resume_delay)
+
+
+class WrongRange(Exception):
+    """A 206 answer that does not start where the ``Range`` request asked: a server fault, resumed like a drop.
+
+    Its bytes would land at the wrong place in the payload, so not one of them is delivered.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def check_content_range(header: str | None, *, offset: int, expected_size: int, host: str) -> None:
+    """Sans-IO: the ``Content-Range`` of a 206 answer to ``Range: bytes=offset-`` for a payload of
+    ``expected_size`` bytes. Raises WrongRange when it starts elsewhere or is missing or malformed, and
+    HttpError (code 11) when it names another total size."""
+    match = _CONTENT_RANGE.fullmatch((header or "").strip())
+    if match is None:
+        raise WrongRange(f"payload server {host} answered a Range request with Content-Range {header!r}", 206)
+    start, total = int(match[1]), match[3]
+    if start != offset:
+        raise WrongRange(
+            f"payload server {host} answered Range bytes={offset}- with bytes from {start} (Content-Range {header})",
+            206,
+        )
+    if total != "*" and int(total) != expected_size:
+        raise HttpError(
+            ErrorCode.DOWNLOAD_SIZE_MISMATCH,
+            f"payload on {host} is {total} bytes (Content-Range {header}), Omaha said {expected_size}",
+            status=206,
+        )
 
 
 class TransferTooSlow(Exception):
@@ -252,6 +293,11 @@ async def _fetch_from(
                     ErrorCode.DOWNLOAD_TRANSFER_ERROR,
                     f"payload server {host_of(current)} ignored the Range request (HTTP {resp.status})",
                     status=resp.status,
+                )
+            if offset:
+                check_content_range(
+                    resp.headers.get("Content-Range"), offset=offset, expected_size=expected_size,
+                    host=host_of(current),
                 )
             if not offset and resp.status != 200:
                 raise HttpError(

@@ -173,6 +173,42 @@ def stall_at(data: bytes, position: int) -> Handler:
     return handler
 
 
+async def send_and_drop(request: web.Request, data: bytes, count: int) -> web.StreamResponse:
+    """Announce all of ``data``, send its first ``count`` bytes, and close the connection."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = len(data)
+    await resp.prepare(request)
+    await resp.write(data[:count])
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+def resume_from_wrong_offset(data: bytes, drop_at: int, wrong_times: int) -> Handler:
+    """Drop the first request after ``drop_at`` bytes; answer the next ``wrong_times`` Range requests with 206 and
+    the right length, but bytes from the start of the file (a cache or proxy that ignores where a range starts),
+    saying so in Content-Range; then serve properly."""
+    wrong_left = wrong_times
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal wrong_left
+        start = request.http_range.start or 0
+        if not start:
+            return await send_and_drop(request, data, drop_at)
+        if not wrong_left:
+            return await serve_bytes(request, data)
+        wrong_left -= 1
+        body = data[: len(data) - start]
+        resp = web.StreamResponse(status=206, headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(body)
+        resp.headers["Content-Range"] = f"bytes 0-{len(body) - 1}/{len(data)}"
+        await resp.prepare(request)
+        await resp.write(body)
+        return resp
+
+    return handler
+
+
 @dataclass(frozen=True)
 class Hostile:
     """One misbehaving server: its Omaha and/or payload handler and the refusal expected."""
@@ -240,6 +276,8 @@ CASES = [
           package=lambda r: stall_at(r.data, 1000)),
     Hostile("payload longer than announced", ErrorCode.DOWNLOAD_SIZE_MISMATCH, "bytes",
           offer=lambda r: Offer(NEW_VERSION, r.size - 1, r.sha256_b64)),
+    Hostile("payload resumes answered from the wrong offset, every time", TRANSFER, "Content-Range",
+            package=lambda r: resume_from_wrong_offset(r.data, MIB + 1000, wrong_times=100)),
 ]
 
 SLOW_DRIP_PAYLOAD = Hostile(
@@ -330,13 +368,7 @@ def drop_once(data: bytes, count: int) -> Handler:
         requests += 1
         if requests > 1:
             return await serve_bytes(request, data)
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = len(data)
-        await resp.prepare(request)
-        await resp.write(data[:count])
-        assert request.transport is not None
-        request.transport.close()
-        return resp
+        return await send_and_drop(request, data, count)
 
     return handler
 
@@ -345,6 +377,17 @@ async def test_connection_dropped_early_is_resumed(
     tmp_path: Path, keys: Keys, stub: OmahaStub, release_for_hostile: Release
 ) -> None:
     stub.package = drop_once(release_for_hostile.data, 1000)
+    node = make_node(tmp_path, stub.url)
+    attempter, code, message = await _attempt(node, keys, stub)
+    assert code is None, message
+    assert attempter.machine.status is UpdateStatus.UPDATED_NEED_REBOOT
+
+
+async def test_a_resume_answered_from_the_wrong_offset_is_resumed_again(
+    tmp_path: Path, keys: Keys, stub: OmahaStub, release_for_hostile: Release
+) -> None:
+    """None of the misplaced bytes reach the payload: the resume is tried again, and the update installs."""
+    stub.package = resume_from_wrong_offset(release_for_hostile.data, MIB + 1000, wrong_times=1)
     node = make_node(tmp_path, stub.url)
     attempter, code, message = await _attempt(node, keys, stub)
     assert code is None, message

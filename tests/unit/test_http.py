@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from update_engine.errors import ErrorCode
-from update_engine.http import HttpError, RateWatch, TransferTooSlow, check_url, host_of, redirect_target
+from update_engine.http import (
+    HttpError,
+    RateWatch,
+    TransferTooSlow,
+    WrongRange,
+    check_content_range,
+    check_url,
+    host_of,
+    redirect_target,
+)
 
 
 def test_rate_watch_lets_a_fast_transfer_through() -> None:
@@ -60,3 +69,18 @@ def test_redirect_target_refuses_unsafe_redirects(current: str, location: str | 
 
 def test_host_of_never_shows_credentials_or_path() -> None:
     assert host_of("https://user:secret@update.example:8443/v1/update?token=x") == "update.example:8443"
+
+
+def test_content_range_must_start_where_the_range_asked() -> None:
+    check_content_range("bytes 1000-4999/5000", offset=1000, expected_size=5000, host="h")
+    check_content_range("bytes 1000-4999/*", offset=1000, expected_size=5000, host="h")
+    for header in ("bytes 0-3999/5000", "bytes 1001-4999/5000", None, "", "bytes=1000-4999/5000", "1000-4999"):
+        with pytest.raises(WrongRange) as info:
+            check_content_range(header, offset=1000, expected_size=5000, host="h")
+        assert info.value.status == 206
+
+
+def test_content_range_of_another_size_is_a_size_mismatch() -> None:
+    with pytest.raises(HttpError) as info:
+        check_content_range("bytes 1000-5999/6000", offset=1000, expected_size=5000, host="h")
+    assert info.value.code == ErrorCode.DOWNLOAD_SIZE_MISMATCH

@@ -16,8 +16,11 @@ from sim.payload import BSDIFF, HOLE, MOVE, REPLACE, REPLACE_BZ, Built, Op, buil
 from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import (
+    MAX_EXTENTS,
+    MAX_KERNEL_SIZE,
     MAX_MANIFEST_SIZE,
     MAX_OPERATION_DATA,
+    MAX_OPERATIONS,
     Destination,
     HeaderParsed,
     ManifestParsed,
@@ -234,6 +237,94 @@ def test_kernel_extent_beyond_kernel_size_is_refused() -> None:
     manifest.CopyFrom(SAMPLE.manifest)
     manifest.procedures[0].operations[0].dst_extents[0].num_blocks = 3
     assert _validate_code(manifest) == ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR
+
+
+# --- bounds on the work a manifest may cause -------------------------------------------------------------------
+
+
+def _message(exc: pytest.ExceptionInfo[PayloadError]) -> str:
+    return exc.value.message
+
+
+def test_a_block_is_written_at_most_once() -> None:
+    for dsts in ([(0, 2)], [(1, 1)]), ([(0, 1), (3, 1)], [(2, 2)]), ([(2, 2)], [(0, 3)]):
+        manifest = _manifest(*(Op(REPLACE, dst, bytes(sum(n for _, n in dst) * B)) for dst in dsts))
+        with pytest.raises(PayloadError) as exc:
+            validate_manifest(manifest, partition_size=16 * B)
+        assert _code(exc) == ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR and "both write block" in _message(exc)
+    # Holes are not writes, and neighbours do not overlap.
+    validate_manifest(
+        _manifest(Op(REPLACE, [(0, 1), (HOLE, 1)], bytes(2 * B)), Op(REPLACE, [(1, 1), (HOLE, 1)], bytes(2 * B))),
+        partition_size=16 * B,
+    )
+
+
+def test_kernel_blocks_are_written_at_most_once_too() -> None:
+    manifest = pb.DeltaArchiveManifest()
+    manifest.CopyFrom(SAMPLE.manifest)
+    extents = manifest.procedures[0].operations[0].dst_extents
+    del extents[:]
+    extents.extend([pb.Extent(start_block=0, num_blocks=1)] * 2)  # two blocks' worth of data, block 0 twice
+    with pytest.raises(PayloadError, match="both write block 0 of the kernel"):
+        validate_manifest(manifest, partition_size=16 * B)
+
+
+@pytest.mark.parametrize("size", [0, B - 1, 3 * B + 1])
+def test_the_new_partition_is_a_positive_whole_number_of_blocks(size: int) -> None:
+    manifest = _manifest(Op(REPLACE, [(0, 1)], bytes(B)))
+    manifest.new_partition_info.size = size
+    with pytest.raises(PayloadError, match=f"new partition size {size} is not"):
+        validate_manifest(manifest, partition_size=16 * B)
+
+
+def test_writes_stay_inside_what_the_partition_hash_covers() -> None:
+    """The target has room for 16 blocks, but the hash covers 4: the fifth may not be written."""
+    assert _validate_code(_manifest(Op(REPLACE, [(4, 1)], bytes(B))), 16 * B) == (
+        ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR
+    )
+
+
+def test_operation_and_extent_counts_are_bounded() -> None:
+    manifest = _manifest(*(Op(REPLACE_BZ, [(i, 1)], b"x") for i in range(4)), new_size=None)
+    template = manifest.partition_operations[0]
+    del manifest.partition_operations[:]
+    manifest.partition_operations.extend([template] * (MAX_OPERATIONS + 1))
+    with pytest.raises(PayloadError, match=f"{MAX_OPERATIONS + 1} operations, more than the limit"):
+        validate_manifest(manifest, partition_size=None)
+    wide = _manifest(Op(REPLACE_BZ, [(0, 1)], b"x"), new_size=None)
+    wide.partition_operations[0].dst_extents.extend([pb.Extent(start_block=HOLE, num_blocks=1)] * MAX_EXTENTS)
+    with pytest.raises(PayloadError, match=f"{MAX_EXTENTS + 1} extents, more than the limit"):
+        validate_manifest(wide, partition_size=None)
+
+
+def test_the_kernel_is_bounded_by_a_limit_and_by_its_directory() -> None:
+    manifest = pb.DeltaArchiveManifest()
+    manifest.CopyFrom(SAMPLE.manifest)
+    validate_manifest(manifest, partition_size=4 * B, kernel_room=2 * B)  # 5000 bytes: two blocks
+    with pytest.raises(PayloadError) as exc:
+        validate_manifest(manifest, partition_size=4 * B, kernel_room=2 * B - 1)
+    assert _code(exc) == ErrorCode.DOWNLOAD_WRITE_ERROR and "free some space" in _message(exc)
+    manifest.procedures[0].new_info.size = MAX_KERNEL_SIZE + 1
+    with pytest.raises(PayloadError) as exc:
+        validate_manifest(manifest, partition_size=4 * B)
+    assert _code(exc) == ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR and "more than the limit" in _message(exc)
+
+
+def test_blobs_lie_within_the_announced_payload_size() -> None:
+    size = len(SAMPLE.data)
+    metadata = SAMPLE.metadata_size
+    validate_manifest(SAMPLE.manifest, partition_size=4 * B, metadata_size=metadata, payload_size=size)
+    # Operation data past the announced end: cut short of its signature.
+    data_end = SAMPLE.blob_ranges[-1][1]
+    with pytest.raises(PayloadError) as exc:
+        validate_manifest(SAMPLE.manifest, partition_size=4 * B, metadata_size=metadata, payload_size=data_end - 1)
+    assert _code(exc) == ErrorCode.SIGNED_DELTA_PAYLOAD_EXPECTED
+    # Bytes announced after the signature blob.
+    with pytest.raises(PayloadError) as exc:
+        validate_manifest(SAMPLE.manifest, partition_size=4 * B, metadata_size=metadata, payload_size=size + 1)
+    assert _code(exc) == ErrorCode.DOWNLOAD_SIZE_MISMATCH
+    # A signature blob that would end past the announced size costs no write: the end of the stream judges it.
+    validate_manifest(SAMPLE.manifest, partition_size=4 * B, metadata_size=metadata, payload_size=size - 1)
 
 
 def test_noop_operations_are_ignored() -> None:

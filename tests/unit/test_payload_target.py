@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from sim.payload import key_pair
+from sim.payload import RecordingTarget, key_pair
 from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.executor import Executor
 from update_engine.payload.format import Destination, OperationData, PayloadError
 from update_engine.payload.generate import generate_full_payload
 from update_engine.payload.sink import PayloadSink
-from update_engine.payload.target import BoundedFile, OutsidePartition, WriteTarget
+from update_engine.payload.target import OutsidePartition, WriteTarget
 
 B = 4096
 BASE = 3 * B + 512  # not block-aligned, as a partition inside a disk image need not be
@@ -99,28 +98,6 @@ def test_a_sink_whose_target_runs_past_the_disk_refuses_before_any_write(disk: P
     with pytest.raises(PayloadError, match="runs past the end"):
         PayloadSink(WriteTarget(disk, BASE, size), public_key_pem=None, expected_size=None, expected_sha256_b64=None)
     assert disk.stat().st_size == size
-
-
-class RecordingFile(BoundedFile):
-    """Notes the (offset, length) of every write, then writes as usual."""
-
-    def __init__(self, inner: BoundedFile, writes: list[tuple[int, int]]) -> None:
-        super().__init__(inner.fd, inner.base, inner.size, inner.what)
-        self.writes = writes
-
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        self.writes.append((offset, len(data)))
-        super().pwrite(data, offset)
-
-
-@dataclass(frozen=True)
-class RecordingTarget(WriteTarget):
-    """A target that hands the sink a :class:`RecordingFile`: the interposition point the seam offers."""
-
-    writes: list[tuple[int, int]] = field(default_factory=list)
-
-    def open(self) -> BoundedFile:
-        return RecordingFile(super().open(), self.writes)
 
 
 def test_every_byte_the_sink_writes_to_the_partition_goes_through_the_bounded_target(

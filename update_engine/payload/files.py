@@ -80,7 +80,7 @@ def check_payload_file(path: Path) -> VerifiedPayload:
 
 def _scan(path: Path) -> verify.StreamFacts:
     """The first pass: every byte through the parser and the digests, nothing executed."""
-    parser = PayloadStreamParser()
+    parser = PayloadStreamParser(payload_size=path.stat().st_size)
     digest = PayloadDigest()
     signature_blob = None
     with open(path, "rb") as stream:
@@ -108,7 +108,7 @@ def _replay(
     try:
         partition_digest = PartitionDigest(npi.size, None) if in_order else None
         executor = Executor(partition, kernel, block_size)
-        parser = PayloadStreamParser()
+        parser = PayloadStreamParser()  # the first pass checked the manifest against the size; this one must match it
         with open(path, "rb") as stream:
             while chunk := stream.read(_READ_CHUNK):
                 for event in parser.feed(chunk):

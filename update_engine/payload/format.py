@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,11 +39,21 @@ BLOCK_SIZE = 4096
 SPARSE_HOLE = 2**64 - 1
 SIGNATURE_VERSION = 2
 
-# Our full payloads have ~50 bytes of manifest per MiB of image; 16 MiB covers a 300 GiB partition.
-MAX_MANIFEST_SIZE = 16 * 1024 * 1024
-# Bound on what one operation may make us hold in memory: its data blob, its decompressed output, or a MOVE's
-# source. Generators use 1 MiB chunks.
-MAX_OPERATION_DATA = 64 * 1024 * 1024
+# Bounds on the work a manifest may ask for, checked before any byte is written: the signature and the payload
+# hash are only known at the end. Sized from what a real update needs, with headroom: Flatcar's /usr partition is
+# 2 GiB (its image 1 GiB), and full payloads from mantle and from ``update-payload generate`` use 1 MiB
+# operations of one extent each, so a whole 2 GiB partition is 2048 operations and ~120 KiB of manifest.
+#
+# Operations (all of them: partition and procedures): 32 times that, a 2 GiB partition in 32 KiB operations.
+MAX_OPERATIONS = 65536
+# Destination and source extents of all operations together: two per operation on average.
+MAX_EXTENTS = 2 * MAX_OPERATIONS
+# The manifest is held in memory to be parsed: 65536 one-extent operations take ~3.8 MiB.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# What one operation may make us hold in memory: its data blob, its output, or a MOVE's source; 8 x 1 MiB.
+MAX_OPERATION_DATA = 8 * 1024 * 1024
+# A kernel with its initramfs is ~60 MiB on Flatcar; it is written to a temporary file beside the old one.
+MAX_KERNEL_SIZE = 256 * 1024 * 1024
 # One RSA-4096 signature blob is ~520 bytes; anything near this limit is not a signature.
 MAX_SIGNATURES_SIZE = 64 * 1024
 
@@ -319,11 +330,22 @@ def _check_operation(
             )
 
 
-def validate_manifest(manifest: pb.DeltaArchiveManifest, *, partition_size: int | None) -> None:
-    """Check everything about the manifest that can be checked before any data arrives.
+def validate_manifest(
+    manifest: pb.DeltaArchiveManifest,
+    *,
+    partition_size: int | None,
+    metadata_size: int | None = None,
+    payload_size: int | None = None,
+    kernel_room: int | None = None,
+) -> None:
+    """Check everything about the manifest that can be checked before any data arrives, bounding the work the
+    payload can cause before its signature is known.
 
-    ``partition_size`` is the size in bytes of the partition the operations will write. None means "as large as
-    new_partition_info says" (rounded up to whole blocks), which is what a verifier without a target assumes.
+    ``partition_size`` is the size in bytes of the partition the operations will write; None means "as large as
+    new_partition_info says", which is what a verifier without a target assumes. ``payload_size`` is the size
+    Omaha announced (with ``metadata_size``, the header and manifest's, it bounds where blobs may lie), and
+    ``kernel_room`` the free bytes of the kernel's directory (None: the kernel is not written). Each block of the
+    partition or the kernel is written at most once, and only blocks that the final hash covers.
     """
     block_size = manifest.block_size
     if block_size != BLOCK_SIZE:
@@ -331,20 +353,11 @@ def validate_manifest(manifest: pb.DeltaArchiveManifest, *, partition_size: int 
             ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
             f"payload block size is {block_size}, only {BLOCK_SIZE} is supported",
         )
-    has_npi = manifest.HasField("new_partition_info")
-    if partition_size is not None:
-        if has_npi and manifest.new_partition_info.size > partition_size:
-            raise PayloadError(
-                ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
-                f"new partition is {manifest.new_partition_info.size} bytes, the target only {partition_size}",
-            )
-        partition_blocks: int | None = partition_size // block_size
-    elif has_npi:
-        partition_blocks = _blocks(manifest.new_partition_info.size, block_size)
-    else:
-        partition_blocks = None
-
-    limits: dict[Destination, int | None] = {Destination.PARTITION: partition_blocks}
+    planned_ops = flatten_operations(manifest)
+    _check_counts(planned_ops)
+    limits: dict[Destination, int | None] = {
+        Destination.PARTITION: _partition_blocks(manifest, partition_size, block_size)
+    }
     for proc in manifest.procedures:
         name = procedure_type_name(proc)
         if name is None:
@@ -358,13 +371,17 @@ def validate_manifest(manifest: pb.DeltaArchiveManifest, *, partition_size: int 
             raise PayloadError(
                 ErrorCode.DOWNLOAD_MANIFEST_PARSE_ERROR, f"payload has more than one {name} procedure"
             )
+        if dest is Destination.KERNEL:
+            _check_kernel_size(proc.new_info.size, block_size, kernel_room)
         limits[dest] = _blocks(proc.new_info.size, block_size)
 
     running_offset = 0
-    for planned in flatten_operations(manifest):
+    for planned in planned_ops:
         limit = limits.get(planned.destination)
         _check_operation(planned, block_size, limit, running_offset)
         running_offset += planned.data_length
+    for dest in (Destination.PARTITION, Destination.KERNEL):
+        _check_written_once([p for p in planned_ops if p.destination is dest], dest)
 
     has_sig_offset = manifest.HasField("signatures_offset")
     if has_sig_offset != manifest.HasField("signatures_size"):
@@ -384,6 +401,98 @@ def validate_manifest(manifest: pb.DeltaArchiveManifest, *, partition_size: int 
                 ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
                 f"payload signatures size {manifest.signatures_size} is outside (0, {MAX_SIGNATURES_SIZE}]",
             )
+    if payload_size is not None and metadata_size is not None:
+        _check_payload_size(manifest, metadata_size + running_offset, payload_size)
+
+
+def _check_counts(planned_ops: list[PlannedOperation]) -> None:
+    if len(planned_ops) > MAX_OPERATIONS:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+            f"payload has {len(planned_ops)} operations, more than the limit of {MAX_OPERATIONS}",
+        )
+    extents = sum(len(p.operation.dst_extents) + len(p.operation.src_extents) for p in planned_ops)
+    if extents > MAX_EXTENTS:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+            f"payload operations have {extents} extents, more than the limit of {MAX_EXTENTS}",
+        )
+
+
+def _partition_blocks(manifest: pb.DeltaArchiveManifest, partition_size: int | None, block_size: int) -> int | None:
+    """How many blocks of the partition operations may write: those new_partition_info's hash covers.
+
+    A size of 0 (or a partial last block) would let operations write bytes the final hash never reads, so it is
+    refused rather than hashed as an empty partition.
+    """
+    if not manifest.HasField("new_partition_info"):
+        return partition_size // block_size if partition_size is not None else None
+    size = manifest.new_partition_info.size
+    if size == 0 or size % block_size:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+            f"new partition size {size} is not a positive whole number of {block_size}-byte blocks",
+        )
+    if partition_size is not None and size > partition_size:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+            f"new partition is {size} bytes, the target only {partition_size}",
+        )
+    return size // block_size
+
+
+def _check_kernel_size(size: int, block_size: int, room: int | None) -> None:
+    if size > MAX_KERNEL_SIZE:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+            f"payload kernel is {size} bytes, more than the limit of {MAX_KERNEL_SIZE}",
+        )
+    needed = _blocks(size, block_size) * block_size
+    if room is not None and needed > room:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_WRITE_ERROR,
+            f"the new kernel needs {needed} bytes, its directory has {room} free: free some space there and the "
+            "next check will try again",
+        )
+
+
+def _check_written_once(planned_ops: list[PlannedOperation], dest: Destination) -> None:
+    """No block written twice: a full payload writes each block once, so no payload may write more than that."""
+    runs = sorted(
+        (extent.start_block, extent.start_block + extent.num_blocks, planned.index)
+        for planned in planned_ops
+        for extent in planned.operation.dst_extents
+        if extent.start_block != SPARSE_HOLE
+    )
+    for (_, end, first), (start, _, second) in itertools.pairwise(runs):
+        if start < end:
+            raise PayloadError(
+                ErrorCode.DOWNLOAD_OPERATION_EXECUTION_ERROR,
+                f"payload operations {first} and {second} both write block {start} of the {dest.value}",
+            )
+
+
+def _check_payload_size(manifest: pb.DeltaArchiveManifest, data_end: int, payload_size: int) -> None:
+    """The blobs lie within the payload size Omaha announced, and the signature blob ends exactly there.
+
+    Operation data past the announced end means the payload is cut short of its signature (17; 11 when it names
+    none). A signature
+    blob that ends short of it means bytes would follow it (11). One that ends past it is left to the end of
+    the download, which tells a truncated payload (17) from a changed one (10): it costs no writes.
+    """
+    signed = manifest.HasField("signatures_size")
+    if data_end > payload_size:
+        raise PayloadError(
+            ErrorCode.SIGNED_DELTA_PAYLOAD_EXPECTED if signed else ErrorCode.DOWNLOAD_SIZE_MISMATCH,
+            f"payload operation data ends at byte {data_end}, past the {payload_size} bytes announced: the payload "
+            f"is cut short{' of its signature' if signed else ''}",
+        )
+    end = data_end + (manifest.signatures_size if signed else 0)
+    if end < payload_size:
+        raise PayloadError(
+            ErrorCode.DOWNLOAD_SIZE_MISMATCH,
+            f"payload manifest describes {end} bytes, {payload_size} were announced",
+        )
 
 
 def writes_sequentially(manifest: pb.DeltaArchiveManifest) -> bool:
@@ -521,9 +630,17 @@ class PayloadStreamParser:
     """
 
     def __init__(
-        self, *, partition_size: int | None = None, allocate: Callable[[int], bytearray] = bytearray
+        self,
+        *,
+        partition_size: int | None = None,
+        payload_size: int | None = None,
+        kernel_room: int | None = None,
+        allocate: Callable[[int], bytearray] = bytearray,
     ) -> None:
+        """The sizes are :func:`validate_manifest`'s bounds."""
         self._partition_size = partition_size
+        self._payload_size = payload_size
+        self._kernel_room = kernel_room
         self._allocate = allocate
         self._stage = _Stage.HEADER
         self._need = HEADER_SIZE
@@ -603,7 +720,14 @@ class PayloadStreamParser:
             self._need = self.header.manifest_size
         elif self._stage is _Stage.MANIFEST:
             manifest = parse_manifest(unit)
-            validate_manifest(manifest, partition_size=self._partition_size)
+            assert self.header is not None
+            validate_manifest(
+                manifest,
+                partition_size=self._partition_size,
+                metadata_size=self.header.metadata_size,
+                payload_size=self._payload_size,
+                kernel_room=self._kernel_room,
+            )
             self.manifest = manifest
             self._operations = flatten_operations(manifest)
             events.append(ManifestParsed(manifest, tuple(self._operations)))

@@ -39,6 +39,7 @@ import contextlib
 import enum
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,15 @@ def _wake_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[No
         loop.call_soon_threadsafe(wake)
 
 
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes update-engine (root) may still write in ``directory``'s file system; None when it cannot tell."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return None
+    return stats.f_bfree * stats.f_frsize
+
+
 class PayloadSink:
     """Consumes a payload as it downloads: writes the partition (and kernel), verifies everything at close().
 
@@ -161,7 +171,10 @@ class PayloadSink:
         self._digest = PayloadDigest()
         # The apply thread's (set up when the manifest arrives).
         self._parser = PayloadStreamParser(
-            partition_size=target.size if target is not None else None, allocate=self._pool.acquire
+            partition_size=target.size if target is not None else None,
+            payload_size=expected_size,
+            kernel_room=_free_bytes(kernel_path.parent) if kernel_path is not None else None,
+            allocate=self._pool.acquire,
         )
         self._executor: Executor | None = None
         self._scratch: BoundedFile | None = None
@@ -360,7 +373,9 @@ class PayloadSink:
     # --- the apply thread's work ----------------------------------------------------------------------------------
 
     def _prepare(self, manifest: pb.DeltaArchiveManifest) -> None:
-        """Set up the writes once the manifest is known (it has been validated against the target size)."""
+        """Set up the writes once the manifest is known (the parser checked it against the target's size, the
+        announced payload size and the kernel directory's free space)."""
+        verify.check_names_a_signature(manifest)
         has_npi = manifest.HasField("new_partition_info")
         new_size = manifest.new_partition_info.size if has_npi else 0
         block_size = manifest.block_size

@@ -171,6 +171,15 @@ def check_signature(facts: StreamFacts, public_key_pem: bytes | None) -> None:
         ) from exc
 
 
+def check_names_a_signature(manifest: pb.DeltaArchiveManifest) -> None:
+    """Check 4's first half, as soon as the manifest arrives: a payload without a signature blob is refused
+    before anything is written (17)."""
+    if not manifest.HasField("signatures_offset"):
+        raise PayloadError(
+            ErrorCode.SIGNED_DELTA_PAYLOAD_EXPECTED, "payload manifest names no signature blob: refusing the payload"
+        )
+
+
 def check_partition(digest: bytes, written: int, info: pb.InstallInfo) -> None:
     """Check 6: ``digest`` is the SHA-256 of the ``written`` bytes hashed from the new partition."""
     if written != info.size:
