@@ -11,6 +11,8 @@ The rules (README's module map and DESIGN §3):
   error codes its events carry, ``update_engine.errors``) and the payload format and verification
   (``update_engine.payload.format``, ``update_engine.payload.files`` and the ``VerifiedPayload`` it returns,
   ``update_engine.payload.verify``), and those never pull in a daemon shell.
+* No product package imports the development harness (``sim``, ``tests``, ``demo``, ``bench``): the Debian
+  package does not ship it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("coreos_common", "update_engine", "locksmithd", "coreupdate")
+HARNESS = ("sim", "tests", "demo", "bench")
 
 # What coreupdate may import of the daemons, and what those modules may never bring along with them.
 SERVER_MAY_IMPORT = frozenset(
@@ -149,7 +152,9 @@ def violations(graph: ImportGraph) -> list[str]:
     for importer, edges in sorted(graph.edges.items()):
         for edge in edges:
             target = edge.module
-            if in_package(importer, "coreos_common"):
+            if any(in_package(target, harness) for harness in HARNESS):
+                problems.append(f"{edge}: the product imports nothing of the development harness")
+            elif in_package(importer, "coreos_common"):
                 if any(in_package(target, p) for p in ("update_engine", "locksmithd", "coreupdate")):
                     problems.append(f"{edge}: coreos_common imports no daemon and not the server")
             elif in_package(importer, "update_engine"):
@@ -223,6 +228,10 @@ CLEAN = {
             {"update_engine/errors.py": "def f():\n    from . import dbus_service\n"},
             "the engine reaches its D-Bus adapter: update_engine.attempter -> update_engine.errors -> "
             "update_engine.dbus_service",
+        ),
+        (
+            {"update_engine/devserver.py": "def f():\n    from sim.omaha import OmahaStub\n"},
+            "update_engine.devserver:2 imports sim.omaha: the product imports nothing of the development harness",
         ),
         (
             {"coreupdate/api.py": "from update_engine.gpt import GptDisk\n", "update_engine/gpt.py": ""},
