@@ -82,7 +82,6 @@ class ActivityKind(enum.StrEnum):
     GROUP_UNPAUSED = "group-unpaused"
     CHANNEL_UPDATED = "channel-updated"
     PACKAGE_CREATED = "package-created"
-    PACKAGE_NOT_FOUND = "package-not-found"
     INSTANCE_FAILED = "instance-failed"
     INSTANCE_ROLLED_BACK = "instance-rolled-back"
 

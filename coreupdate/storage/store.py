@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from coreupdate import policy
 from coreupdate.catalog import Catalog
-from coreupdate.instance_status import status_after_event
+from coreupdate.instance_status import status_after_checkin, status_after_event
 from coreupdate.model import (
     FAILED_STATUSES,
     IN_FLIGHT_STATUSES,
@@ -703,14 +703,21 @@ class Store:
         return 0
 
     def _complete_checked_in(self, conn: Connection, now: float) -> int:
-        """Instances in flight that now report their granted version are Complete."""
-        done = conn.execute(
-            sa.select(instances.c.app_id, instances.c.machine_id, instances.c.group_id, instances.c.granted_version)
+        """Instances in flight that now report their granted version are Complete (``status_after_checkin``;
+        the query only narrows the rows down to the candidates, through the status index)."""
+        candidates = conn.execute(
+            sa.select(instances.c.app_id, instances.c.machine_id, instances.c.group_id, instances.c.granted_version,
+                      instances.c.status, instances.c.version)
             .where(
                 instances.c.status.in_([int(s) for s in IN_FLIGHT_STATUSES]),
                 instances.c.version == instances.c.granted_version,
             )
         ).all()
+        done = [
+            row for row in candidates
+            if status_after_checkin(InstanceStatus(row.status), row.granted_version, row.version)
+            == InstanceStatus.COMPLETE
+        ]
         for row in done:
             conn.execute(
                 sa.update(instances)

@@ -206,6 +206,11 @@ def test_events_set_statuses_and_failures_pause_the_rollout(server: CoreUpdateSe
     assert b"noupdate" in server.omaha(cpp_request("f9"))[1]
     assert b'status="ok"' in server.omaha(cpp_request("f0"))[1]
     assert metric(server, "coreupdate_instance_errors_total", code="1073741833") == 1
+    assert metric(server, "coreupdate_instances", group="stable", version="1.0.0", status="RolledBack") == 1
+    assert metric(server, "coreupdate_instances", group="stable", status="Error") == 1
+    assert metric(server, "coreupdate_instances", group="stable", status="Downloading") == 1
+    assert metric(server, "coreupdate_grants_total", group="stable", version="2.0.0") == 3
+    assert metric(server, "coreupdate_update_checks_total", decision="updates-paused") >= 1
 
 
 def test_a_database_outage_gives_503_and_recovers_without_a_restart(
