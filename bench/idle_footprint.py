@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Idle footprint of the daemons: memory and wake-ups while there is nothing to do.
 
-Starts ``update_engine`` (and ``locksmithd`` with the ``reboot`` strategy, waiting for an update) on a private
-system-like bus with a GPT image and a dev server on 127.0.0.1 that has no update to offer, lets them settle, then
+Starts ``update_engine`` and two ``locksmithd`` waiting for an update on a private system-like bus with a GPT image
+and a dev server on 127.0.0.1 that has no update to offer: one with the ``reboot`` strategy (no lock client at
+all) and one with the default strategy, ``best-effort``, against a real etcd on 127.0.0.1 (it loads the etcd
+client, finds etcd reachable and releases any slot it held, as a node does after booting). It lets them settle, then
 watches them for ``--seconds`` (default 60) twice: before update-engine's first check, and again after it made one
 check (``update_engine_client -update``: the server answers "no update"), which is the state a node spends its life
 in between hourly checks. For each window: RSS and PSS from ``/proc/PID/smaps_rollup`` at its end, and the
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sim.bus import start_private_bus
 from sim.devserver import DevServerProcess, start_devserver
 from sim.disks import make_usr_disk
+from sim.etcd import EtcdCluster
 from sim.node import make_node_root
 from sim.tools import UPDATE_ENGINE_POLICY as POLICY
 from sim.tools import VENV_BIN
@@ -66,6 +69,7 @@ def main() -> int:
     bus = start_private_bus(work / "dbus", [POLICY])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     devserver: DevServerProcess | None = None
+    etcd: EtcdCluster | None = None
     try:
         # The only release is on another track: every check of this "stable" node is answered "no update".
         other_track = work / "beta.payload"
@@ -76,7 +80,8 @@ def main() -> int:
         key = work / "unused.pub.pem"
         key.write_text("")
         common = ["--bus-address", bus.address, "--config-root", str(node.root)]
-        logs = {name: (work / f"{name}.log").open("wb") for name in ("update_engine", "locksmithd")}
+        names = ("update_engine", "locksmithd (reboot)", "locksmithd (best-effort)")
+        logs = {name: (work / f"{name.split()[0]}-{len(name)}.log").open("wb") for name in names}
         procs["update_engine"] = subprocess.Popen(
             [str(VENV_BIN / "update_engine"), *common, "--disk", str(disk), "--booted", "USR-A",
              "--public-key", str(key), "--state-dir", str(node.state_dir), "--run-dir", str(node.run_dir),
@@ -84,11 +89,19 @@ def main() -> int:
             stdout=logs["update_engine"], stderr=subprocess.STDOUT,
         )
         time.sleep(1.0)
-        procs["locksmithd"] = subprocess.Popen(
+        procs["locksmithd (reboot)"] = subprocess.Popen(
             [str(VENV_BIN / "locksmithd"), *common, "--strategy", "reboot"],
-            stdout=logs["locksmithd"], stderr=subprocess.STDOUT,
+            stdout=logs["locksmithd (reboot)"], stderr=subprocess.STDOUT,
         )
-        print(f"{'daemon':<14} {'window':<26} {'RSS MiB':>8} {'PSS MiB':>8} {'wake-ups':>9} {'per minute':>10}")
+        etcd = EtcdCluster(1, work / "etcd").start_all()
+        # A node root of its own: each locksmithd is the update coordinator of its root.
+        other = make_node_root(work / "root-best-effort", server=devserver.url)
+        procs["locksmithd (best-effort)"] = subprocess.Popen(
+            [str(VENV_BIN / "locksmithd"), "--bus-address", bus.address, "--config-root", str(other.root),
+             "--endpoint", etcd.endpoints[0]],
+            stdout=logs["locksmithd (best-effort)"], stderr=subprocess.STDOUT,
+        )
+        print(f"{'daemon':<24} {'window':<26} {'RSS MiB':>8} {'PSS MiB':>8} {'wake-ups':>9} {'per minute':>10}")
         for window in ("before the first check", "after a no-update check"):
             if window.startswith("after"):
                 check = subprocess.run(
@@ -100,14 +113,14 @@ def main() -> int:
             time.sleep(args.settle)
             for name, proc in procs.items():
                 if proc.poll() is not None:
-                    raise SystemExit(f"{name} exited with {proc.returncode}; see {work}/{name}.log")
+                    raise SystemExit(f"{name} exited with {proc.returncode}; see the logs in {work}")
             before = {name: sample(p.pid) for name, p in procs.items()}
             time.sleep(args.seconds)
             after = {name: sample(p.pid) for name, p in procs.items()}
             for name in procs:
                 a, b = after[name], before[name]
                 wakeups = a.voluntary - b.voluntary
-                print(f"{name:<14} {window:<26} {a.rss_kib / 1024:>8.1f} {a.pss_kib / 1024:>8.1f} {wakeups:>9} "
+                print(f"{name:<24} {window:<26} {a.rss_kib / 1024:>8.1f} {a.pss_kib / 1024:>8.1f} {wakeups:>9} "
                       f"{wakeups * 60 / args.seconds:>10.1f}", flush=True)
     finally:
         for proc in procs.values():
@@ -118,6 +131,8 @@ def main() -> int:
                 proc.kill()
         if devserver is not None:
             devserver.stop()
+        if etcd is not None:
+            etcd.stop_all()
         bus.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
