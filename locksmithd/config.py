@@ -65,6 +65,7 @@ STRING_FLAGS: tuple[str, ...] = (
     "fleetlock-url",
     "fleetlock-group",
     "accept-any-sender",
+    "etcd-v2-compat",
     "backoff-initial",
     "backoff-max",
     "session-grace",
@@ -244,6 +245,7 @@ def resolve_settings(
         username=sources.text("etcd-username") or None,
         password=sources.text("etcd-password") or None,
         group=sources.text("group"),
+        v2_compat=_boolean(sources, "etcd-v2-compat"),
     )
     if endpoint is not None and not etcd.endpoints:
         raise SettingsError(f"{endpoint.source}: no etcd endpoint in {endpoint.value!r}")

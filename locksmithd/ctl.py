@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from locksmithd.backends.etcd.gateway import Procedure
     from locksmithd.backends.etcd.ops import SemaphoreKeys, Snapshot, Update
     from locksmithd.backends.etcd.sync import SyncEtcdClient
+    from locksmithd.backends.etcd.v2 import V2Session, V2Snapshot, V2Update
     from locksmithd.backends.etcd_settings import EtcdSettings
     from locksmithd.semaphore import HolderRecord, Semaphore
 
@@ -77,6 +78,12 @@ GLOBAL_FLAGS: tuple[Flag, ...] = (
     Flag("etcd-username", "etcd user name for authentication."),
     Flag("etcd-password", "etcd password for authentication."),
     Flag("group", "Reboot group (default: the cluster-wide semaphore)."),
+    Flag(
+        "etcd-v2-compat",
+        "Also use locksmith's etcd v2 semaphore (lock it first, unlock it last), while nodes still run locksmith.",
+        "false",
+        boolean=True,
+    ),
     Flag("config-root", "Root directory holding etc/machine-id.", "/"),
     Flag("bus-address", "D-Bus address of the system bus (default: the system bus)."),
     Flag("version", "Print the version and exit.", "false", boolean=True),
@@ -302,6 +309,7 @@ def _settings(opts: Options, group: str) -> EtcdSettings:
         username=opts.get("etcd-username"),
         password=opts.get("etcd-password"),
         group=group,
+        v2_compat=opts.flag("etcd-v2-compat"),
     )
 
 
@@ -318,21 +326,45 @@ class Cluster:
 
         self.group = group
         try:
-            self.client: SyncEtcdClient = SyncEtcdClient(_settings(opts, group))
+            settings = _settings(opts, group)
+            self.client: SyncEtcdClient = SyncEtcdClient(settings)
         except LockBackendError as exc:
             raise CommandFailed(f"Error initializing etcd client: {exc}") from None
         self.keys: SemaphoreKeys = self.client.keys
+        self.v2: V2Session | None = None
+        if settings.v2_compat:
+            from locksmithd.backends.etcd.v2 import V2Session
+
+            self.v2 = V2Session(settings)
 
     def run(self, procedure: Procedure[T], prefix: str) -> T:
         from locksmithd.backends import LockBackendError
+        from locksmithd.backends.etcd.gateway import EtcdRefused, EtcdUnavailable
         from locksmithd.semaphore import SemaphoreError
 
         try:
-            return self.client.run(procedure)
+            result = self.client.run(procedure)
         except (LockBackendError, SemaphoreError) as exc:
-            if not self.client.session.contacted:
+            reached = self._contacted or self.client.session.contacted
+            if isinstance(exc, EtcdUnavailable | EtcdRefused) and not reached:
                 raise CommandFailed(f"Error initializing etcd client: {exc}") from None
             raise CommandFailed(f"{prefix}: {exc}") from None
+        self._contacted = True
+        return result
+
+    _contacted = False
+
+    def v2_read(self) -> V2Snapshot:
+        from locksmithd.backends.etcd import v2
+
+        assert self.v2 is not None
+        return self.run(v2.read(self.v2), "Error getting status")
+
+    def v2_apply(self, change: Callable[[Semaphore], Semaphore], prefix: str) -> V2Update:
+        from locksmithd.backends.etcd import v2
+
+        assert self.v2 is not None
+        return self.run(v2.apply(self.v2, change), prefix)
 
     def status(self) -> tuple[Snapshot, dict[str, HolderRecord]]:
         from locksmithd.backends.etcd import ops
@@ -393,6 +425,7 @@ def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
     cluster = Cluster(opts, _group(opts, local))
     try:
         snapshot, records = cluster.status()
+        old = cluster.v2_read().semaphore if cluster.v2 is not None else None
     finally:
         cluster.close()
     sem, now = snapshot.semaphore, time.time()
@@ -422,6 +455,8 @@ def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
             "holders": list(sem.holders),
             "holder_details": details,
         }
+        if old is not None:
+            doc["v2"] = {"semaphore": old.semaphore, "max": old.max, "holders": list(old.holders)}
         _out(json.dumps(doc))
         return 0
     _out(f"Available: {sem.semaphore}")
@@ -436,6 +471,16 @@ def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
         _out()
         for holder, shown, host in rows:
             _out(f"{holder.ljust(widths[0])}  {shown.ljust(widths[1])}  {host}".rstrip())
+    if old is not None and old != sem:
+        _out()
+        _out("The etcd v2 semaphore (locksmith's) differs:")
+        _out(f"Available: {old.semaphore}")
+        _out(f"Max: {old.max}")
+        if old.holders:
+            _out()
+            _out("MACHINE ID")
+            for holder in old.holders:
+                _out(holder)
     return 0
 
 
@@ -452,7 +497,14 @@ def cmd_lock(opts: Options, local: dict[str, str], args: list[str]) -> int:
     group = _group(opts, local)
     cluster = Cluster(opts, group)
     try:
-        cluster.apply(lambda sem: sem.lock(holder), "Error locking", {holder: _record(opts, holder, group)})
+        # The v2 slot first, so that locksmith's nodes never see a reboot they do not count.
+        took_v2 = cluster.v2 is not None and cluster.v2_apply(lambda sem: sem.lock(holder), "Error locking").written
+        try:
+            cluster.apply(lambda sem: sem.lock(holder), "Error locking", {holder: _record(opts, holder, group)})
+        except CommandFailed:
+            if took_v2:
+                cluster.v2_apply(lambda sem: sem.unlock_if_held(holder), "Error unlocking")
+            raise
     finally:
         cluster.close()
     return 0
@@ -466,7 +518,14 @@ def cmd_unlock(opts: Options, local: dict[str, str], args: list[str]) -> int:
     holder = _one_id(opts, args, "unlock")
     cluster = Cluster(opts, _group(opts, local))
     try:
-        cluster.apply(lambda sem: sem.unlock(holder), "Error unlocking")
+        if cluster.v2 is None:
+            cluster.apply(lambda sem: sem.unlock(holder), "Error unlocking")
+            return 0
+        # Compatibility mode: the v3 slot, then the v2 one; an error only when neither was held.
+        released = cluster.apply(lambda sem: sem.unlock_if_held(holder), "Error unlocking").written
+        released = cluster.v2_apply(lambda sem: sem.unlock_if_held(holder), "Error unlocking").written or released
+        if not released:
+            raise CommandFailed("Error unlocking: holder does not exist")
     finally:
         cluster.close()
     return 0
@@ -475,6 +534,7 @@ def cmd_unlock(opts: Options, local: dict[str, str], args: list[str]) -> int:
 def _unlock_older_than(opts: Options, group: str, text: str) -> int:
     """Release every holder whose record says it took its slot longer ago than ``text`` (a Go duration);
     holders without a record (old locksmith, v2) have no known age and keep their slots."""
+    import functools
     import time
 
     from coreos_common.goduration import DurationError, format_go_duration, parse_go_duration
@@ -504,6 +564,8 @@ def _unlock_older_than(opts: Options, group: str, text: str) -> int:
                 ops.compare_and_swap(cluster.client.session, cluster.keys, snapshot, new), "Error unlocking"
             )
             if written.ok:
+                if cluster.v2 is not None:
+                    cluster.v2_apply(functools.partial(_without, holders=release), "Error unlocking")
                 for holder in sorted(release):
                     record = records[holder]
                     host = f", host {record.hostname}" if record.hostname else ""
@@ -519,6 +581,12 @@ def _unlock_older_than(opts: Options, group: str, text: str) -> int:
     for holder in unknown:
         _err(f"Kept {holder}: no record of when it took its slot (an old locksmith, or the v2 semaphore)")
     return 0
+
+
+def _without(sem: Semaphore, holders: frozenset[str]) -> Semaphore:
+    for holder in sorted(holders):
+        sem = sem.unlock_if_held(holder)
+    return sem
 
 
 def _parse_max(text: str) -> int:
@@ -545,6 +613,8 @@ def cmd_set_max(opts: Options, local: dict[str, str], args: list[str]) -> int:
     cluster = Cluster(opts, _group(opts, local))
     try:
         update = cluster.apply(lambda sem: sem.set_max(new_max), "Error setting value")
+        if cluster.v2 is not None:
+            cluster.v2_apply(lambda sem: sem.set_max(new_max), "Error setting value")
     finally:
         cluster.close()
     _out(f"Old-Max: {update.before.semaphore.max}")

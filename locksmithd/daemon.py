@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set as LOCKSMITHD_<FLAG> (e.g. LOCKSMITHD_ETCD_CAFILE).",
     )
     for flag in STRING_FLAGS:
+        if flag == "etcd-v2-compat":
+            parser.add_argument(
+                "--etcd-v2-compat",
+                action="store_const",
+                const="true",
+                default=None,
+                help="also hold locksmith's etcd v2 semaphore (taken first, released last), while some nodes of "
+                "the fleet still run locksmith",
+            )
+            continue
         if flag == "accept-any-sender":
             parser.add_argument(
                 "--accept-any-sender",

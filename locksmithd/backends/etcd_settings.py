@@ -67,6 +67,8 @@ class EtcdSettings:
     password: str | None = None
     group: str = ""
     request_timeout: float = 5.0
+    # Also hold locksmith's v2 semaphore (taken first, released last), for fleets that still run locksmith.
+    v2_compat: bool = False
 
     def __post_init__(self) -> None:
         raw: object = self.endpoints

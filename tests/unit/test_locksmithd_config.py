@@ -177,6 +177,15 @@ def test_etcd_settings_from_environment() -> None:
     assert (etcd.username, etcd.password, etcd.group) == ("u", "p", "prod/db")
 
 
+def test_etcd_v2_compatibility_mode() -> None:
+    assert resolve_settings(no_flags(), {}, {}).etcd.v2_compat is False
+    assert resolve_settings(no_flags(), {"LOCKSMITHD_ETCD_V2_COMPAT": "true"}, {}).etcd.v2_compat is True
+    assert resolve_settings(no_flags(), {}, {"LOCKSMITHD_ETCD_V2_COMPAT": "1"}).etcd.v2_compat is True
+    assert resolve_settings(no_flags(etcd_v2_compat="true"), {}, {}).etcd.v2_compat is True
+    with pytest.raises(SettingsError, match=r"LOCKSMITHD_ETCD_V2_COMPAT.*'sometimes' is not a boolean"):
+        resolve_settings(no_flags(), {"LOCKSMITHD_ETCD_V2_COMPAT": "sometimes"}, {})
+
+
 def test_test_knobs() -> None:
     env = {
         "LOCKSMITHD_BACKOFF_INITIAL": "200ms",

@@ -1,7 +1,10 @@
 """The ``etcd-lock``/``best-effort`` LockBackend: the waiter (``waiter.Waiter``) driven over etcd.
 
 Rules of this file: it performs the waiter's actions and feeds back what came of them; every decision is the
-waiter's. Each ``acquire`` has its own waiter, lease keeper and watches, all closed when it returns. A failure
+waiter's. In v2 compatibility mode the v2 semaphore (``v2``) is held first and released last: ``acquire``
+waits for a v2 slot before it waits for a v3 one, and gives the v2 slot back if it took it and then fails for
+any reason but an unreachable etcd (whose retry will want it again); ``release`` frees the v3 slot, then the v2
+one. Each ``acquire`` has its own waiter, lease keeper and watches, all closed when it returns. A failure
 ends ``acquire`` with the backend's error for the strategy to retry (``locksmithd.backends``): when etcd is out
 of reach the line key is left to its lease (a retry within the lease's TTL puts the same key again and keeps
 its place), otherwise the node leaves the line at once. After a success the lease is only revoked to tidy up,
@@ -19,8 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockProgress, ProgressCallback
-from locksmithd.backends.etcd import ops
+from locksmithd.backends import (
+    LockBackendError,
+    LockBackendUnavailable,
+    LockPhase,
+    LockProgress,
+    ProgressCallback,
+)
+from locksmithd.backends.etcd import ops, v2
 from locksmithd.backends.etcd.client import EtcdClient, KeyWatch, LeaseKeeper, WatchRestart
 from locksmithd.backends.etcd.gateway import EtcdStats
 from locksmithd.backends.etcd.waiter import (
@@ -210,6 +219,7 @@ class EtcdLockBackend:
         self.hostname = socket.gethostname() if hostname is None else hostname
         self.waiter: Waiter | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        self.v2 = v2.V2Session(settings) if settings.v2_compat else None
 
     @property
     def phase(self) -> Phase | None:
@@ -223,6 +233,41 @@ class EtcdLockBackend:
     async def acquire(self, machine_id: str, *, version: str = "", on_progress: ProgressCallback | None = None) -> None:
         if not machine_id:
             raise LockBackendError("cannot take the reboot lock: the machine id is empty")
+        took_v2 = False
+        if self.v2 is not None:
+            took_v2 = await self._hold_v2(machine_id, on_progress)
+        try:
+            await self._acquire_v3(machine_id, version, on_progress)
+        except BaseException as exc:
+            if took_v2 and not isinstance(exc, LockBackendUnavailable):
+                await self._give_back_v2(machine_id)
+            raise
+
+    async def _hold_v2(self, machine_id: str, on_progress: ProgressCallback | None) -> bool:
+        """Wait for a slot of locksmith's v2 semaphore; True when this call took it."""
+        assert self.v2 is not None
+
+        def waiting(sem: Semaphore) -> None:
+            log.info("%s in the v2 semaphore %s; waiting for a release (compatibility mode)", sem.describe(),
+                     self.v2.key if self.v2 is not None else "")  # fmt: skip
+            if on_progress is not None:
+                on_progress(LockProgress(LockPhase.WAITING, holders=sem.holders, slots=sem.max))
+
+        if on_progress is not None:
+            on_progress(LockProgress(LockPhase.ASKING))
+        took = await self.client.run(v2.acquire(self.v2, machine_id, self.watch_idle_timeout, waiting))
+        log.info("%s holds a slot of the v2 semaphore %s (compatibility mode)", machine_id, self.v2.key)
+        return took
+
+    async def _give_back_v2(self, machine_id: str) -> None:
+        assert self.v2 is not None
+        try:
+            await self.client.run(v2.release(self.v2, machine_id))
+        except LockBackendError as exc:
+            log.error("Could not give back the v2 slot of %s (%s); it is released with the lock later", machine_id,
+                      exc)  # fmt: skip
+
+    async def _acquire_v3(self, machine_id: str, version: str, on_progress: ProgressCallback | None) -> None:
         waiter = self.waiter = Waiter(machine_id, self.tuning, self.random)
         wait = _Wait(self, waiter, version)
         reported: LockProgress | None = None
@@ -279,6 +324,10 @@ class EtcdLockBackend:
             log.info("Released the lock of %s on %s", machine_id, self.client.keys.semaphore)
         else:
             log.debug("%s held no lock on %s", machine_id, self.client.keys.semaphore)
+        # Last, so that no locksmith node reboots while this one still counts as rebooting.
+        if self.v2 is not None and await self.client.run(v2.release(self.v2, machine_id)):
+            log.info("Released the v2 slot of %s on %s (compatibility mode)", machine_id, self.v2.key)
+            released = True
         return released
 
     async def close(self) -> None:
