@@ -6,6 +6,11 @@ really means an empty server).  We add comments and blank lines, and we report m
 ``file:line`` instead of silently inventing keys from them.  A value is never repeated in a message (it may be
 a password).
 
+Fail closed: a file of the lookup that is missing is simply not there, but one that exists and cannot be read
+whole (unreadable, a directory, a FIFO, a device, a symlink to ``/dev/zero``, larger than 64 KiB) raises
+``SettingsFileError``: its ``SERVER=disabled`` or ``REBOOT_STRATEGY=off`` must not be lost by acting on the
+defaults.  Reads are bounded and never block (``O_NONBLOCK``, ``fstat``, regular files only).
+
 The parsing and merging are pure; ``load_key_value_files`` and ``load_update_conf`` are the thin I/O shells
 around them.  Every path is relative to a ``root`` so tests and the demo can use a temporary tree.
 """
@@ -150,20 +155,50 @@ def _report(issues: Sequence[ConfigIssue], reported: set[ConfigIssue]) -> None:
             log.warning("configuration problem: %s", issue)
 
 
-def _read_text_file(path: Path, limit: int) -> tuple[str | None, list[ConfigIssue]]:
-    """Text of ``path`` or None when absent; unusable files give an issue instead of an exception."""
+class SettingsFileError(Exception):
+    """Settings files that exist but cannot be read whole; ``issues`` names each file and its problem.
+
+    Acting on the defaults instead would silently drop what those files say (``SERVER=disabled``,
+    ``REBOOT_STRATEGY=off``), so a caller must not go on as if they were absent.
+    """
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("; ".join(str(issue) for issue in self.issues))
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _read_text_file(path: Path, limit: int) -> tuple[str | None, list[ConfigIssue], ConfigIssue | None]:
+    """Text of ``path`` (None when there is no such file), warnings, and why it cannot be read whole, if so.
+
+    Never blocks: the file is opened with O_NONBLOCK and must be a regular file of at most ``limit`` bytes, so a
+    FIFO, a device or a symlink to ``/dev/zero`` is refused without being read.
+    """
     source = str(path)
     try:
-        # O_NONBLOCK: a FIFO planted at a config path must not hang the daemon.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        return None, []
+        return None, [], None
     except OSError as exc:
-        return None, [ConfigIssue(source, 0, f"cannot open: {exc.strerror or exc}; file ignored")]
+        return None, [], ConfigIssue(source, 0, f"cannot be opened: {exc.strerror or exc}")
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, [ConfigIssue(source, 0, "not a regular file; ignored")]
+            return None, [], ConfigIssue(source, 0, f"is {_kind_of(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            return None, [], ConfigIssue(source, 0, f"is larger than {limit} bytes ({st.st_size})")
         chunks: list[bytes] = []
         total = 0
         while total <= limit:
@@ -173,17 +208,17 @@ def _read_text_file(path: Path, limit: int) -> tuple[str | None, list[ConfigIssu
             chunks.append(chunk)
             total += len(chunk)
     except OSError as exc:
-        return None, [ConfigIssue(source, 0, f"cannot read: {exc.strerror or exc}; file ignored")]
+        return None, [], ConfigIssue(source, 0, f"cannot be read: {exc.strerror or exc}")
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    if len(data) > limit:
-        return None, [ConfigIssue(source, 0, f"larger than {limit} bytes; file ignored")]
+    if len(data) > limit:  # it grew while being read
+        return None, [], ConfigIssue(source, 0, f"is larger than {limit} bytes")
     try:
-        return data.decode("utf-8"), []
+        return data.decode("utf-8"), [], None
     except UnicodeDecodeError as exc:
         issue = ConfigIssue(source, 0, f"not valid UTF-8 (byte {exc.start}); undecodable bytes replaced")
-        return data.decode("utf-8", errors="replace"), [issue]
+        return data.decode("utf-8", errors="replace"), [issue], None
 
 
 def load_key_value_files(
@@ -191,16 +226,24 @@ def load_key_value_files(
 ) -> MergedConfig:
     """Read the files of ``relative_paths`` that exist under ``root`` and merge them (first file wins).
 
-    Each issue is logged as a WARNING once per process (or once per ``reported`` set, for tests).
+    A missing file is fine (every one is optional).  A file that exists but cannot be read whole (unreadable,
+    not a regular file, larger than MAX_CONFIG_FILE_BYTES) raises SettingsFileError naming every such file.
+    Other problems (malformed lines, invalid UTF-8) are logged as a WARNING once per process (or once per
+    ``reported`` set, for tests) and the rest of the file is used.
     """
     parsed: list[ParsedFile] = []
     issues: list[ConfigIssue] = []
+    unreadable: list[ConfigIssue] = []
     for relative in relative_paths:
         path = root / relative
-        text, read_issues = _read_text_file(path, MAX_CONFIG_FILE_BYTES)
+        text, read_issues, problem = _read_text_file(path, MAX_CONFIG_FILE_BYTES)
         issues.extend(read_issues)
+        if problem is not None:
+            unreadable.append(problem)
         if text is not None:
             parsed.append(parse_key_values(text, str(path)))
+    if unreadable:
+        raise SettingsFileError(unreadable)
     merged = merge_first_wins(parsed)
     merged.issues[:0] = issues
     _report(merged.issues, _reported_issues if reported is None else reported)
@@ -208,7 +251,10 @@ def load_key_value_files(
 
 
 def load_update_conf(root: Path = Path("/"), *, reported: set[ConfigIssue] | None = None) -> MergedConfig:
-    """Read the update.conf/release files that exist under ``root`` and merge them (first file wins)."""
+    """Read the update.conf/release files that exist under ``root`` and merge them (first file wins).
+
+    SettingsFileError when one of them exists but cannot be read whole (see ``load_key_value_files``).
+    """
     merged = load_key_value_files(root, UPDATE_CONF_FILES, reported=reported)
     log.debug("update configuration read: %s", {k: merged.sources[k] for k in sorted(merged.sources)})
     return merged

@@ -28,7 +28,7 @@ from coreos_common.backoff import BackoffPolicy
 from coreos_common.boolean import parse_bool
 from coreos_common.goduration import DurationError, parse_go_duration
 from coreos_common.identity import IdentityError, read_machine_id
-from coreos_common.updateconf import load_update_conf
+from coreos_common.updateconf import SettingsFileError, load_update_conf
 from coreos_common.window import RebootWindow, WindowError, parse_reboot_window
 from locksmithd.backends import LockBackendError
 from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
@@ -299,7 +299,13 @@ def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
     """Read update.conf and the machine id under the config root; check the files the strategy uses."""
     root_value = _Sources(flags, environ, {}, "").get("config-root")
     root = Path(root_value.value) if root_value else Path("/")
-    conf = load_update_conf(root)
+    try:
+        conf = load_update_conf(root)
+    except SettingsFileError as exc:
+        raise SettingsError(
+            f"Cannot read the settings: {exc}. Not starting: acting on the defaults could undo what the file "
+            "says (REBOOT_STRATEGY=off); fix or remove the file"
+        ) from None
     settings = resolve_settings(flags, environ, conf.values, conf_name="update.conf")
     if settings.strategy is Strategy.OFF:
         return settings

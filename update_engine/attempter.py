@@ -46,7 +46,7 @@ import aiohttp
 
 from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
 from coreos_common.status import StatusSnapshot, UpdateStatus
-from coreos_common.updateconf import load_update_conf
+from coreos_common.updateconf import SettingsFileError, load_update_conf
 from update_engine import config as ue_config
 from update_engine import omaha
 from update_engine import payload_state as attempts
@@ -329,8 +329,20 @@ class UpdateAttempter:
     # --- the pipeline ------------------------------------------------------------------------------------------
 
     def load_settings(self) -> ue_config.UpdateSettings:
-        """Re-read update.conf (at every check, so GROUP/SERVER changes apply without a restart)."""
-        merged = load_update_conf(self.options.config_root)
+        """Re-read update.conf (at every check, so GROUP/SERVER changes apply without a restart).
+
+        Fails closed: when a settings file exists but cannot be read whole, the settings last read are kept
+        (with an error in the log naming the file), never the defaults, which could undo a SERVER=disabled.
+        Before any settings were read (start-up) that raises SettingsFileError: the caller refuses to start.
+        """
+        try:
+            merged = load_update_conf(self.options.config_root)
+        except SettingsFileError as exc:
+            if self._settings is None:
+                raise
+            log.error("Cannot read the update settings: %s. Keeping the settings read before (SERVER=%s, GROUP=%s) "
+                      "until the file is fixed or removed", exc, self._settings.server, self._settings.group)
+            return self._settings
         settings = ue_config.settings_from_config(merged)
         if self.options.server:
             settings = replace(settings, server=self.options.server)
@@ -689,9 +701,13 @@ class UpdateAttempter:
             machine_id, boot_id = read_machine_id(root), read_boot_id(root)
         except IdentityError as exc:
             raise ue_config.ConfigError(f"cannot read the node's identity: {exc.message}") from exc
+        try:
+            oem = ue_config.load_oem_release(root)
+        except SettingsFileError as exc:
+            raise ue_config.ConfigError(f"cannot read the OEM release: {exc}") from exc
         return omaha.OmahaRequestParams.from_settings(
             settings,
-            ue_config.load_oem_release(root),
+            oem,
             machine_id=machine_id,
             boot_id=boot_id,
             aleph_version=self.prefs.get_str(PREF_ALEPH_VERSION) or "",

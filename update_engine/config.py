@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreos_common.updateconf import ConfigIssue, MergedConfig, load_key_value_files
+from coreos_common.updateconf import ConfigIssue, MergedConfig, SettingsFileError, load_key_value_files
 from update_engine.errors import ErrorCode, UpdateEngineError
 
 OEM_RELEASE_FILES: tuple[str, ...] = (
@@ -29,7 +29,7 @@ SERVER_DISABLED = "disabled"
 
 
 class ConfigError(UpdateEngineError):
-    """The node's identity cannot be read; without it no Omaha request can be built."""
+    """The node's identity or OEM release cannot be read; without them no Omaha request can be built."""
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.OMAHA_REQUEST_ERROR, message)
@@ -131,3 +131,11 @@ def oem_release_from_config(cfg: MergedConfig) -> OemRelease:
 def load_oem_release(root: Path = Path("/"), *, reported: set[ConfigIssue] | None = None) -> OemRelease:
     """``etc/oem-release`` then ``usr/share/oem/oem-release``, first file with a key wins; empty if none."""
     return oem_release_from_config(load_key_value_files(root, OEM_RELEASE_FILES, reported=reported))
+
+
+def startup_refusal(exc: SettingsFileError) -> str:
+    """The start-up error for settings files that exist but cannot be read: what is wrong and what to do."""
+    return (
+        f"Cannot read the update settings: {exc}. Not starting: acting on the defaults could undo what the file "
+        "says (SERVER=disabled); fix or remove the file"
+    )

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from coreos_common import logs
+from coreos_common.updateconf import SettingsFileError
 from update_engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
+from update_engine.config import startup_refusal
 from update_engine.http import HttpLimits
 
 log = logging.getLogger("update_engine")
@@ -68,6 +70,11 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
 
 async def run_once(options: EngineOptions) -> int:
     attempter = UpdateAttempter(options)
+    try:
+        attempter.load_settings()
+    except SettingsFileError as exc:
+        log.error("%s", startup_refusal(exc))
+        return 1
     if attempter.restore_reboot_pending():
         print("UPDATE_STATUS_UPDATED_NEED_REBOOT (an update is already installed; reboot to apply it)")
         return 0

@@ -21,7 +21,9 @@ from dbus_fast.aio import MessageBus
 from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from coreos_common.systemd import BOOT_COMPLETE_TARGET, BootComplete, wait_for_boot_complete
+from coreos_common.updateconf import SettingsFileError
 from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
+from update_engine.config import startup_refusal
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
 from update_engine.scheduler import CheckScheduler, ScheduleConfig
 
@@ -115,6 +117,11 @@ async def run_daemon(
     timing = timing or DaemonTiming()
     notifier = SystemdNotifier()
     attempter = UpdateAttempter(options)
+    try:
+        attempter.load_settings()
+    except SettingsFileError as exc:
+        log.critical("%s", startup_refusal(exc))
+        return 1
     attempter.add_status_listener(lambda snapshot: notifier.status(status_line(snapshot)))
     attempter.restore_reboot_pending()
     try:

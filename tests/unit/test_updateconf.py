@@ -16,6 +16,7 @@ from coreos_common.updateconf import (
     ConfigIssue,
     MergedConfig,
     ParsedFile,
+    SettingsFileError,
     load_update_conf,
     merge_first_wins,
     parse_key_values,
@@ -178,14 +179,13 @@ def test_issues_are_logged_once_with_file_and_line(tmp_path: Path, caplog: pytes
     assert f"{path}:2:" in warnings[0]
 
 
-def test_oversized_file_is_ignored_with_an_issue(tmp_path: Path) -> None:
-    write(tmp_path, "etc/flatcar/update.conf", "GROUP=huge\n" + "#" * MAX_CONFIG_FILE_BYTES)
-    write(tmp_path, "usr/share/flatcar/update.conf", "GROUP=stable\n")
-    cfg = load_update_conf(tmp_path, reported=set())
-    assert cfg.values["GROUP"] == "stable"
-    assert any(
-        "larger than" in i.message and i.source.endswith("etc/flatcar/update.conf") for i in cfg.issues
-    )
+def test_oversized_file_stops_the_read_instead_of_being_skipped(tmp_path: Path) -> None:
+    path = write(tmp_path, "etc/flatcar/update.conf", "SERVER=disabled\n" + "#" * MAX_CONFIG_FILE_BYTES)
+    write(tmp_path, "usr/share/flatcar/update.conf", "SERVER=https://public/\n")
+    with pytest.raises(SettingsFileError) as info:
+        load_update_conf(tmp_path, reported=set())
+    (issue,) = info.value.issues
+    assert issue.source == str(path) and issue.message.startswith(f"is larger than {MAX_CONFIG_FILE_BYTES} bytes")
 
 
 def test_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
@@ -195,28 +195,26 @@ def test_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     assert cfg.values["GROUP"] == "beta" and cfg.issues == []
 
 
-def test_unreadable_and_odd_files_are_skipped(tmp_path: Path) -> None:
+def test_every_unreadable_file_is_named_and_none_blocks_the_reader(tmp_path: Path) -> None:
     (tmp_path / "etc/coreos/update.conf").mkdir(parents=True)  # a directory where a file should be
     fifo = tmp_path / "etc/flatcar/update.conf"
     fifo.parent.mkdir(parents=True)
     os.mkfifo(fifo)  # must not block the reader
+    write(tmp_path, "usr/share/coreos", "a file where a directory should be\n")
     write(tmp_path, "usr/share/flatcar/update.conf", "GROUP=stable\n")
-    cfg = load_update_conf(tmp_path, reported=set())
-    assert cfg.values == {"GROUP": "stable"}
-    sources = {issue.source for issue in cfg.issues}
-    assert str(fifo) in sources
-    assert str(tmp_path / "etc/coreos/update.conf") in sources
+    with pytest.raises(SettingsFileError) as info:
+        load_update_conf(tmp_path, reported=set())
+    assert [str(issue) for issue in info.value.issues] == [
+        f"{tmp_path}/etc/coreos/update.conf: is a directory, not a regular file",
+        f"{tmp_path}/etc/flatcar/update.conf: is a FIFO, not a regular file",
+        f"{tmp_path}/usr/share/coreos/update.conf: cannot be opened: Not a directory",
+        f"{tmp_path}/usr/share/coreos/release: cannot be opened: Not a directory",
+    ]
 
 
-def test_unopenable_file_is_an_issue(tmp_path: Path) -> None:
-    # etc/flatcar is a file, so etc/flatcar/update.conf cannot be opened (works as root, unlike chmod 0).
-    write(tmp_path, "etc/flatcar", "GROUP=not-a-directory\n")
+def test_missing_files_are_fine(tmp_path: Path) -> None:
     write(tmp_path, "usr/share/flatcar/update.conf", "GROUP=stable\n")
-    cfg = load_update_conf(tmp_path, reported=set())
-    assert cfg.values == {"GROUP": "stable"}
-    (issue,) = cfg.issues
-    assert issue.source == str(tmp_path / "etc/flatcar/update.conf")
-    assert "cannot open" in issue.message and "ignored" in issue.message
+    assert load_update_conf(tmp_path, reported=set()).values == {"GROUP": "stable"}
 
 
 def test_invalid_utf8_is_replaced_and_reported(tmp_path: Path) -> None:
