@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from coreos_common.boolean import parse_bool
 from coreos_common.http1 import HttpError
 from coreos_common.http_sync import SyncHttpClient
 from coreupdate import COREOS_APP_ID
@@ -428,11 +429,10 @@ def watch(c: Client, args: argparse.Namespace) -> None:
 
 
 def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false") from None
 
 
 def _parser() -> argparse.ArgumentParser:

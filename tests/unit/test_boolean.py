@@ -1,11 +1,12 @@
-"""Booleans: one rule (the originals' words, any case), the same in update_engine_client, locksmithctl and
-locksmithd's settings."""
+"""Booleans: one rule (the originals' words, any case), the same in update_engine_client, locksmithctl,
+updateservicectl and locksmithd's settings."""
 
 from __future__ import annotations
 
 import pytest
 
 from coreos_common.boolean import parse_bool
+from coreupdate import ctl as updateservicectl
 from locksmithd import ctl
 from locksmithd.config import STRING_FLAGS, SettingsError, resolve_settings
 from update_engine import client
@@ -30,6 +31,16 @@ def in_locksmithctl(word: str) -> bool | None:
     return {"true": True, "false": False}[given["debug"]]
 
 
+def in_updateservicectl(word: str) -> bool | None:
+    argv = ["group", "update", "--app-id", "x", "--group-id", "g", f"--safe-mode={word}"]
+    try:
+        value = updateservicectl._parser().parse_args(argv).safe_mode
+    except SystemExit:  # argparse's usage error
+        return None
+    assert isinstance(value, bool)
+    return value
+
+
 def in_locksmithd(word: str) -> bool | None:
     flags: dict[str, str | None] = dict.fromkeys(STRING_FLAGS)
     flags["accept-any-sender"] = word
@@ -46,7 +57,7 @@ def in_shared_rule(word: str) -> bool | None:
         return None
 
 
-PARSERS = [in_shared_rule, in_update_engine_client, in_locksmithctl]
+PARSERS = [in_shared_rule, in_update_engine_client, in_locksmithctl, in_updateservicectl]
 
 
 @pytest.mark.parametrize("parser", PARSERS)
