@@ -21,7 +21,6 @@ checks capacity first and answers ``semaphore is at 0`` to its own holder, locks
 from __future__ import annotations
 
 import bisect
-import calendar
 import json
 import time
 import urllib.parse
@@ -250,11 +249,8 @@ class HolderRecord:
 
     def age(self, now: float) -> float | None:
         """Seconds from ``since`` to ``now`` (epoch seconds), or None when ``since`` does not parse."""
-        try:
-            taken = calendar.timegm(time.strptime(self.since, SINCE_FORMAT))
-        except (ValueError, OverflowError):
-            return None
-        return max(0.0, now - taken)
+        taken = _epoch_of(self.since)
+        return None if taken is None else max(0.0, now - taken)
 
     @classmethod
     def decode(cls, raw: bytes) -> HolderRecord | None:
@@ -269,3 +265,26 @@ class HolderRecord:
             return None
         fields = {name: doc.get(name) for name in ("hostname", "group", "version")}
         return cls(doc["since"], **{k: v if isinstance(v, str) else "" for k, v in fields.items()})
+
+
+def _epoch_of(since: str) -> int | None:
+    """Epoch seconds of ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), or None; by arithmetic, without the time-parsing
+    modules, which would cost locksmithctl status more than the rest of its start."""
+    text = since.strip()
+    if len(text) != 20 or text[4] + text[7] + text[10] + text[13] + text[16] + text[19] != "--T::Z":
+        return None
+    try:
+        year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+        hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
+    except ValueError:
+        return None
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        return None
+    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    days = era * 146097 + day_of_era - 719468
+    return days * 86400 + hour * 3600 + minute * 60 + second

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
-from locksmithd.backends.etcd import ops, waiter
+from locksmithd.backends.etcd import line, ops, waiter
 from locksmithd.backends.etcd.backend import EtcdLockBackend
 from locksmithd.backends.etcd.gateway import EtcdUnavailable, range_request
 from locksmithd.backends.etcd.sync import SyncEtcdClient
@@ -118,16 +118,16 @@ class Store:
         return self.keys.line_key(machine_id)
 
     def line_keys(self) -> list[str]:
-        return [self.keys.line_key(m) for m in self.client.run(ops.line_members(self.session, self.keys))]
+        return [self.keys.line_key(m) for m in self.client.run(line.line_members(self.session, self.keys))]
 
     def grant_lease(self, ttl: float) -> int:
-        return self.client.run(ops.grant_lease(self.session, ttl))
+        return self.client.run(line.grant_lease(self.session, ttl))
 
     def revoke_lease(self, lease: int) -> None:
-        self.client.run(ops.revoke_lease(self.session, lease))
+        self.client.run(line.revoke_lease(self.session, lease))
 
     def join_line(self, machine_id: str, lease: int) -> int:
-        return self.client.run(ops.join_line(self.session, self.keys, machine_id, lease, 0))[0]
+        return self.client.run(line.join_line(self.session, self.keys, machine_id, lease, 0))[0]
 
     def lease_of(self, machine_id: str) -> int:
         doc = self.client.run(self.session.call("kv/range", range_request(self.line_key(machine_id))))
@@ -299,15 +299,15 @@ def test_joining_the_line_reads_the_waiters_ahead(shared_etcd: EtcdCluster, grou
     lease = store.grant_lease(60)
     for name in ("w0", "w1"):
         store.join_line(name, lease)
-    created, position = store.client.run(ops.join_line(store.session, store.keys, "w2", lease, 5))
+    created, position = store.client.run(line.join_line(store.session, store.keys, "w2", lease, 5))
     assert position is not None
     assert position.ahead == ("w1", "w0")
     assert position.present and position.now.semaphore == Semaphore.default() and position.waiting == 3
-    read = store.client.run(ops.line_position(store.session, store.keys, "w2", created, 5))
+    read = store.client.run(line.line_position(store.session, store.keys, "w2", created, 5))
     assert created == read.read_revision and read.ahead == ("w1", "w0") and read.waiting == 3
-    again, kept = store.client.run(ops.join_line(store.session, store.keys, "w0", lease, 5))
+    again, kept = store.client.run(line.join_line(store.session, store.keys, "w0", lease, 5))
     assert kept is None
-    assert store.client.run(ops.line_position(store.session, store.keys, "w0", again, 5)).ahead == ()
+    assert store.client.run(line.line_position(store.session, store.keys, "w0", again, 5)).ahead == ()
     assert store.line_keys() == [store.line_key(n) for n in ("w0", "w1", "w2")]
     store.revoke_lease(lease)
     assert store.line_keys() == []
@@ -722,7 +722,7 @@ async def test_a_waiter_whose_lease_is_revoked_joins_again(shared_etcd: EtcdClus
 async def test_without_the_lease_api_every_waiter_watches_and_still_gets_the_lock(
     shared_etcd: EtcdCluster, group: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(ops, "LEASE_GRANT", "lease/no-such-call")
+    monkeypatch.setattr(line, "LEASE_GRANT", "lease/no-such-call")
     settings = settings_for(shared_etcd, group)
     holder = backend(settings)
     await holder.acquire("a")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from locksmithd.backends import LockPhase
-from locksmithd.backends.etcd.ops import LinePosition, Snapshot
+from locksmithd.backends.etcd.line import LinePosition
+from locksmithd.backends.etcd.ops import Snapshot
 from locksmithd.backends.etcd.waiter import (
     AtFront,
     AwaitLeaving,

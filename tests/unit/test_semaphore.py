@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import json
 
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from locksmithd.semaphore import (
     SEMAPHORE_KEY,
     HolderNotFoundError,
+    HolderRecord,
     Semaphore,
     SemaphoreError,
     SemaphoreFullError,
@@ -251,3 +254,21 @@ def test_decode_never_fails_with_anything_but_semaphore_error(raw: bytes) -> Non
     except SemaphoreError:
         return
     assert sem.semaphore == sem.max - len(sem.holders)
+
+
+@given(st.datetimes(min_value=datetime.datetime(1970, 1, 1), max_value=datetime.datetime(9999, 12, 31)))
+def test_holder_record_ages_read_back_the_time_written(moment: datetime.datetime) -> None:
+    """The record's time goes out as ISO 8601 UTC and comes back to the same second (read without the
+    time-parsing modules, by arithmetic)."""
+    epoch = calendar.timegm(moment.timetuple())
+    record = HolderRecord.at(epoch)
+    assert record.since == moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert record.age(epoch + 90) == 90
+
+
+@pytest.mark.parametrize(
+    "since", ["", "yesterday", "2024-13-01T00:00:00Z", "2024-01-01 00:00:00Z", "2024-01-01T25:00:00Z"]
+)
+def test_a_record_time_that_does_not_parse_has_no_age(since: str) -> None:
+    assert HolderRecord(since).age(1e9) is None
+    assert HolderRecord.decode(b'{"since": 5}') is None and HolderRecord.decode(b"[" * 10_000) is None

@@ -29,7 +29,7 @@ from locksmithd.backends import (
     LockProgress,
     ProgressCallback,
 )
-from locksmithd.backends.etcd import ops, v2
+from locksmithd.backends.etcd import line, ops, v2
 from locksmithd.backends.etcd.client import EtcdClient, KeyWatch, LeaseKeeper, WatchRestart
 from locksmithd.backends.etcd.gateway import EtcdStats
 from locksmithd.backends.etcd.waiter import (
@@ -100,15 +100,15 @@ class _Wait:
             case JoinLine(read_ahead=read_ahead):
                 try:
                     lease = await self.lease.fresh()
-                    joined = await client.run(ops.join_line(session, keys, self.waiter.machine_id, lease, read_ahead))
-                except ops.LineRefused as exc:
+                    joined = await client.run(line.join_line(session, keys, self.waiter.machine_id, lease, read_ahead))
+                except line.LineRefused as exc:
                     return await self.refused(exc)
                 return LineJoined(*joined)
             case ReadPlace(create_revision=created, limit=limit):
                 machine_id = self.waiter.machine_id
                 try:
-                    position = await client.run(ops.line_position(session, keys, machine_id, created, limit))
-                except ops.LineRefused as exc:
+                    position = await client.run(line.line_position(session, keys, machine_id, created, limit))
+                except line.LineRefused as exc:
                     return await self.refused(exc)
                 return PlaceRead(position)
             case FollowKey(after_revision=after, until=until):
@@ -304,12 +304,12 @@ class EtcdLockBackend:
         log.debug("%s: %s -> %s", machine_id, before.name.value, after.name.value)
         if not isinstance(before, Joining | Reading | Taking):
             return
-        line = self.client.keys.line_prefix
+        prefix = self.client.keys.line_prefix
         match after:
             case AtFront():
-                where = f"at the front of the line under {line}"
+                where = f"at the front of the line under {prefix}"
             case InLine(ahead_at_least=ahead):
-                where = f"in line under {line}, behind {ahead} or more waiters"
+                where = f"in line under {prefix}, behind {ahead} or more waiters"
             case Following():
                 where = f"following {self.client.keys.semaphore} (no waiting line)"
             case _:

@@ -19,7 +19,7 @@ from coreos_common.http1 import HttpError
 from coreos_common.http_async import HttpClient, HttpStream
 from coreos_common.tls import TlsFiles, TlsSettingsError, client_context
 from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd import ops
+from locksmithd.backends.etcd import line, ops
 from locksmithd.backends.etcd.gateway import (
     Answer,
     EndpointDown,
@@ -201,7 +201,7 @@ class LeaseKeeper:
         """A lease to put the line key under: the current one, or a new one after it was lost."""
         if self.lease and not self.lost.is_set():
             return self.lease
-        old, self.lease = self.lease, await self._client.run(ops.grant_lease(self._client.session, self._ttl))
+        old, self.lease = self.lease, await self._client.run(line.grant_lease(self._client.session, self._ttl))
         self.lost.clear()
         if old:
             await self._revoke(old)
@@ -215,7 +215,7 @@ class LeaseKeeper:
             if self.lost.is_set():
                 continue
             try:
-                alive = await self._client.run(ops.keep_lease_alive(self._client.session, self.lease))
+                alive = await self._client.run(line.keep_lease_alive(self._client.session, self.lease))
             except LockBackendError as exc:
                 log.debug("could not renew lease %x: %s", self.lease, exc)
                 continue
@@ -225,7 +225,7 @@ class LeaseKeeper:
 
     async def _revoke(self, lease: int) -> None:
         try:
-            await self._client.run(ops.revoke_lease(self._client.session, lease))
+            await self._client.run(line.revoke_lease(self._client.session, lease))
         except LockBackendError as exc:
             log.debug("could not revoke lease %x (%s); its line key goes when it expires", lease, exc)
 

@@ -7,7 +7,7 @@ Keys, for a group's semaphore key K (locksmith's path, ``locksmithd.semaphore.ke
   transaction that adds the id to ``holders`` and deleted in the same one that removes it, so it never tells
   of a slot that is not held. Without permission on that prefix, slots are taken without records (a warning,
   once per client).
-* ``K/waiters/<machine id>`` is a waiter's place in line, bound to its lease (see ``waiter``); its
+* ``K/waiters/<machine id>`` is a waiter's place in line, bound to its lease (``line``, ``waiter``); its
   ``create_revision`` orders the line.
 
 Every change is read → pure transition (``Semaphore``) → one transaction comparing the key's ``mod_revision``
@@ -19,8 +19,6 @@ not decode is a CorruptSemaphore naming the key: reported, never overwritten. Re
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -52,19 +50,24 @@ from locksmithd.semaphore import (
     key_for_group,
 )
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> logging.Logger:
+    """This module's logger, fetched when a line is logged: ops is on locksmithctl's start-up path, and the
+    logging package alone costs it more than a millisecond or two, for lines a command rarely writes."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 LINE_SUFFIX = "/waiters/"
 MAX_CONFLICT_RETRIES = 50
-LEASE_GRANT = "lease/grant"
 
 
 class CorruptSemaphore(LockBackendError):
     """The semaphore key holds something that is not a semaphore; left as it is for an operator to fix."""
-
-
-class LineRefused(LockBackendError):
-    """etcd refuses the waiting line's requests (no lease API, or no permission on the line's keys)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def decode_snapshot(keys: SemaphoreKeys, kv: KeyValue | None) -> Snapshot:
         raise CorruptSemaphore(f"etcd key {keys.semaphore!r} holds a corrupt semaphore: {exc}") from None
 
 
-def _format(keys: SemaphoreKeys, what: str, exc: GatewayFormatError) -> EtcdUnavailable:
+def format_error(keys: SemaphoreKeys, what: str, exc: GatewayFormatError) -> EtcdUnavailable:
     return EtcdUnavailable(f"etcd answered {what} of {keys.semaphore!r} with unexpected JSON: {exc}")
 
 
@@ -119,7 +122,7 @@ def read(session: GatewaySession, keys: SemaphoreKeys, *, timeout: float | None 
     try:
         found = parse_range(doc).first()
     except GatewayFormatError as exc:
-        raise _format(keys, "a read", exc) from None
+        raise format_error(keys, "a read", exc) from None
     return decode_snapshot(keys, found)
 
 
@@ -136,9 +139,9 @@ def create_and_read(session: GatewaySession, keys: SemaphoreKeys) -> Procedure[S
         result = parse_txn(doc)
         found = result.read(len(result.responses) - 1).first()
     except (GatewayFormatError, IndexError) as exc:
-        raise _format(keys, "the creation", GatewayFormatError(str(exc))) from None
+        raise format_error(keys, "the creation", GatewayFormatError(str(exc))) from None
     if result.succeeded:
-        log.info("Created semaphore %s with %s", keys.semaphore, default)
+        _log().info("Created semaphore %s with %s", keys.semaphore, default)
     return decode_snapshot(keys, found)
 
 
@@ -151,7 +154,7 @@ def status(session: GatewaySession, keys: SemaphoreKeys) -> Procedure[tuple[Snap
         snapshot = decode_snapshot(keys, result.read(0).first())
         found = result.read(1).kvs
     except GatewayFormatError as exc:
-        raise _format(keys, "a read", exc) from None
+        raise format_error(keys, "a read", exc) from None
     records = {}
     for kv in found:
         holder = kv.key[len(keys.holders_prefix) :]
@@ -204,7 +207,7 @@ def compare_and_swap(
     except EtcdRefused as exc:
         if not extra or "permission denied" not in exc.reason or not session.holder_records:
             raise
-        log.warning(
+        _log().warning(
             "etcd refuses the holder records under %s (%s): taking and releasing slots without them; give "
             "this user read-write access to that prefix to see who holds a slot since when",
             keys.holders_prefix,
@@ -219,7 +222,7 @@ def compare_and_swap(
         session.stats.conflicts += 1
         return Written(False, decode_snapshot(keys, result.read(0).first()))
     except GatewayFormatError as exc:
-        raise _format(keys, "a write", exc) from None
+        raise format_error(keys, "a write", exc) from None
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,7 @@ def apply(
         written = yield from compare_and_swap(session, keys, current, new, records=records)
         if written.ok:
             return Update(current, written.now, written=True)
-        log.debug("lost a race for %s at revision %d (attempt %d); retrying", keys.semaphore, current.revision,
+        _log().debug("lost a race for %s at revision %d (attempt %d); retrying", keys.semaphore, current.revision,
                   attempt + 1)
         current = written.now  # the answer carried the value now stored: retry at once
     raise EtcdUnavailable(f"gave up on {keys.semaphore!r} after {retries} conflicting writes by other nodes")
@@ -316,137 +319,6 @@ def ping(session: GatewaySession, keys: SemaphoreKeys, timeout: float) -> Proced
     try:
         yield from session.call("kv/range", range_request(keys.semaphore, count_only=True), timeout=timeout)
     except LockBackendError as exc:
-        log.debug("etcd is not usable: %s", exc)
+        _log().debug("etcd is not usable: %s", exc)
         return False
     return True
-
-
-# -- the waiting line ----------------------------------------------------------------------------------------
-
-
-def _line_call(session: GatewaySession, path: str, body: dict[str, object]) -> Procedure[dict[str, object]]:
-    """A call for the line: a refusal (no such API on an old etcd, no permission) is LineRefused."""
-    try:
-        return (yield from session.call(path, body))
-    except EtcdRefused as exc:
-        raise LineRefused(str(exc)) from None
-
-
-def grant_lease(session: GatewaySession, ttl: float) -> Procedure[int]:
-    """A new lease of ``ttl`` seconds (rounded up, as etcd counts whole seconds); its ID."""
-    doc = yield from _line_call(session, LEASE_GRANT, {"TTL": max(1, math.ceil(ttl)), "ID": 0})
-    lease = doc.get("ID")
-    if doc.get("error") or not isinstance(lease, str | int) or not str(lease).isdigit():
-        raise LineRefused(f"lease grant failed: {doc.get('error') or 'no lease ID in the answer'}")
-    return int(lease)
-
-
-def keep_lease_alive(session: GatewaySession, lease: int) -> Procedure[bool]:
-    """Renew the lease once; False when etcd no longer has it (expired, or revoked)."""
-    doc = yield from _line_call(session, "lease/keepalive", {"ID": lease})
-    result = doc.get("result") or {}
-    try:
-        return int(result.get("TTL", 0) or 0) > 0 if isinstance(result, dict) else False
-    except (TypeError, ValueError):
-        return False
-
-
-def revoke_lease(session: GatewaySession, lease: int) -> Procedure[None]:
-    """Revoke the lease, which deletes the line key under it; a lease already gone is fine."""
-    try:
-        yield from _line_call(session, "lease/revoke", {"ID": lease})
-    except LineRefused as exc:
-        if "lease not found" not in str(exc):
-            raise
-
-
-@dataclass(frozen=True)
-class LinePosition:
-    """One read of a waiter's place: the semaphore, whether its own line key is still there, the machine ids
-    of the waiters ahead (nearest first, as many as were asked for), how many wait in all, and the store
-    revision of the read (a watch from the next revision misses nothing)."""
-
-    now: Snapshot
-    present: bool
-    ahead: tuple[str, ...]
-    waiting: int
-    read_revision: int
-
-
-def _newest_in_line(keys: SemaphoreKeys, limit: int, below: int = 0) -> dict[str, object]:
-    return read_op(
-        keys.line_prefix, prefix=True, keys_only=True, newest_first=True, limit=max(1, limit),
-        max_create_revision=below - 1 if below else 0,
-    )  # fmt: skip
-
-
-def _line_count(keys: SemaphoreKeys) -> dict[str, object]:
-    return read_op(keys.line_prefix, prefix=True, count_only=True)
-
-
-def join_line(
-    session: GatewaySession, keys: SemaphoreKeys, machine_id: str, lease: int, read_ahead: int
-) -> Procedure[tuple[int, LinePosition | None]]:
-    """Put this machine's line key under ``lease``; its ``create_revision`` (its place), and in the same
-    transaction the place read with ``read_ahead`` keys ahead.
-
-    A key left by an earlier wait of the same machine keeps its place and moves to the new lease. The place
-    comes from the newest line keys, so it is known only when this key is the newest (always, for a key just
-    created); otherwise it is None and ``line_position`` must be asked.
-    """
-    key = keys.line_key(machine_id)
-    ops = [put_op(key, machine_id, lease), read_op(key, keys_only=True), read_op(keys.semaphore)]
-    ops += [_newest_in_line(keys, read_ahead + 1), _line_count(keys)]
-    doc = yield from _line_call(session, "kv/txn", txn_request([], ops))
-    try:
-        result = parse_txn(doc)
-        mine = result.read(1).first()
-        if mine is None:
-            raise GatewayFormatError("the line key just put is not there")
-        newest = [kv.key for kv in result.read(3).kvs]
-        now = decode_snapshot(keys, result.read(2).first())
-        waiting = result.read(4).count
-    except GatewayFormatError as exc:
-        raise _format(keys, f"the line put of {machine_id!r}", exc) from None
-    if not newest or newest[0] != key:
-        return mine.create_revision, None
-    ahead = tuple(k[len(keys.line_prefix) :] for k in newest[1:])
-    return mine.create_revision, LinePosition(now, True, ahead, waiting, result.revision)
-
-
-def line_position(
-    session: GatewaySession, keys: SemaphoreKeys, machine_id: str, create_revision: int, limit: int
-) -> Procedure[LinePosition]:
-    """In one linearizable read: the semaphore, whether this machine's line key is still there, and the
-    line keys created before it, nearest first, at most ``limit`` of them.
-
-    etcd's ``count`` ignores ``max_create_revision``, so the rank is the number of keys returned: exact
-    below ``limit``, "at least ``limit``" at it.
-    """
-    ops = [
-        read_op(keys.semaphore),
-        read_op(keys.line_key(machine_id), keys_only=True),
-        _newest_in_line(keys, limit, below=create_revision),
-        _line_count(keys),
-    ]
-    doc = yield from _line_call(session, "kv/txn", txn_request([], ops))
-    try:
-        result = parse_txn(doc)
-        now = decode_snapshot(keys, result.read(0).first())
-        present = result.read(1).first() is not None
-        ahead = tuple(kv.key[len(keys.line_prefix) :] for kv in result.read(2).kvs)
-        waiting = result.read(3).count
-    except GatewayFormatError as exc:
-        raise _format(keys, f"the line read of {machine_id!r}", exc) from None
-    return LinePosition(now, present, ahead, waiting, result.revision)
-
-
-def line_members(session: GatewaySession, keys: SemaphoreKeys) -> Procedure[list[str]]:
-    """The machine ids waiting in line now, first in line first."""
-    doc = yield from session.call(
-        "kv/range", range_request(keys.line_prefix, prefix=True, keys_only=True, newest_first=False)
-    )
-    try:
-        return [kv.key[len(keys.line_prefix) :] for kv in parse_range(doc).kvs]
-    except GatewayFormatError as exc:
-        raise _format(keys, "the line read", exc) from None

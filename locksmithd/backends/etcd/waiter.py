@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from locksmithd.backends import LockPhase, LockProgress
-from locksmithd.backends.etcd.ops import LinePosition, Snapshot
+from locksmithd.backends.etcd.line import LinePosition
+from locksmithd.backends.etcd.ops import Snapshot
 
 # At most this many waiters (fewer when ``max`` is smaller) follow the semaphore key; each one behind watches
 # the line key this many places ahead of its own.
@@ -186,7 +187,7 @@ class TakeSlot:
 
 @dataclass(frozen=True)
 class JoinLine:
-    """Take a lease (a new one if the last was lost) and put the line key under it (``ops.join_line``)
+    """Take a lease (a new one if the last was lost) and put the line key under it (``line.join_line``)
     → LineJoined, or LineRefused."""
 
     read_ahead: int
@@ -194,7 +195,7 @@ class JoinLine:
 
 @dataclass(frozen=True)
 class ReadPlace:
-    """``ops.line_position`` → PlaceRead, or LineRefused."""
+    """``line.line_position`` → PlaceRead, or LineRefused."""
 
     create_revision: int
     limit: int
