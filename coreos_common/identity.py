@@ -1,4 +1,4 @@
-"""The node's identities: the machine id (who holds a reboot lock, who asks Omaha) and this boot's id.
+"""The node's identities: the machine id (who holds a reboot lock, who asks Omaha), this boot's id, the host name.
 
 Rules: every path is relative to a ``root`` so tests and the demo can use a temporary tree; a file that is
 missing, unreadable or does not hold the expected form raises ``IdentityError`` (``<file>: <problem>``), never
@@ -8,6 +8,7 @@ returns a guess.  The machine id is validated (32 hexadecimal digits) and lowerc
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 MACHINE_ID_FILE = "etc/machine-id"
@@ -55,3 +56,11 @@ def read_machine_id(root: Path = Path("/")) -> str:
 def read_boot_id(root: Path = Path("/")) -> str:
     """This boot's id (a UUID from the kernel), sent in braces as ``bootid``."""
     return _read_identity_file(root / BOOT_ID_FILE, "boot id", _BOOT_ID_RE, "a UUID")
+
+
+def read_hostname() -> str:
+    """This host's name as the kernel knows it (``uname -n``), recorded beside a lock holder for people to read.
+
+    Unlike the machine id it identifies nothing (two nodes may share a name), so it is never validated.
+    """
+    return socket.gethostname()

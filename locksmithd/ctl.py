@@ -388,13 +388,13 @@ def _group(opts: Options, local: dict[str, str]) -> str:
 
 def _record(opts: Options, holder: str, group: str) -> HolderRecord:
     """What ``lock`` records: the time, the group, and this host's name when the slot is this machine's."""
-    import socket
     import time
 
+    from coreos_common.identity import read_hostname
     from locksmithd.semaphore import HolderRecord
 
     own = holder == _own_id_or_none(opts)
-    return HolderRecord.at(time.time(), socket.gethostname() if own else "", group)
+    return HolderRecord.at(time.time(), read_hostname() if own else "", group)
 
 
 def _own_id_or_none(opts: Options) -> str | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
+from coreos_common.identity import IdentityError, read_boot_id, read_hostname, read_machine_id
 from tests.unit.test_updateconf import write
 
 
@@ -42,3 +43,7 @@ def test_real_boot_id_if_available() -> None:
     if not Path("/proc/sys/kernel/random/boot_id").exists():
         pytest.skip("no /proc")
     assert len(read_boot_id(Path("/"))) == 36
+
+
+def test_hostname_is_the_kernels_node_name() -> None:
+    assert read_hostname() == os.uname().nodename

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import logging
 import random as random_module
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from coreos_common.identity import read_hostname
 from locksmithd.backends import (
     LockBackendError,
     LockBackendUnavailable,
@@ -216,7 +216,7 @@ class EtcdLockBackend:
         self.line_ttl = line_ttl
         self.watch_idle_timeout = watch_idle_timeout
         self.random = random
-        self.hostname = socket.gethostname() if hostname is None else hostname
+        self.hostname = read_hostname() if hostname is None else hostname
         self.waiter: Waiter | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self.v2 = v2.V2Session(settings) if settings.v2_compat else None
