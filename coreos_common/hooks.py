@@ -167,13 +167,17 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run of a hook directory ended; ``hook`` and ``detail`` name the one that ended it when it failed."""
+    """How a run of a hook directory ended; ``hook`` and ``detail`` name the one that ended it when it failed.
+
+    ``returncode`` is the exit status of that hook when it exited by itself (negative: killed by that signal).
+    """
 
     outcome: Outcome
     ran: tuple[str, ...] = ()
     hook: Path | None = None
     detail: str = ""
     tail: tuple[str, ...] = ()
+    returncode: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -301,7 +305,7 @@ async def run_hook(path: Path, *, env: Mapping[str, str], timeout: float, args: 
         log.info("Hook %s passed", path)
         return RunResult(Outcome.PASSED, ran=(name,))
     detail = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
-    return RunResult(Outcome.FAILED, hook=path, detail=detail, tail=tuple(output.tail))
+    return RunResult(Outcome.FAILED, hook=path, detail=detail, tail=tuple(output.tail), returncode=code)
 
 
 async def run_hooks(directory: Path, *, context: Mapping[str, str], timeout: float) -> RunResult:
@@ -318,6 +322,6 @@ async def run_hooks(directory: Path, *, context: Mapping[str, str], timeout: flo
         result = await run_hook(hook.path, env=env, timeout=timeout)
         if not result.passed:
             return RunResult(result.outcome, ran=tuple(ran), hook=result.hook, detail=result.detail,
-                             tail=result.tail)
+                             tail=result.tail, returncode=result.returncode)
         ran.append(hook.name)
     return RunResult(Outcome.PASSED, ran=tuple(ran))

@@ -20,7 +20,7 @@ from pathlib import Path
 from sim.disks import make_usr_disk
 from sim.payload import Keys
 from sim.tools import VENV_BIN
-from update_engine.attempter import EngineOptions
+from update_engine.engine.options import EngineOptions
 from update_engine.http import HttpLimits
 
 OLD_VERSION = "1.0.0"

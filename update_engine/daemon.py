@@ -10,8 +10,8 @@ from pathlib import Path
 
 from coreos_common import logs
 from coreos_common.updateconf import SettingsFileError
-from update_engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
 from update_engine.config import startup_refusal
+from update_engine.engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
 from update_engine.http import HttpLimits
 
 log = logging.getLogger("update_engine")

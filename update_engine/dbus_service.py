@@ -29,7 +29,7 @@ from dbus_fast.service import ServiceInterface, method, signal
 
 from coreos_common.dbus import DBusCallError, connection_unix_user
 from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
-from update_engine.errors import ResetNotAllowed, RollbackRefused
+from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
-"""Action exit codes reported to Omaha, the one exception type that carries them, and the engine's refusals.
+"""Action exit codes reported to Omaha, and the one exception type that carries them.
 
 The numbers are a wire format: Omaha servers (Nebraska, go-omaha) and fleet dashboards interpret them, so they
-keep the values of the original update_engine's action codes.  ``ResetNotAllowed`` and ``RollbackRefused`` are
-the engine's answers to requests it will not carry out; the D-Bus adapter turns them into D-Bus errors (the
-engine never imports the adapter).
+keep the values of the original update_engine's action codes.  The engine's refusals of D-Bus requests live with
+the engine (``update_engine.engine.errors``).
 """
 
 from __future__ import annotations
@@ -107,18 +106,3 @@ class UpdateEngineError(Exception):
     def __str__(self) -> str:
         return f"{self.message} (error {self.code} {describe(self.code)})"
 
-
-class ResetNotAllowed(Exception):
-    """The engine refuses ResetStatus (outside IDLE / UPDATED_NEED_REBOOT, or the disarm failed); says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class RollbackRefused(Exception):
-    """Rollback cannot be armed (e.g. the other partition never booted successfully); ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

@@ -1,11 +1,10 @@
 """Persistent daemon state: one small file per key under ``/var/lib/update_engine/prefs``.
 
-The layout is the original update_engine's (same key names, ints as decimal text without a newline), so
-the state of a node survives a switch between implementations and ``flatcar-postinst`` still finds
-``full-response``.  Writes are atomic (temp file in the same directory, fsync, rename, fsync of the
-directory), so a crash or power cut leaves either the old or the new value, never a torn one.  Temp files
-start with ``.``, which no key can, so one left behind by a crash is never read as a key;
-``discard_stale_temp_files`` removes them.
+The layout is the original update_engine's (ints as decimal text without a newline); the key names, and
+what each holds, are ``update_engine.engine.history``'s, the only place that names them.  Writes are atomic
+(temp file in the same directory, fsync, rename, fsync of the directory), so a crash or power cut leaves
+either the old or the new value, never a torn one.  Temp files start with ``.``, which no key can, so one
+left behind by a crash is never read as a key; ``discard_stale_temp_files`` removes them.
 """
 
 from __future__ import annotations
@@ -22,25 +21,6 @@ from update_engine.errors import ErrorCode, UpdateEngineError
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFS_DIR = Path("/var/lib/update_engine/prefs")
-
-# Key names (reference update-engine §5).
-ALEPH_VERSION = "aleph-version"
-PREVIOUS_VERSION = "previous-version"
-FULL_RESPONSE = "full-response"
-UPDATE_CHECK_RESPONSE_HASH = "update-check-response-hash"
-UPDATE_STATE_NEXT_OPERATION = "update-state-next-operation"
-UPDATE_STATE_NEXT_DATA_OFFSET = "update-state-next-data-offset"
-UPDATE_STATE_SHA256_CONTEXT = "update-state-sha-256-context"
-UPDATE_STATE_SIGNED_SHA256_CONTEXT = "update-state-signed-sha-256-context"
-UPDATE_STATE_SIGNATURE_BLOB = "update-state-signature-blob"
-MANIFEST_METADATA_SIZE = "manifest-metadata-size"
-RESUMED_UPDATE_FAILURES = "resumed-update-failures"
-DELTA_UPDATE_FAILURES = "delta-update-failures"
-PAYLOAD_ATTEMPT_NUMBER = "payload-attempt-number"
-CURRENT_URL_INDEX = "current-url-index"
-CURRENT_URL_FAILURE_COUNT = "current-url-failure-count"
-BACKOFF_EXPIRY_TIME = "backoff-expiry-time"
-CURRENT_RESPONSE_SIGNATURE = "current-response-signature"
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _INT_RE = re.compile(r"-?[0-9]{1,19}")

@@ -22,9 +22,9 @@ from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from coreos_common.systemd import BOOT_COMPLETE_TARGET, BootComplete, wait_for_boot_complete
 from coreos_common.updateconf import SettingsFileError
-from update_engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
 from update_engine.config import startup_refusal
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
+from update_engine.engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
 from update_engine.scheduler import CheckScheduler, ScheduleConfig
 
 log = logging.getLogger("update_engine")

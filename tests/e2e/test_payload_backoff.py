@@ -14,9 +14,9 @@ from sim.disks import cgpt_flags, make_usr_disk
 from sim.node import NodeRoot, make_node_root
 from sim.payload import Keys, Release, build_release
 from tests.e2e.test_once import event_pairs
-from update_engine.attempter import EngineOptions, UpdateAttempter
+from update_engine.engine.attempter import EngineOptions, UpdateAttempter
+from update_engine.engine.history import BACKOFF_EXPIRY_TIME, PAYLOAD_ATTEMPT_NUMBER
 from update_engine.errors import FLAG_TEST_OMAHA_URL, ErrorCode
-from update_engine.prefs import BACKOFF_EXPIRY_TIME, PAYLOAD_ATTEMPT_NUMBER
 
 USR_B = 4
 DAY = 24 * 3600

@@ -31,7 +31,7 @@ from sim.tls import make_server_tls
 from sim.tools import VENV_BIN
 from tests.faults.figures import record
 from tests.faults.support import FRESH_USR_A, MIB, NEW_VERSION, TEST_OMAHA_URL_FLAG, assert_nothing_armed
-from update_engine.attempter import UpdateAttempter
+from update_engine.engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
 from update_engine.http import HttpLimits
 

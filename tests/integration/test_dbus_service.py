@@ -33,7 +33,7 @@ from update_engine.dbus_service import (
     connect_bus,
     serve,
 )
-from update_engine.errors import ResetNotAllowed, RollbackRefused
+from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
 
 pytestmark = [
     pytest.mark.integration,

@@ -28,7 +28,7 @@ from sim.node import NodeRoot, make_node_root
 from sim.omaha import OmahaStub
 from sim.ports import free_port
 from update_engine import daemon as update_engine_daemon
-from update_engine.attempter import EngineOptions, UpdateAttempter
+from update_engine.engine.attempter import EngineOptions, UpdateAttempter
 from update_engine.http import HttpLimits
 
 NOBODY = 65534

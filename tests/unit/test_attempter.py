@@ -15,17 +15,16 @@ from sim.disks import cgpt_flags, craft_table, make_usr_disk, moved
 from sim.node import NodeRoot, make_node_root
 from sim.ports import free_port
 from tests.conftest import require_tool
-from update_engine.attempter import (
+from update_engine.engine.attempter import (
     REBOOT_MARKER_NAME,
-    AttemptMachine,
     CheckOutcome,
     EngineOptions,
-    InvalidTransition,
-    Trigger,
     UpdateAttempter,
     describe_outcome,
 )
-from update_engine.errors import ErrorCode, ResetNotAllowed, RollbackRefused
+from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
+from update_engine.engine.machine import AttemptMachine, InvalidTransition, Trigger
+from update_engine.errors import ErrorCode
 from update_engine.gpt import GptTableInvalid
 from update_engine.http import HttpLimits
 from update_engine.payload.target import remove_partial_kernels
@@ -40,11 +39,13 @@ ALLOWED: dict[tuple[UpdateStatus, Trigger], UpdateStatus] = {
     (S.IDLE, T.RESET): S.IDLE,
     (S.IDLE, T.REBOOT_PENDING_FOUND): S.UPDATED_NEED_REBOOT,
     (S.IDLE, T.ROLLBACK_ARMED): S.UPDATED_NEED_REBOOT,
+    (S.CHECKING_FOR_UPDATE, T.CHECKED): S.CHECKING_FOR_UPDATE,
     (S.CHECKING_FOR_UPDATE, T.NO_UPDATE): S.IDLE,
     (S.CHECKING_FOR_UPDATE, T.UPDATE_FOUND): S.UPDATE_AVAILABLE,
     (S.CHECKING_FOR_UPDATE, T.FAILED): S.REPORTING_ERROR_EVENT,
     (S.UPDATE_AVAILABLE, T.DOWNLOAD_STARTED): S.DOWNLOADING,
     (S.UPDATE_AVAILABLE, T.FAILED): S.REPORTING_ERROR_EVENT,
+    (S.DOWNLOADING, T.PROGRESS): S.DOWNLOADING,
     (S.DOWNLOADING, T.DOWNLOAD_FINISHED): S.VERIFYING,
     (S.DOWNLOADING, T.FAILED): S.REPORTING_ERROR_EVENT,
     (S.VERIFYING, T.VERIFIED): S.FINALIZING,
@@ -279,7 +280,7 @@ def test_marker_restores_need_reboot_after_a_restart(
     (node.run_dir / REBOOT_MARKER_NAME).write_text(content)
     attempter = attempter_for(node)
     seen = recorded(attempter)
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         assert attempter.restore_reboot_pending()
     assert seen == ["UPDATE_STATUS_UPDATED_NEED_REBOOT"]
     assert "an update is pending, status restored to UPDATE_STATUS_UPDATED_NEED_REBOOT" in caplog.text
@@ -289,7 +290,7 @@ def test_marker_restores_need_reboot_after_a_restart(
 def test_restored_rollback_is_logged_as_a_rollback(node: NodeRoot, caplog: pytest.LogCaptureFixture) -> None:
     node.run_dir.mkdir(parents=True, exist_ok=True)
     (node.run_dir / REBOOT_MARKER_NAME).write_text("rollback USR-B\n")
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         assert attempter_for(node).restore_reboot_pending()
     assert "a rollback is pending" in caplog.text
 
@@ -299,7 +300,7 @@ def test_attempt_update_shows_checking_at_once_and_only_once(
 ) -> None:
     attempter = attempter_for(node)
     seen = recorded(attempter)
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         attempter.attempt_update()
         attempter.attempt_update()
     assert seen == ["UPDATE_STATUS_CHECKING_FOR_UPDATE"]
@@ -339,7 +340,7 @@ def test_reset_when_idle_forgets_the_version_that_failed_to_boot(
 ) -> None:
     attempter = attempter_for(node)
     attempter.prefs.set_str("failed-boot-version", "2.0.0")
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         attempter.reset_status()
     assert node.prefs("failed-boot-version") is None
     assert "version 2.0.0, which failed to boot earlier, may be installed again" in caplog.text
@@ -350,7 +351,7 @@ async def test_disabled_updates_send_nothing_and_end_idle(node: NodeRoot, caplog
     node.set_update_conf(SERVER="disabled")
     attempter = attempter_for(node)
     seen = recorded(attempter)
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         outcome = await attempter.check_and_update()
     assert outcome == CheckOutcome(S.IDLE)
     assert seen == ["UPDATE_STATUS_CHECKING_FOR_UPDATE", "UPDATE_STATUS_IDLE"]
@@ -396,7 +397,7 @@ def test_rollback_pending_across_a_restart_is_cancelled_by_reset(
 
     restarted = attempter_for(node, disk=disk)
     assert restarted.restore_reboot_pending()
-    with caplog.at_level(logging.INFO, logger="update_engine.attempter"):
+    with caplog.at_level(logging.INFO, logger="update_engine"):
         restarted.reset_status()
     assert "rollback cancelled, USR-A stays the next boot" in caplog.text
     assert restarted.snapshot().current_operation == "UPDATE_STATUS_IDLE"

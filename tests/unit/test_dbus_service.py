@@ -17,7 +17,7 @@ from update_engine.dbus_service import (
     StatusEmitter,
     status_body,
 )
-from update_engine.errors import ResetNotAllowed
+from update_engine.engine.errors import ResetNotAllowed
 
 DOWNLOADING = UpdateStatus.DOWNLOADING.value
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from update_engine.prefs import (
+from update_engine.engine.history import (
     BACKOFF_EXPIRY_TIME,
     FULL_RESPONSE,
     PAYLOAD_ATTEMPT_NUMBER,
     PREVIOUS_VERSION,
     UPDATE_STATE_NEXT_DATA_OFFSET,
-    Prefs,
-    PrefsError,
 )
+from update_engine.prefs import Prefs, PrefsError
 
 
 @pytest.fixture

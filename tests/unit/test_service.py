@@ -21,7 +21,7 @@ from sim.node import NodeRoot, make_node_root
 from sim.ports import free_port
 from sim.standins.systemd import start_systemd_standin
 from tests.conftest import require_tool
-from update_engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
+from update_engine.engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
 from update_engine.http import HttpLimits
 from update_engine.scheduler import CheckScheduler
 from update_engine.service import (
