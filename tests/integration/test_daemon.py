@@ -255,6 +255,31 @@ async def test_reboot_pending_survives_a_daemon_restart(
     assert cgpt_flags(disk, USR_B) == (2, 1, 0)
 
 
+async def test_a_restart_with_a_reboot_pending_still_shows_the_installed_update(
+    running: tuple[Daemon, MessageBus, NodeRoot, Path], release: Release
+) -> None:
+    """Before, a restarted daemon said NEW_VERSION=0.0.0, NEW_SIZE=0, LAST_CHECKED_TIME=0, and -update answered
+    "An update to 0.0.0 is already installed"."""
+    daemon, client, _node, _disk = running
+    recorder = await subscribe(client)
+    await call(client, "AttemptUpdate")
+    await recorder.wait_for("UPDATED_NEED_REBOOT")
+    installed = await get_status(client)
+    assert installed[3:] == ["2.0.0", release.payload.stat().st_size] and installed[0] > 0
+    assert daemon.stop() == 0
+    daemon.start()
+    await wait_for_owner(client, daemon)
+
+    assert await get_status(client) == installed
+    client_args = [str(VENV_BIN / "update_engine_client"), "--bus-address", daemon.args[2]]
+    status = subprocess.run([*client_args, "-status"], capture_output=True, text=True, timeout=30)
+    assert f"LAST_CHECKED_TIME={installed[0]}\n" in status.stdout
+    assert f"NEW_VERSION=2.0.0\nNEW_SIZE={installed[4]}\n" in status.stdout
+    update = subprocess.run([*client_args, "-update"], capture_output=True, text=True, timeout=30)
+    assert update.returncode == 0
+    assert "An update to 2.0.0 is already installed; reboot needed." in update.stderr
+
+
 async def test_rollback_needs_a_known_good_partition(
     running: tuple[Daemon, MessageBus, NodeRoot, Path],
 ) -> None:

@@ -78,7 +78,7 @@ FINDS_NOTHING = [status(S.IDLE, checked=CHECK_TIME)]
 
 
 class ScriptedAttempter:
-    """Stand-in for the update attempter (``update_engine.attempter``) honouring the UpdateManager contract.
+    """Stand-in for the update attempter (``update_engine.engine.attempter``) honouring the UpdateManager contract.
 
     ``attempt_update`` in IDLE switches to CHECKING_FOR_UPDATE before returning, then plays ``script`` from a worker
     thread, reporting each snapshot to the listeners from that thread (as the real download does). ResetStatus is

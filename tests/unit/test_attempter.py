@@ -23,7 +23,8 @@ from update_engine.engine.attempter import (
     describe_outcome,
 )
 from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
-from update_engine.engine.machine import AttemptMachine, InvalidTransition, Trigger
+from update_engine.engine.history import InstalledUpdate, PendingReboot
+from update_engine.engine.machine import AttemptMachine, InvalidTransition, PendingKind, Trigger
 from update_engine.errors import ErrorCode
 from update_engine.gpt import GptTableInvalid
 from update_engine.http import HttpLimits
@@ -429,3 +430,26 @@ def test_rollback_reset_and_mark_good_on_an_invalid_table_are_refused_with_the_t
         attempter.reset_status()
     assert attempter.snapshot().current_operation == "UPDATE_STATUS_UPDATED_NEED_REBOOT"
     assert disk.read_bytes() == before
+
+
+def test_a_restart_with_a_pending_update_restores_its_version_size_and_check_time(node: NodeRoot) -> None:
+    first = attempter_for(node)
+    first.history.record_check_time(1700000000)
+    first.history.record_install(InstalledUpdate("2.0.0", 4321, install_time=1700000050), running_version="1.0.0",
+                                 boot_id="boot", response_signature="")
+    first.history.write_pending_reboot(PendingReboot(PendingKind.UPDATE, "USR-B"))
+    restarted = attempter_for(node)
+    assert restarted.restore_reboot_pending()
+    assert restarted.snapshot() == StatusSnapshot(1700000000, 0.0, S.UPDATED_NEED_REBOOT.value, "2.0.0", 4321)
+    assert restarted.machine.pending is PendingKind.UPDATE
+
+
+def test_a_restart_with_a_pending_rollback_shows_no_new_version(node: NodeRoot) -> None:
+    first = attempter_for(node)
+    first.history.record_install(InstalledUpdate("2.0.0", 4321, install_time=1), running_version="1.0.0",
+                                 boot_id="boot", response_signature="")
+    first.history.write_pending_reboot(PendingReboot(PendingKind.ROLLBACK, "USR-B"))
+    restarted = attempter_for(node)
+    assert restarted.restore_reboot_pending()
+    assert restarted.snapshot().new_version == "0.0.0"
+    assert restarted.machine.pending is PendingKind.ROLLBACK

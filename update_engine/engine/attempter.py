@@ -28,6 +28,7 @@ from update_engine.engine.disk import NodeDisk
 from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
 from update_engine.engine.history import InstallHistory, PendingReboot
 from update_engine.engine.machine import (
+    NO_VERSION,
     AttemptMachine,
     Event,
     InvalidTransition,
@@ -156,10 +157,18 @@ class UpdateAttempter:
         pending = self.history.pending_reboot()
         if pending is None:
             return False
-        self._fire(RebootPendingFound(kind=pending.kind))
+        installed = self.history.installed_update() if pending.kind is PendingKind.UPDATE else None
+        self._fire(RebootPendingFound(
+            kind=pending.kind,
+            version=installed.version if installed is not None else NO_VERSION,
+            size=installed.size if installed is not None else 0,
+            last_checked_time=self.history.last_check_time(),
+        ))
         log.info("Reboot marker %s found: %s %s is pending, status restored to %s", self.options.reboot_marker,
                  "an" if pending.kind is PendingKind.UPDATE else "a", pending.kind.value,
                  UpdateStatus.UPDATED_NEED_REBOOT.value)
+        if installed is not None:
+            log.info("Installed and waiting for the reboot: %s, %d bytes", installed.version, installed.size)
         return True
 
     # --- checks ----------------------------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ class UpdateCheck:
             response = await self._ask(session, request)
             checked_at = int(self._clock())
             self._fire(Checked(checked_at))
+            self.history.record_check_time(checked_at)
             params = request.params
             if isinstance(response, omaha.NoUpdate):
                 log.info("No update available for %s %s on track %s (server %s)", params.app_id, params.version,
@@ -410,8 +411,7 @@ class UpdateCheck:
                  flags.tries, int(flags.successful))
         await self._run_postinstall(target)
         self.history.record_install(
-            InstalledUpdate(offer.version, offer.size, check_time=offered.checked_at,
-                            install_time=int(self._clock())),
+            InstalledUpdate(offer.version, offer.size, install_time=int(self._clock())),
             running_version=params.version, boot_id=params.boot_id, response_signature=offered.response_signature,
         )
         self.history.write_pending_reboot(PendingReboot(PendingKind.UPDATE, target.label))

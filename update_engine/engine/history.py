@@ -53,13 +53,14 @@ CURRENT_URL_INDEX = "current-url-index"
 CURRENT_URL_FAILURE_COUNT = "current-url-failure-count"
 BACKOFF_EXPIRY_TIME = "backoff-expiry-time"
 CURRENT_RESPONSE_SIGNATURE = "current-response-signature"
-# Ours. The version, size and check time of the last update written to the passive partition (restored with the
-# reboot marker after a restart), when it was installed, and a version that was installed, failed to boot and was
-# rolled back from: offering it again is refused until a newer one comes.
+# Ours. The version and size of the last update written to the passive partition and when it was installed, and the
+# time of the last answered update check (restored with the reboot marker after a restart: GetStatus shows the
+# pending update, not 0.0.0). A version that was installed, failed to boot and was rolled back from: offering it
+# again is refused until a newer one comes.
 INSTALLED_VERSION = "installed-version"
 INSTALLED_SIZE = "installed-size"
 INSTALLED_TIME = "installed-time"
-INSTALLED_CHECK_TIME = "installed-check-time"
+LAST_CHECK_TIME = "last-check-time"
 FAILED_BOOT_VERSION = "failed-boot-version"
 # The boot id of the boot that installed previous-version's successor: the same id at the next check means no reboot.
 INSTALLED_BOOT_ID = "installed-boot-id"
@@ -87,7 +88,6 @@ class InstalledUpdate:
 
     version: str
     size: int
-    check_time: int
     install_time: int
 
 
@@ -126,12 +126,14 @@ class InstallHistory:
         version = self.prefs.get_str(INSTALLED_VERSION)
         if not version:
             return None
-        return InstalledUpdate(
-            version=version,
-            size=self._int(INSTALLED_SIZE),
-            check_time=self._int(INSTALLED_CHECK_TIME),
-            install_time=self._int(INSTALLED_TIME),
-        )
+        return InstalledUpdate(version=version, size=self._int(INSTALLED_SIZE), install_time=self._int(INSTALLED_TIME))
+
+    def last_check_time(self) -> int:
+        """When the server last answered an update check (Unix s; 0 if never recorded)."""
+        return self._int(LAST_CHECK_TIME)
+
+    def record_check_time(self, time: int) -> None:
+        self.prefs.set_int(LAST_CHECK_TIME, time)
 
     def record_response(self, body: bytes) -> None:
         """The raw body of the last update-check answer (``flatcar-postinst`` reads it)."""
@@ -149,7 +151,6 @@ class InstallHistory:
         self.prefs.set_str(PREVIOUS_VERSION, running_version)
         self.prefs.set_str(INSTALLED_VERSION, update.version)
         self.prefs.set_int(INSTALLED_SIZE, update.size)
-        self.prefs.set_int(INSTALLED_CHECK_TIME, update.check_time)
         self.prefs.set_int(INSTALLED_TIME, update.install_time)
         # Installed: nothing to back off from, should the same offer come again (a crash before the reboot
         # marker, or ResetStatus).
