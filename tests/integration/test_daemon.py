@@ -379,7 +379,10 @@ def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path, bus: PrivateBus, keys: 
     disk = make_usr_disk(tmp_path / "disk.img")
     daemon = make_daemon(tmp_path, node, disk, bus, keys)
     daemon.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30  # SIGTERM is handled once the daemon says it started
+    while "update-engine started" not in daemon.log() and time.monotonic() < deadline:
+        assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
+        time.sleep(0.05)
     assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
     assert daemon.stop(signal.SIGTERM) == 0
     assert "Stopping" in daemon.log()
