@@ -98,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from update_engine.service import DaemonTiming, run_daemon
 
     try:
-        schedule = ScheduleConfig(
-            interval=args.check_interval,
-            interval_fuzz=args.check_interval // 12,
-            first_check_delay=args.first_check_delay,
-            first_check_fuzz=min(600, max(0, 2 * args.first_check_delay - 2)),
-        )
+        schedule = ScheduleConfig.for_check_interval(args.check_interval, args.first_check_delay)
     except InvalidSchedule as exc:
         print(f"update_engine: {exc}", file=sys.stderr)
         return 2

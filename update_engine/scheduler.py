@@ -73,6 +73,20 @@ class ScheduleConfig:
                 f"(first_check_delay {self.first_check_delay} s)"
             )
 
+    @classmethod
+    def for_check_interval(cls, interval: int, first_check_delay: int) -> ScheduleConfig:
+        """The daemon's schedule for ``--check-interval`` and ``--first-check-delay``: the interval fuzzed by
+        ±1/12 (a spread of 1/6), the first check by up to ±5 min; the floor and the network retry never exceed the
+        interval asked for, so an interval below a minute is kept as given rather than raised to one."""
+        return cls(
+            interval=interval,
+            interval_fuzz=interval // 6,
+            first_check_delay=first_check_delay,
+            first_check_fuzz=min(600, max(0, 2 * first_check_delay - 2)),
+            network_retry=min(cls.network_retry, interval),
+            floor=min(cls.floor, interval),
+        )
+
 
 class CheckScheduler:
     """Delays between update checks; pure: the caller owns the clock and the timer, this owns the arithmetic."""

@@ -180,3 +180,19 @@ def test_bounds_hold_over_a_long_random_history() -> None:
 def test_unworkable_settings_are_rejected_with_their_name(field: str, value: int) -> None:
     with pytest.raises(InvalidSchedule, match=field):
         ScheduleConfig(**{field: value})
+
+
+def test_the_daemons_schedule_keeps_a_check_interval_shorter_than_a_minute() -> None:
+    """``update_engine --check-interval 5`` checks every 5 s (it was raised to the 60 s floor, silently)."""
+    scheduler = CheckScheduler(random.Random(9), ScheduleConfig.for_check_interval(5, 2))
+    assert all(scheduler.next_interval(None, 200, False) == 5 for _ in range(50))
+    assert all(scheduler.next_interval(1, 200, False) == 5 for _ in range(50))  # a PollInterval below it
+    assert 1 <= scheduler.next_interval(None, None, True) <= 5  # a network error retries within the interval
+
+
+def test_the_daemons_default_schedule_is_the_hourly_one() -> None:
+    """Hourly ± 5 min, as documented (the daemon's own arithmetic gave ± 2.5 min)."""
+    config = ScheduleConfig.for_check_interval(3600, 420)
+    assert config == ScheduleConfig()
+    with pytest.raises(InvalidSchedule, match="interval"):
+        ScheduleConfig.for_check_interval(0, 420)
