@@ -152,6 +152,9 @@ class OmahaService:
         responses = []
         for app in parsed.apps:
             plan = plan_app(catalog, app, remote_ip=remote_ip, now=now, office_hours=hours)
+            if plan.checkin is not None and any(r.event.result == omaha.EventResult.ERROR for r in plan.events):
+                # A failed attempt ends the grant: the rules decide afresh, not the memory of the grant.
+                self._recent_grants.pop((plan.checkin.app_id, plan.checkin.machine_id), None)
             update: omaha.PayloadOffer | str | None = None
             if app.update_check:
                 decision = await self._decide(plan)

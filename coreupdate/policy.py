@@ -8,6 +8,8 @@ Rules, in order (Nebraska's and CoreUpdate's, then ours); the first that applies
 3. the instance was already granted that version:
    still granted/downloading/downloaded                  → grant again (already counted; no limit applies)
    installed, waiting for its reboot                     → refuse, IN_FLIGHT
+   rolled back from it (it failed to boot there)         → refuse, ROLLED_BACK (the node would not install it
+                                                           again, and a grant would hold a slot until it timed out)
 4. the group is paused                                   → refuse, PAUSED
 5. outside the group's office hours (windows in a zone)  → refuse, OUTSIDE_OFFICE_HOURS
 6. the rollout's failures passed the group's threshold   → refuse and pause the group, FAILURE_THRESHOLD
@@ -49,6 +51,7 @@ class Refusal(enum.StrEnum):
     UP_TO_DATE = "up-to-date"
     INVALID_VERSION = "invalid-version"
     IN_FLIGHT = "update-in-flight"
+    ROLLED_BACK = "rolled-back"
     PAUSED = "updates-paused"
     OUTSIDE_OFFICE_HOURS = "outside-office-hours"
     FAILURE_THRESHOLD = "failure-threshold"
@@ -167,6 +170,8 @@ def decide_grant(
             return Grant(target_version, regrant=True)
         if instance.status == InstanceStatus.INSTALLED:
             return Refuse(Refusal.IN_FLIGHT, "installed, waiting for its reboot")
+        if instance.status == InstanceStatus.ROLLED_BACK:
+            return Refuse(Refusal.ROLLED_BACK, f"{target_version} failed to boot on it; a newer one will be offered")
     if policy.updates_paused:
         return Refuse(Refusal.PAUSED)
     if office_hours is not None and not office_hours.contains(now):

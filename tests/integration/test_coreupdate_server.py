@@ -205,6 +205,9 @@ def test_events_set_statuses_and_failures_pause_the_rollout(server: CoreUpdateSe
     # Paused now: a new instance gets nothing, the granted one that asks again still gets its grant.
     assert b"noupdate" in server.omaha(cpp_request("f9"))[1]
     assert b'status="ok"' in server.omaha(cpp_request("f0"))[1]
+    # The failed ones do not: neither f1 (error 9) nor f2, which rolled back from 2.0.0.
+    for machine in ("f1", "f2"):
+        assert b"noupdate" in server.omaha(cpp_request(machine))[1], machine
     assert metric(server, "coreupdate_instance_errors_total", code="1073741833") == 1
     assert metric(server, "coreupdate_instances", group="stable", version="1.0.0", status="RolledBack") == 1
     assert metric(server, "coreupdate_instances", group="stable", status="Error") == 1

@@ -58,6 +58,18 @@ def test_paused_group_refuses_but_a_granted_instance_gets_its_grant_again() -> N
     assert reason(decide(instance=installed)) == Refusal.IN_FLIGHT
 
 
+def test_a_version_an_instance_rolled_back_from_is_not_granted_to_it_again() -> None:
+    """The node refuses it anyway (errorcode 36); a grant would only hold a slot of the rollout until it timed
+    out.  A newer version, and other instances, are granted as usual."""
+    rolled_back = InstanceView("1.0.0", InstanceStatus.ROLLED_BACK, "2.0.0")
+    refused = decide(GroupPolicy(update_count=1), instance=rolled_back)
+    assert isinstance(refused, Refuse) and refused.reason == Refusal.ROLLED_BACK and not refused.on_hold
+    assert "2.0.0 failed to boot" in refused.detail
+    assert isinstance(decide(target="2.1.0", instance=rolled_back), Grant)
+    failed = InstanceView("1.0.0", InstanceStatus.ERROR, "2.0.0")  # a failed download may be tried again
+    assert isinstance(decide(instance=failed), Grant)
+
+
 def test_period_limit_then_in_progress_limit_put_the_instance_on_hold() -> None:
     policy = GroupPolicy(update_count=2, update_interval=timedelta(minutes=90))
     assert isinstance(decide(policy, counters=RolloutCounters(granted_in_period=1, in_progress=1)), Grant)
