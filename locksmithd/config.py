@@ -1,88 +1,46 @@
-"""locksmithd's settings from flags, ``LOCKSMITHD_*`` environment and update.conf, checked at start-up.
+"""locksmithd's settings: one table of flags, from which the command line, the environment and update.conf
+lookups and the checks are all made.
 
-Every flag ``--some-flag`` can also be given as ``LOCKSMITHD_SOME_FLAG``.  For each setting the first source
-that has a non-empty value decides: the command line, then the process environment, then update.conf (the same
-files and parser as update-engine, ``/etc/{coreos,flatcar}/update.conf`` before ``/usr/share/…``), then the
-default. Within one source the ``LOCKSMITHD_`` name comes before the historical unprefixed one:
-``LOCKSMITHD_STRATEGY`` before ``REBOOT_STRATEGY``, ``LOCKSMITHD_REBOOT_WINDOW_START`` before
-``REBOOT_WINDOW_START`` (and ``_LENGTH``). Empty values count as not set, as they did when update.conf was
-read through systemd's EnvironmentFile=.
+Each ``Flag`` is one setting: ``--name`` on the command line, ``LOCKSMITHD_NAME`` and its historical names
+(``REBOOT_STRATEGY``, ``REBOOT_WINDOW_START``…) in the environment and in update.conf, a parser that turns the
+text into a value (or a SettingsError naming where the text came from), the default as text (parsed by the same
+parser, so it is spelled once) and the help line. ``DaemonSettings`` has one field per flag, of the same name.
+
+For each setting the first source with a non-empty value decides: the command line, then the process
+environment, then update.conf (the same files and parser as update-engine, ``/etc/{coreos,flatcar}/update.conf``
+before ``/usr/share/…``), then the default. Within one source the ``LOCKSMITHD_`` name comes before the
+historical one. Empty values count as not set, as they did when update.conf was read through systemd's
+EnvironmentFile=. Paths whose default is an absolute path (hook directories, the metrics socket) are taken
+under ``--config-root`` when defaulted, as a given path is used as given.
 
 Unlike the original, which accepted any strategy and parsed the reboot window only after an update was
 installed (and then crash-looped), everything is checked here, before the daemon does anything, and each error
-names the input that is wrong.  The default strategy is ``best-effort``.
+names the input that is wrong. The strategies (``locksmithd.strategies``) own the list of valid strategy names
+and the checks of the settings each of them uses.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import enum
-import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from coreos_common.backoff import BackoffPolicy
 from coreos_common.boolean import parse_bool
-from coreos_common.goduration import DurationError, parse_go_duration
+from coreos_common.goduration import DurationError, format_go_duration, parse_go_duration
 from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.updateconf import SettingsFileError, load_update_conf
 from coreos_common.window import RebootWindow, WindowError, parse_reboot_window
-from locksmithd.backends import LockBackendError
-from locksmithd.backends.etcd_settings import DEFAULT_ENDPOINTS, EtcdSettings, parse_endpoints
+from locksmithd import strategies
+from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoints
 
 ENV_PREFIX = "LOCKSMITHD_"
-DEFAULT_FLEETLOCK_GROUP = "default"
-FLEETLOCK_GROUP_PATTERN = re.compile(r"[a-zA-Z0-9.-]+")
-
-
-class Strategy(enum.Enum):
-    """``REBOOT_STRATEGY`` values."""
-
-    BEST_EFFORT = "best-effort"
-    ETCD_LOCK = "etcd-lock"
-    REBOOT = "reboot"
-    OFF = "off"
-    FLEET_LOCK = "fleet-lock"
-
-
-DEFAULT_STRATEGY = Strategy.BEST_EFFORT
-
-# Flag names (without ``--``) whose values are strings; each also reads ``LOCKSMITHD_<NAME>``.
-STRING_FLAGS: tuple[str, ...] = (
-    "strategy",
-    "endpoint",
-    "etcd-cafile",
-    "etcd-certfile",
-    "etcd-keyfile",
-    "etcd-username",
-    "etcd-password",
-    "group",
-    "reboot-window-start",
-    "reboot-window-length",
-    "fleetlock-url",
-    "fleetlock-group",
-    "accept-any-sender",
-    "etcd-v2-compat",
-    "backoff-initial",
-    "backoff-max",
-    "session-grace",
-    "reboot-retry-interval",
-    "config-root",
-    "bus-address",
-)
-# Settings that also have a historical name without the prefix, read after the prefixed one.
-LEGACY_NAMES: Mapping[str, str] = {
-    "strategy": "REBOOT_STRATEGY",
-    "reboot-window-start": "REBOOT_WINDOW_START",
-    "reboot-window-length": "REBOOT_WINDOW_LENGTH",
-}
-DEFAULT_BACKOFF_INITIAL = timedelta(seconds=10)
-DEFAULT_BACKOFF_MAX = timedelta(minutes=5)
-DEFAULT_SESSION_GRACE = timedelta(minutes=5)
-DEFAULT_REBOOT_RETRY_INTERVAL = timedelta(hours=1)
+DEFAULT_SOURCE = "default"
 
 
 class SettingsError(ValueError):
@@ -94,130 +52,266 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.upper().replace("-", "_")
 
 
+# -- parsers: (text, where it came from) -> value ------------------------------------------------------------
+
+Parser = Callable[[str, str], Any]
+
+
+def _text(value: str, source: str) -> str:
+    return value.strip()
+
+
+def _raw(value: str, source: str) -> str:
+    """Kept exactly as given (passwords, bus addresses)."""
+    return value
+
+
+def _optional(value: str, source: str) -> str | None:
+    return value.strip() or None
+
+
+def _path(value: str, source: str) -> Path:
+    return Path(value.strip())
+
+
+def _boolean(value: str, source: str) -> bool:
+    try:
+        return parse_bool(value.strip())
+    except ValueError:
+        raise SettingsError(f"{source}: {value!r} is not a boolean (use true or false)") from None
+
+
+def _duration(*, allow_zero: bool) -> Parser:
+    def parse(value: str, source: str) -> timedelta:
+        try:
+            parsed = parse_go_duration(value.strip())
+        except DurationError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+        if parsed < timedelta(0):
+            raise SettingsError(f"{source}: {value!r} must not be negative")
+        if parsed == timedelta(0) and not allow_zero:
+            raise SettingsError(f"{source}: {value!r} must be longer than 0s")
+        return parsed
+
+    return parse
+
+
+def _strategy(value: str, source: str) -> str:
+    label = value.strip()
+    if label not in strategies.STRATEGIES:
+        valid = ", ".join(strategies.STRATEGIES)
+        raise SettingsError(f"{source}: unknown reboot strategy {value!r}; valid: {valid}")
+    return label
+
+
+def _endpoints(value: str, source: str) -> tuple[str, ...]:
+    endpoints = parse_endpoints(value)
+    if not endpoints:
+        raise SettingsError(f"{source}: no etcd endpoint in {value!r}")
+    return endpoints
+
+
+def _fleetlock_url(value: str, source: str) -> str:
+    """Check the FleetLock base URL and make it end with ``/`` so ``v1/pre-reboot`` is joined below it."""
+    url = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a malformed port
+    except ValueError as exc:
+        raise SettingsError(f"{source}: FleetLock URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise SettingsError(f"{source}: FleetLock URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise SettingsError(f"{source}: FleetLock URL {url!r} has no host")
+    if parts.query or parts.fragment:
+        raise SettingsError(f"{source}: FleetLock URL {url!r} must not have a query or fragment")
+    return url if url.endswith("/") else url + "/"
+
+
+# -- the table -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One setting. ``default`` is text for ``parse`` (None: not set); ``boolean`` flags are switches on the
+    command line (``--flag`` alone means true); ``in_update_conf`` is False for settings of the process itself
+    (where its files and bus are), which update.conf cannot move; ``under_root`` re-roots a defaulted path
+    under ``--config-root``."""
+
+    name: str
+    help: str
+    parse: Parser = _text
+    default: str | None = None
+    legacy: tuple[str, ...] = ()
+    boolean: bool = False
+    in_update_conf: bool = True
+    under_root: bool = False
+
+    @property
+    def field(self) -> str:
+        """The DaemonSettings field (and argparse destination) of this flag."""
+        return self.name.replace("-", "_")
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """Names looked up in the environment and update.conf, first wins."""
+        return (env_name(self.name), *self.legacy)
+
+
+def _strategy_help() -> str:
+    labels = [f"{label} (default)" if label == strategies.DEFAULT else label for label in strategies.STRATEGIES]
+    return f"reboot strategy: {', '.join(labels)}"
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("strategy", _strategy_help(), _strategy, strategies.DEFAULT, legacy=("REBOOT_STRATEGY",)),
+    Flag("endpoint", "etcd endpoints, comma-separated", _endpoints, "http://127.0.0.1:2379,http://127.0.0.1:4001"),
+    Flag("etcd-cafile", "CA certificate to verify etcd's TLS certificate", _optional),
+    Flag("etcd-certfile", "client certificate for etcd", _optional),
+    Flag("etcd-keyfile", "client key for etcd", _optional),
+    Flag("etcd-username", "etcd user name", _optional),
+    Flag("etcd-password", "etcd password", _optional),
+    Flag("group", "etcd lock group (default: the cluster-wide semaphore)", _text, ""),
+    Flag(
+        "etcd-v2-compat",
+        "also hold locksmith's etcd v2 semaphore (taken first, released last), while some nodes of the fleet "
+        "still run locksmith",
+        _boolean, "false", boolean=True,
+    ),
+    Flag("reboot-window-start", "reboot window start, 'H:MM' or 'Ddd H:MM'", _optional,
+         legacy=("REBOOT_WINDOW_START",)),
+    Flag("reboot-window-length", "reboot window length, e.g. 1h30m", _optional, legacy=("REBOOT_WINDOW_LENGTH",)),
+    Flag("fleetlock-url", "FleetLock server base URL (fleet-lock strategy)", _fleetlock_url),
+    Flag("fleetlock-group", "FleetLock group", _text, "default"),
+    Flag(
+        "accept-any-sender",
+        "accept StatusUpdate signals from any sender (as locksmithctl send-need-reboot sends), not only from "
+        "update-engine",
+        _boolean, "false", boolean=True,
+    ),
+    Flag("backoff-initial", "first retry delay", _duration(allow_zero=False), "10s"),
+    Flag("backoff-max", "longest retry delay (when not given and the first delay is longer: the first delay)",
+         _duration(allow_zero=False), "5m"),
+    Flag("session-grace", "delay before rebooting when users are logged in", _duration(allow_zero=True), "5m"),
+    Flag("reboot-retry-interval", "ask logind again if still running this long after a reboot",
+         _duration(allow_zero=False), "1h"),
+    Flag("config-root", "root directory for update.conf, machine-id, utmp and /run", _path, "/",
+         in_update_conf=False),
+    Flag("bus-address", "D-Bus address of the system bus (default: the system bus)", _raw, in_update_conf=False),
+)
+FLAGS_BY_NAME: Mapping[str, Flag] = {flag.name: flag for flag in FLAGS}
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """One field per flag (same name, ``-`` → ``_``), then what is derived from them at start-up."""
+
+    strategy: str = strategies.DEFAULT
+    endpoint: tuple[str, ...] = ("http://127.0.0.1:2379", "http://127.0.0.1:4001")
+    etcd_cafile: str | None = None
+    etcd_certfile: str | None = None
+    etcd_keyfile: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    group: str = ""
+    etcd_v2_compat: bool = False
+    reboot_window_start: str | None = None
+    reboot_window_length: str | None = None
+    fleetlock_url: str | None = None
+    fleetlock_group: str = "default"
+    accept_any_sender: bool = False
+    backoff_initial: timedelta = timedelta(seconds=10)
+    backoff_max: timedelta = timedelta(minutes=5)
+    session_grace: timedelta = timedelta(minutes=5)
+    reboot_retry_interval: timedelta = timedelta(hours=1)
+    config_root: Path = Path("/")
+    bus_address: str | None = None
+    # Derived: the window from its two settings, and the machine id read under the config root.
+    window: RebootWindow | None = None
+    machine_id: str = ""
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def etcd(self) -> EtcdSettings:
+        return EtcdSettings(
+            endpoints=self.endpoint,
+            ca_file=self.etcd_cafile,
+            cert_file=self.etcd_certfile,
+            key_file=self.etcd_keyfile,
+            username=self.etcd_username,
+            password=self.etcd_password,
+            group=self.group,
+            v2_compat=self.etcd_v2_compat,
+        )
+
+    @property
+    def backoff(self) -> BackoffPolicy:
+        """The one retry policy: ``backoff-initial`` doubling up to ``backoff-max``."""
+        return BackoffPolicy(self.backoff_initial.total_seconds(), self.backoff_max.total_seconds())
+
+    def source(self, name: str) -> str:
+        """Where the flag ``name`` was set (``--name``, ``NAME (environment)``…), or ``default``."""
+        return self.sources.get(name, DEFAULT_SOURCE)
+
+
+# -- lookup and checks ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class SettingValue:
-    """A resolved raw value and where it came from, for error messages."""
+    """A raw value and where it came from, for error messages."""
 
     value: str
     source: str
 
 
-@dataclass(frozen=True)
-class DaemonSettings:
-    strategy: Strategy = DEFAULT_STRATEGY
-    window: RebootWindow | None = None
-    etcd: EtcdSettings = field(default_factory=EtcdSettings)
-    fleetlock_url: str | None = None
-    fleetlock_group: str = DEFAULT_FLEETLOCK_GROUP
-    machine_id: str = ""
-    config_root: Path = Path("/")
-    bus_address: str | None = None
-    accept_any_sender: bool = False
-    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)  # 10s doubling to 5m0s, the defaults below
-    session_grace: timedelta = DEFAULT_SESSION_GRACE
-    reboot_retry_interval: timedelta = DEFAULT_REBOOT_RETRY_INTERVAL
-
-    @property
-    def uses_etcd(self) -> bool:
-        return self.strategy in (Strategy.ETCD_LOCK, Strategy.BEST_EFFORT)
-
-
-class _Sources:
-    """Looks settings up in flag → environment → update.conf order."""
-
-    def __init__(
-        self,
-        flags: Mapping[str, str | None],
-        environ: Mapping[str, str],
-        conf: Mapping[str, str],
-        conf_name: str,
-    ) -> None:
-        self.flags = flags
-        self.environ = environ
-        self.conf = conf
-        self.conf_name = conf_name
-
-    def get(self, flag: str) -> SettingValue | None:
-        given = self.flags.get(flag)
-        if given is not None:
-            return SettingValue(given, f"--{flag}")
-        names = [env_name(flag)]
-        if flag in LEGACY_NAMES:
-            names.append(LEGACY_NAMES[flag])
-        for source, values in (("environment", self.environ), (self.conf_name, self.conf)):
-            for name in names:
-                value = values.get(name)
-                if value:
-                    return SettingValue(value, f"{name} ({source})")
-        return None
-
-    def text(self, flag: str, default: str = "") -> str:
-        found = self.get(flag)
-        return default if found is None else found.value
+def lookup(
+    flag: Flag, given: Mapping[str, str | None], environ: Mapping[str, str], conf: Mapping[str, str],
+    conf_name: str = "update.conf",
+) -> SettingValue | None:
+    """The first non-empty value of ``flag``: command line, environment, update.conf."""
+    value = given.get(flag.name)
+    if value is not None:
+        return SettingValue(value, f"--{flag.name}")
+    sources = [("environment", environ)]
+    if flag.in_update_conf:
+        sources.append((conf_name, conf))
+    for where, values in sources:
+        for name in flag.env_names:
+            found = values.get(name)
+            if found:
+                return SettingValue(found, f"{name} ({where})")
+    return None
 
 
-def _duration(sources: _Sources, flag: str, default: timedelta, *, allow_zero: bool) -> timedelta:
-    found = sources.get(flag)
-    if found is None:
-        return default
+def _window(settings: DaemonSettings) -> RebootWindow | None:
     try:
-        value = parse_go_duration(found.value.strip())
-    except DurationError as exc:
-        raise SettingsError(f"{found.source}: {exc}") from None
-    if value < timedelta(0):
-        raise SettingsError(f"{found.source}: {found.value!r} must not be negative")
-    if value == timedelta(0) and not allow_zero:
-        raise SettingsError(f"{found.source}: {found.value!r} must be longer than 0s")
-    return value
-
-
-def _boolean(sources: _Sources, flag: str) -> bool:
-    found = sources.get(flag)
-    if found is None:
-        return False
-    try:
-        return parse_bool(found.value.strip())
-    except ValueError:
-        raise SettingsError(f"{found.source}: {found.value!r} is not a boolean (use true or false)") from None
-
-
-def _strategy(sources: _Sources) -> Strategy:
-    found = sources.get("strategy")
-    if found is None:
-        return DEFAULT_STRATEGY
-    try:
-        return Strategy(found.value.strip())
-    except ValueError:
-        valid = ", ".join(s.value for s in Strategy)
-        raise SettingsError(
-            f"{found.source}: unknown reboot strategy {found.value!r}; valid: {valid}"
-        ) from None
-
-
-def _window(sources: _Sources) -> RebootWindow | None:
-    start, length = sources.get("reboot-window-start"), sources.get("reboot-window-length")
-    try:
-        return parse_reboot_window(start.value if start else None, length.value if length else None)
+        return parse_reboot_window(settings.reboot_window_start, settings.reboot_window_length)
     except WindowError as exc:
-        where = [s.source for s in (start, length) if s is not None]
+        where = [
+            settings.source(name)
+            for name in ("reboot-window-start", "reboot-window-length")
+            if settings.source(name) != DEFAULT_SOURCE
+        ]
         raise SettingsError(f"invalid reboot window ({', '.join(where)}): {exc}") from None
 
 
-def normalize_fleetlock_url(found: SettingValue) -> str:
-    """Check the FleetLock base URL and make it end with ``/`` so ``v1/pre-reboot`` is joined below it."""
-    url = found.value.strip()
+def _check(settings: DaemonSettings) -> DaemonSettings:
+    """What no single flag can check: pairs of settings, the strategy's own needs."""
+    if settings.backoff_max < settings.backoff_initial:
+        if settings.source("backoff-max") == DEFAULT_SOURCE:
+            settings = dataclasses.replace(settings, backoff_max=settings.backoff_initial)
+        else:
+            raise SettingsError(
+                f"the maximum retry delay ({settings.source('backoff-max')}: "
+                f"{format_go_duration(settings.backoff_max)}) is shorter than the first one "
+                f"({format_go_duration(settings.backoff_initial)})"
+            )
     try:
-        parts = urllib.parse.urlsplit(url)
-        _ = parts.port  # raises ValueError for a malformed port
-    except ValueError as exc:
-        raise SettingsError(f"{found.source}: FleetLock URL {url!r} is malformed: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise SettingsError(f"{found.source}: FleetLock URL {url!r} must start with http:// or https://")
-    if not parts.hostname:
-        raise SettingsError(f"{found.source}: FleetLock URL {url!r} has no host")
-    if parts.query or parts.fragment:
-        raise SettingsError(f"{found.source}: FleetLock URL {url!r} must not have a query or fragment")
-    return url if url.endswith("/") else url + "/"
+        strategies.STRATEGIES[settings.strategy].check(settings)
+    except strategies.StrategySettingsError as exc:
+        raise SettingsError(str(exc)) from None
+    return dataclasses.replace(settings, window=_window(settings))
 
 
 def resolve_settings(
@@ -230,74 +324,29 @@ def resolve_settings(
 ) -> DaemonSettings:
     """Build and check the settings from already-read inputs (pure: reads no file).
 
-    ``flags`` maps flag names (``etcd-cafile``) to the command-line value or None when not given.
+    ``flags`` maps flag names (``etcd-cafile``) to the command-line value, or None (or no key) when not given.
     """
-    sources = _Sources(flags, environ, conf, conf_name)
-    strategy = _strategy(sources)
-    window = _window(sources)
-
-    endpoint = sources.get("endpoint")
-    etcd = EtcdSettings(
-        endpoints=parse_endpoints(endpoint.value) if endpoint else DEFAULT_ENDPOINTS,
-        ca_file=sources.text("etcd-cafile") or None,
-        cert_file=sources.text("etcd-certfile") or None,
-        key_file=sources.text("etcd-keyfile") or None,
-        username=sources.text("etcd-username") or None,
-        password=sources.text("etcd-password") or None,
-        group=sources.text("group"),
-        v2_compat=_boolean(sources, "etcd-v2-compat"),
-    )
-    if endpoint is not None and not etcd.endpoints:
-        raise SettingsError(f"{endpoint.source}: no etcd endpoint in {endpoint.value!r}")
-
-    fleetlock_url: str | None = None
-    url = sources.get("fleetlock-url")
-    if url is not None:
-        fleetlock_url = normalize_fleetlock_url(url)
-    group = sources.get("fleetlock-group")
-    fleetlock_group = group.value.strip() if group else DEFAULT_FLEETLOCK_GROUP
-    if strategy is Strategy.FLEET_LOCK:
-        if fleetlock_url is None:
-            raise SettingsError(
-                f"the fleet-lock strategy needs the FleetLock server's base URL: set --fleetlock-url or "
-                f"{env_name('fleetlock-url')}"
-            )
-        if not FLEETLOCK_GROUP_PATTERN.fullmatch(fleetlock_group):
-            where = group.source if group else "default"
-            raise SettingsError(
-                f"{where}: FleetLock group {fleetlock_group!r} is invalid: use letters, digits, '.' and '-'"
-            )
-
-    initial = _duration(sources, "backoff-initial", DEFAULT_BACKOFF_INITIAL, allow_zero=False)
-    maximum = _duration(sources, "backoff-max", max(DEFAULT_BACKOFF_MAX, initial), allow_zero=False)
-    if maximum < initial:
-        raise SettingsError(
-            f"the maximum retry delay ({maximum.total_seconds():g}s) is shorter than the first one "
-            f"({initial.total_seconds():g}s)"
-        )
-    bus = sources.get("bus-address")
-    root = sources.get("config-root")
-    return DaemonSettings(
-        strategy=strategy,
-        window=window,
-        etcd=etcd,
-        fleetlock_url=fleetlock_url,
-        fleetlock_group=fleetlock_group,
-        machine_id=machine_id,
-        config_root=Path(root.value) if root else Path("/"),
-        bus_address=bus.value if bus else None,
-        accept_any_sender=_boolean(sources, "accept-any-sender"),
-        backoff=BackoffPolicy(initial.total_seconds(), maximum.total_seconds()),
-        session_grace=_duration(sources, "session-grace", DEFAULT_SESSION_GRACE, allow_zero=True),
-        reboot_retry_interval=_duration(
-            sources, "reboot-retry-interval", DEFAULT_REBOOT_RETRY_INTERVAL, allow_zero=False
-        ),
-    )
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    root_found = lookup(FLAGS_BY_NAME["config-root"], flags, environ, conf, conf_name)
+    root = Path(root_found.value) if root_found else Path("/")
+    for flag in FLAGS:
+        found = lookup(flag, flags, environ, conf, conf_name)
+        if found is None:
+            value = None if flag.default is None else flag.parse(flag.default, f"the default of --{flag.name}")
+            if flag.under_root and isinstance(value, Path):
+                value = root / value.relative_to("/")
+        else:
+            value = flag.parse(found.value, found.source)
+            sources[flag.name] = found.source
+        values[flag.field] = value
+    settings = DaemonSettings(**values, machine_id=machine_id, sources=sources)
+    return _check(settings)
 
 
 def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> DaemonSettings:
     """Read update.conf and the machine id under the config root; check the files the strategy uses."""
-    root_value = _Sources(flags, environ, {}, "").get("config-root")
+    root_value = lookup(FLAGS_BY_NAME["config-root"], flags, environ, {})
     root = Path(root_value.value) if root_value else Path("/")
     try:
         conf = load_update_conf(root)
@@ -307,15 +356,50 @@ def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
             "says (REBOOT_STRATEGY=off); fix or remove the file"
         ) from None
     settings = resolve_settings(flags, environ, conf.values, conf_name="update.conf")
-    if settings.strategy is Strategy.OFF:
+    spec = strategies.STRATEGIES[settings.strategy]
+    if not spec.runs:
         return settings
     try:
         machine_id = read_machine_id(root)
     except IdentityError as exc:
         raise SettingsError(f"Cannot read machine-id: {exc.message}") from None
-    if settings.uses_etcd:
-        try:
-            settings.etcd.validate()
-        except LockBackendError as exc:
-            raise SettingsError(f"etcd settings: {exc}") from None
+    try:
+        spec.check_files(settings)
+    except strategies.StrategySettingsError as exc:
+        raise SettingsError(str(exc)) from None
     return dataclasses.replace(settings, machine_id=machine_id)
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+def _help(flag: Flag) -> str:
+    parts = [flag.help]
+    if flag.default and flag.name != "strategy":
+        parts.append(f"(default {flag.default})")
+    parts.append("(env " + ", ".join(flag.env_names) + ")")
+    return " ".join(parts).replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="locksmithd",
+        description="Reboot the node after update-engine installed an update, as the reboot strategy allows. "
+        "Every flag can also be set as LOCKSMITHD_<FLAG> (e.g. LOCKSMITHD_ETCD_CAFILE), in the environment or in "
+        "update.conf.",
+    )
+    for flag in FLAGS:
+        if flag.boolean:
+            parser.add_argument(
+                f"--{flag.name}", dest=flag.field, action="store_const", const="true", default=None, help=_help(flag)
+            )
+        else:
+            parser.add_argument(f"--{flag.name}", dest=flag.field, default=None, metavar="VALUE", help=_help(flag))
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, str | None]:
+    """The command line's values by flag name, None for flags not given."""
+    return {flag.name: getattr(args, flag.field) for flag in FLAGS}

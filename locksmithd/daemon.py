@@ -21,14 +21,13 @@ each also as ``LOCKSMITHD_<FLAG>`` (e.g. ``LOCKSMITHD_BACKOFF_INITIAL=200ms``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
@@ -39,118 +38,31 @@ from coreos_common.status import StatusSnapshot
 from coreos_common.systemd import wait_for_boot_complete
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
-from locksmithd.config import STRING_FLAGS, DaemonSettings, SettingsError, Strategy, load_settings
+from locksmithd.clock import Clock, SystemClock, show_delay
+from locksmithd.config import DaemonSettings, SettingsError, build_parser, flags_from_args, load_settings
 from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
 from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_until_accepted, wall_message
-from locksmithd.strategies import Clock, SystemClock, clear_to_reboot, show_delay
-from locksmithd.strategies import Strategy as RebootStrategyProtocol
-from locksmithd.strategies.best_effort import BestEffortStrategy
-from locksmithd.strategies.etcd_lock import EtcdLockStrategy
-from locksmithd.strategies.fleet_lock import FleetLockStrategy
-from locksmithd.strategies.off import EXIT_MESSAGE, OffStrategy
-from locksmithd.strategies.reboot import RebootStrategy
+from locksmithd.reboot_path import clear_to_reboot
+from locksmithd.strategies import STRATEGIES, NullObserver, RebootStrategy, StrategyContext
 from locksmithd.updateengine import UpdateEngineWatcher, is_idle, is_need_reboot
 
 log = logging.getLogger("locksmithd")
 
-_HELP: Mapping[str, str] = {
-    "strategy": "reboot strategy: best-effort (default), etcd-lock, reboot, off, fleet-lock "
-    "(else LOCKSMITHD_STRATEGY, REBOOT_STRATEGY)",
-    "endpoint": "etcd endpoints, comma-separated (default http://127.0.0.1:2379)",
-    "etcd-cafile": "CA certificate to verify etcd's TLS certificate",
-    "etcd-certfile": "client certificate for etcd",
-    "etcd-keyfile": "client key for etcd",
-    "etcd-username": "etcd user name",
-    "etcd-password": "etcd password",
-    "group": "etcd lock group (default: the cluster-wide semaphore)",
-    "reboot-window-start": "reboot window start, 'H:MM' or 'Ddd H:MM' (else REBOOT_WINDOW_START)",
-    "reboot-window-length": "reboot window length, e.g. 1h30m (else REBOOT_WINDOW_LENGTH)",
-    "fleetlock-url": "FleetLock server base URL (fleet-lock strategy)",
-    "fleetlock-group": "FleetLock group (default 'default')",
-    "backoff-initial": "first retry delay (default 10s)",
-    "backoff-max": "longest retry delay (default 5m)",
-    "session-grace": "delay before rebooting when users are logged in (default 5m)",
-    "reboot-retry-interval": "ask logind again if still running this long after a reboot (default 1h)",
-    "config-root": "root directory for update.conf, machine-id, utmp and /run (default /)",
-    "bus-address": "D-Bus address of the system bus (default: the system bus)",
-}
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="locksmithd",
-        description="Reboot the node after update-engine installed an update, as the reboot strategy allows. "
-        "Every flag can also be set as LOCKSMITHD_<FLAG> (e.g. LOCKSMITHD_ETCD_CAFILE).",
-    )
-    for flag in STRING_FLAGS:
-        if flag == "etcd-v2-compat":
-            parser.add_argument(
-                "--etcd-v2-compat",
-                action="store_const",
-                const="true",
-                default=None,
-                help="also hold locksmith's etcd v2 semaphore (taken first, released last), while some nodes of "
-                "the fleet still run locksmith",
-            )
-            continue
-        if flag == "accept-any-sender":
-            parser.add_argument(
-                "--accept-any-sender",
-                action="store_const",
-                const="true",
-                default=None,
-                help="accept StatusUpdate signals from any sender (as locksmithctl send-need-reboot sends), "
-                "not only from update-engine",
-            )
-            continue
-        parser.add_argument(f"--{flag}", default=None, metavar="VALUE", help=_HELP.get(flag))
-    parser.add_argument("--debug", action="store_true", help="log debug messages")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    return parser
-
-
-def flags_from_args(args: argparse.Namespace) -> dict[str, str | None]:
-    return {flag: getattr(args, flag.replace("-", "_")) for flag in STRING_FLAGS}
-
-
-def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategyProtocol:
-    """The strategy object for the settings; LockBackendError when its backend cannot be set up.
-
-    Each backend's client is imported only for the strategies that use it (the etcd client alone is ~20 MiB
-    of an idle daemon).
-    """
-    backoff = settings.backoff
-    if settings.strategy is Strategy.OFF:
-        return OffStrategy()
-    if settings.strategy is Strategy.REBOOT:
-        return RebootStrategy()
-    if settings.strategy is Strategy.FLEET_LOCK:
-        from locksmithd.backends.fleetlock import FleetLockBackend
-
-        assert settings.fleetlock_url is not None  # checked by the settings
-        fleet = FleetLockBackend(
-            settings.fleetlock_url,
-            settings.fleetlock_group,
-            backoff_initial=backoff.initial,
-            backoff_max=backoff.maximum,
-            sleep=clock.sleep,
-        )
-        return FleetLockStrategy(fleet, settings.machine_id, backoff, clock)
-    from locksmithd.backends.etcd.backend import EtcdLockBackend
-
-    etcd = EtcdLockBackend(settings.etcd)
-    if settings.strategy is Strategy.ETCD_LOCK:
-        return EtcdLockStrategy(etcd, settings.machine_id, backoff, clock)
-    return BestEffortStrategy(
-        etcd, settings.machine_id, backoff, clock, where=",".join(settings.etcd.endpoints)
-    )
+def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategy | None:
+    """The strategy the settings name, None when it leaves nothing to do (``off``); LockBackendError when its
+    backend cannot be set up."""
+    spec = STRATEGIES[settings.strategy]
+    if spec.build is None:
+        return None
+    return spec.build(StrategyContext(settings, clock, NullObserver()))
 
 
 class Daemon:
     def __init__(
         self,
         settings: DaemonSettings,
-        strategy: RebootStrategyProtocol,
+        strategy: RebootStrategy,
         coordinator: Coordinator,
         notifier: SystemdNotifier,
         clock: Clock,
@@ -206,13 +118,13 @@ class Daemon:
         log.info(
             'locksmithd starting currentOperation="%s" strategy="%s"',
             status.current_operation,
-            self.strategy.name,
+            self.strategy.label,
         )
         self.coordinator.set_state(CoordinatorState.RUNNING)
         self.notifier.ready()
         self._on_status(status)
 
-        steady = asyncio.create_task(self.strategy.report_steady(self._wait_until_steady))
+        steady = asyncio.create_task(self._report_steady())
         await watcher.wait_for(is_need_reboot)
         if not steady.done():
             log.debug("An update needs a reboot: no longer waiting to release an earlier reboot lock")
@@ -224,7 +136,9 @@ class Daemon:
         self._set_state(
             CoordinatorState.REBOOT_PLANNED, "Reboot planned: waiting for the window and permission"
         )
-        await clear_to_reboot(self.strategy, self.settings.window, self.clock)
+        need_reboot = watcher.latest
+        version = need_reboot.new_version if need_reboot is not None else ""
+        await clear_to_reboot(self.strategy, self.settings.window, self.clock, version)
         await self._warn_logged_in_users()
         await self._reboot()
         self._set_state(CoordinatorState.REBOOTING, "Rebooting")
@@ -260,6 +174,10 @@ class Daemon:
                 show_delay(grace.total_seconds()),
             )
             await self.clock.sleep(grace.total_seconds())
+
+    async def _report_steady(self) -> None:
+        await self._wait_until_steady()
+        await self.strategy.report_steady()
 
     async def _wait_until_steady(self) -> None:
         """The node is back and steady: update-engine idle since start-up, boot-complete.target reached."""
@@ -318,14 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         strategy = build_strategy(settings, clock)
     except LockBackendError as exc:
-        log.critical("Invalid configuration for the %s strategy: %s", settings.strategy.value, exc)
+        log.critical("Invalid configuration for the %s strategy: %s", settings.strategy, exc)
         return 1
-    if not strategy.keeps_running:
-        log.info("%s", EXIT_MESSAGE)
+    if strategy is None:
+        log.info('Reboot strategy is "%s" - locksmithd is exiting.', settings.strategy)
         # Under Type=notify a clean exit before READY=1 counts as a failure and Restart= would loop.
-        SystemdNotifier().ready("Reboot strategy is off")
+        SystemdNotifier().ready(f"Reboot strategy is {settings.strategy}")
         return 0
-    coordinator = Coordinator(settings.config_root, strategy.name)
+    coordinator = Coordinator(settings.config_root, strategy.label)
     try:
         coordinator.acquire()
     except CoordinatorError as exc:

@@ -9,48 +9,60 @@ from __future__ import annotations
 
 import logging
 
-from coreos_common.backoff import BackoffPolicy
 from locksmithd.backends import LockBackend
-from locksmithd.strategies import Clock, SteadyWait
-from locksmithd.strategies.locking import LockingStrategy
+from locksmithd.strategies.base import StrategyContext, StrategySpec
+from locksmithd.strategies.etcd_lock import check_etcd_files, etcd_backend
+from locksmithd.strategies.slots import SlotKeeper
 
 log = logging.getLogger(__name__)
 
-NAME = "best-effort"
+LABEL = "best-effort"
 
 
 class BestEffortStrategy:
-    name = NAME
-    keeps_running = True
+    label = LABEL
 
-    def __init__(
-        self, backend: LockBackend, machine_id: str, backoff: BackoffPolicy, clock: Clock, where: str
-    ) -> None:
-        self._lock = LockingStrategy(NAME, backend, machine_id, backoff, clock)
-        self._backend = backend
-        self._where = where
+    def __init__(self, backend: LockBackend, slots: SlotKeeper, group: str, where: str) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.group = group
+        self.where = where
         self._locking = False
 
-    async def can_finalize(self) -> None:
-        if await self._backend.reachable():
-            log.info("best-effort: etcd answers at %s: taking the reboot lock", self._where)
+    async def can_finalize(self, version: str) -> None:
+        if await self.backend.reachable():
+            log.info("best-effort: etcd answers at %s: taking the reboot lock", self.where)
             self._locking = True
-            await self._lock.can_finalize()
+            await self.slots.take(version)
         else:
-            log.info("best-effort: etcd does not answer at %s: rebooting without a lock", self._where)
+            log.info("best-effort: etcd does not answer at %s: rebooting without a lock", self.where)
             self._locking = False
 
     async def abandon(self) -> None:
         if self._locking:
-            await self._lock.abandon()
+            await self.slots.give_back()
             self._locking = False
 
-    async def report_steady(self, wait_until_steady: SteadyWait) -> None:
-        await wait_until_steady()
-        if await self._backend.reachable():
-            await self._lock.release()
+    async def report_steady(self) -> None:
+        if await self.backend.reachable():
+            await self.slots.give_back()
         else:
-            log.info("best-effort: etcd does not answer at %s: no reboot lock to release", self._where)
+            log.info("best-effort: etcd does not answer at %s: no reboot lock to release", self.where)
 
     async def close(self) -> None:
-        await self._backend.close()
+        await self.slots.close()
+
+
+def build(context: StrategyContext) -> BestEffortStrategy:
+    settings = context.settings
+    backend = etcd_backend(settings)
+    slots = SlotKeeper(backend, settings.machine_id, settings.backoff, context.clock, context.observer)
+    return BestEffortStrategy(backend, slots, settings.group, ",".join(settings.etcd.endpoints))
+
+
+SPEC = StrategySpec(
+    LABEL,
+    "like etcd-lock when etcd answers at LOCKSMITHD_ENDPOINT, else reboot without a lock",
+    build,
+    check_files=check_etcd_files,
+)

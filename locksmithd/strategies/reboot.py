@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-from locksmithd.strategies import SteadyWait
+from locksmithd.strategies.base import StrategyContext, StrategySpec
 
-NAME = "reboot"
+LABEL = "reboot"
 
 
 class RebootStrategy:
-    name = NAME
-    keeps_running = True
+    label = LABEL
+    group = ""
 
-    async def can_finalize(self) -> None:
+    async def can_finalize(self, version: str) -> None:
         return None
 
     async def abandon(self) -> None:
         return None
 
-    async def report_steady(self, wait_until_steady: SteadyWait) -> None:
+    async def report_steady(self) -> None:
         # No lock was taken, so there is nothing to give back.
         return None
 
     async def close(self) -> None:
         return None
+
+
+def build(context: StrategyContext) -> RebootStrategy:
+    return RebootStrategy()
+
+
+SPEC = StrategySpec(LABEL, "reboot in the reboot window, without a lock", build)

@@ -30,8 +30,6 @@ SERVICES = ("update-engine.service", "locksmithd.service")
 # Highest acceptable `systemd-analyze security` exposure per unit; the originals score 9.6.
 EXPOSURE_BUDGET = {"update-engine.service": 4.5, "locksmithd.service": 2.5}
 SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
-# Set on the command line or in the unit, never in update.conf.
-NOT_IN_UPDATE_CONF = frozenset({"config-root", "bus-address"})
 
 
 @dataclass
@@ -223,11 +221,10 @@ def test_sample_update_conf_lists_every_key() -> None:
                           "PCR_POLICY_SERVER", "FLATCAR_RELEASE_VERSION", "FLATCAR_RELEASE_BOARD",
                           "FLATCAR_RELEASE_APPID"}
     assert update_engine_keys <= keys
-    for flag in locksmithd_config.STRING_FLAGS:
-        if flag in NOT_IN_UPDATE_CONF:
+    for flag in locksmithd_config.FLAGS:
+        if not flag.in_update_conf:
             continue
-        names = {locksmithd_config.env_name(flag), locksmithd_config.LEGACY_NAMES.get(flag)}
-        assert names & keys, f"update.conf.sample does not mention {sorted(n for n in names if n)}"
+        assert set(flag.env_names) & keys, f"update.conf.sample does not mention {sorted(flag.env_names)}"
 
 
 def test_sample_update_conf_defaults_are_the_programs_defaults() -> None:

@@ -8,7 +8,7 @@ import pytest
 from coreos_common.boolean import parse_bool
 from coreupdate import ctl as updateservicectl
 from locksmithd import ctl
-from locksmithd.config import STRING_FLAGS, SettingsError, resolve_settings
+from locksmithd.config import FLAGS, SettingsError, resolve_settings
 from update_engine import client
 
 TRUE = ["1", "t", "T", "true", "True", "TRUE", "y", "Y", "yes", "Yes", "YES", "tRuE"]
@@ -42,7 +42,7 @@ def in_updateservicectl(word: str) -> bool | None:
 
 
 def in_locksmithd(word: str) -> bool | None:
-    flags: dict[str, str | None] = dict.fromkeys(STRING_FLAGS)
+    flags: dict[str, str | None] = dict.fromkeys(flag.name for flag in FLAGS)
     flags["accept-any-sender"] = word
     try:
         return resolve_settings(flags, {}, {}).accept_any_sender
@@ -75,7 +75,7 @@ def test_locksmithd_settings_follow_the_same_rule_after_trimming_spaces_as_its_o
     refused = [word for word in NEITHER if word.strip()]
     assert {word: in_locksmithd(word) for word in refused} == dict.fromkeys(refused) | {" true": True, "true ": True}
     empty = {"LOCKSMITHD_ACCEPT_ANY_SENDER": ""}  # not set, as locksmithd reads every empty variable
-    assert resolve_settings(dict.fromkeys(STRING_FLAGS), empty, {}).accept_any_sender is False
+    assert resolve_settings(dict.fromkeys(flag.name for flag in FLAGS), empty, {}).accept_any_sender is False
 
 
 def test_the_error_names_the_text() -> None:

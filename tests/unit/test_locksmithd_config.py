@@ -7,31 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from locksmithd.config import (
-    STRING_FLAGS,
-    BackoffPolicy,
-    SettingsError,
-    Strategy,
-    env_name,
-    load_settings,
-    resolve_settings,
-)
+from coreos_common.backoff import BackoffPolicy
+from locksmithd.config import FLAGS, SettingsError, env_name, load_settings, resolve_settings
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
 
 
 def no_flags(**given: str) -> dict[str, str | None]:
-    flags: dict[str, str | None] = dict.fromkeys(STRING_FLAGS)
+    flags: dict[str, str | None] = dict.fromkeys(flag.name for flag in FLAGS)
     flags.update({name.replace("_", "-"): value for name, value in given.items()})
     return flags
 
 
 def test_defaults() -> None:
     settings = resolve_settings(no_flags(), {}, {})
-    assert settings.strategy is Strategy.BEST_EFFORT
+    assert settings.strategy == "best-effort"
     assert settings.window is None
     assert settings.etcd.endpoints == ("http://127.0.0.1:2379", "http://127.0.0.1:4001")
     assert settings.etcd.group == ""
+    assert settings.sources == {}
     assert settings.fleetlock_url is None and settings.fleetlock_group == "default"
     assert settings.accept_any_sender is False
     assert settings.backoff == BackoffPolicy(10.0, 300.0)
@@ -59,17 +53,17 @@ def test_empty_values_count_as_unset() -> None:
         no_flags(), {"LOCKSMITHD_GROUP": "", "REBOOT_STRATEGY": ""}, {"LOCKSMITHD_GROUP": "g"}
     )
     assert settings.etcd.group == "g"
-    assert settings.strategy is Strategy.BEST_EFFORT
+    assert settings.strategy == "best-effort"
 
 
 def test_strategy_sources() -> None:
-    assert resolve_settings(no_flags(), {}, {"REBOOT_STRATEGY": "reboot"}).strategy is Strategy.REBOOT
+    assert resolve_settings(no_flags(), {}, {"REBOOT_STRATEGY": "reboot"}).strategy == "reboot"
     assert resolve_settings(
         no_flags(), {"REBOOT_STRATEGY": "off"}, {"REBOOT_STRATEGY": "reboot"}
-    ).strategy is (Strategy.OFF)
+    ).strategy == "off"
     prefixed_first = {"LOCKSMITHD_STRATEGY": "etcd-lock", "REBOOT_STRATEGY": "reboot"}
-    assert resolve_settings(no_flags(), prefixed_first, {}).strategy is Strategy.ETCD_LOCK
-    assert resolve_settings(no_flags(strategy="off"), prefixed_first, {}).strategy is Strategy.OFF
+    assert resolve_settings(no_flags(), prefixed_first, {}).strategy == "etcd-lock"
+    assert resolve_settings(no_flags(strategy="off"), prefixed_first, {}).strategy == "off"
 
 
 def test_prefixed_window_names_come_first() -> None:
@@ -158,7 +152,7 @@ def test_fleetlock_errors(flags: dict[str, str], message: str) -> None:
 
 
 def test_fleetlock_group_only_checked_for_fleet_lock() -> None:
-    assert resolve_settings(no_flags(fleetlock_group="a b"), {}, {}).strategy is Strategy.BEST_EFFORT
+    assert resolve_settings(no_flags(fleetlock_group="a b"), {}, {}).strategy == "best-effort"
 
 
 def test_etcd_settings_from_environment() -> None:
@@ -242,7 +236,7 @@ def test_load_reads_update_conf_and_machine_id(tmp_path: Path) -> None:
     (root / "usr/share/flatcar").mkdir(parents=True)
     (root / "usr/share/flatcar/update.conf").write_text("REBOOT_STRATEGY=etcd-lock\n")
     settings = load_settings(no_flags(config_root=str(root)), {})
-    assert settings.strategy is Strategy.REBOOT  # /etc before /usr/share
+    assert settings.strategy == "reboot"  # /etc before /usr/share
     assert settings.window is not None
     assert settings.machine_id == MACHINE_ID
     assert settings.config_root == root
@@ -252,7 +246,7 @@ def test_load_reads_update_conf_and_machine_id(tmp_path: Path) -> None:
 def test_load_config_root_from_environment(tmp_path: Path) -> None:
     root = _root(tmp_path, conf="REBOOT_STRATEGY=reboot\n")
     settings = load_settings(no_flags(), {"LOCKSMITHD_CONFIG_ROOT": str(root)})
-    assert settings.strategy is Strategy.REBOOT
+    assert settings.strategy == "reboot"
 
 
 def test_missing_machine_id(tmp_path: Path) -> None:
@@ -263,7 +257,7 @@ def test_missing_machine_id(tmp_path: Path) -> None:
 
 def test_off_needs_no_machine_id(tmp_path: Path) -> None:
     root = _root(tmp_path, machine_id=None)
-    assert load_settings(no_flags(config_root=str(root), strategy="off"), {}).strategy is Strategy.OFF
+    assert load_settings(no_flags(config_root=str(root), strategy="off"), {}).strategy == "off"
 
 
 def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
@@ -272,7 +266,7 @@ def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"missing-ca\.pem"):
         load_settings(no_flags(config_root=str(root), strategy="etcd-lock"), env)
     # The reboot strategy does not talk to etcd, so etcd files are not its concern.
-    assert load_settings(no_flags(config_root=str(root), strategy="reboot"), env).strategy is Strategy.REBOOT
+    assert load_settings(no_flags(config_root=str(root), strategy="reboot"), env).strategy == "reboot"
 
 
 def test_half_a_client_certificate_is_refused(tmp_path: Path) -> None:

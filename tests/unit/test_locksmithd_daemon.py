@@ -1,4 +1,4 @@
-"""locksmithd's command line and the strategy chosen for each setting."""
+"""locksmithd's command line, its flag table, and the strategy built for each setting."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 from locksmithd import __version__
-from locksmithd.config import STRING_FLAGS, DaemonSettings, Strategy, resolve_settings
-from locksmithd.daemon import build_parser, build_strategy, flags_from_args, main
-from locksmithd.strategies import SystemClock
+from locksmithd.clock import SystemClock
+from locksmithd.config import FLAGS, DaemonSettings, build_parser, flags_from_args, resolve_settings
+from locksmithd.daemon import build_strategy, main
+from locksmithd.strategies import STRATEGIES
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,11 +31,29 @@ def test_every_setting_has_a_flag() -> None:
         ]
     )
     flags = flags_from_args(args)
-    assert set(flags) == set(STRING_FLAGS)
+    assert set(flags) == {flag.name for flag in FLAGS}
     assert flags["etcd-cafile"] == "/ca"
     assert flags["endpoint"] == "http://b:2"  # a repeated flag replaces the earlier value
     assert flags["accept-any-sender"] == "true"
     assert flags["group"] is None
+
+
+def test_the_flag_table_and_the_settings_agree() -> None:
+    """One field per flag, and each flag's default text parses to the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(DaemonSettings)}
+    defaults = DaemonSettings()
+    resolved = resolve_settings({}, {}, {})
+    for flag in FLAGS:
+        assert flag.field in fields, flag.name
+        assert getattr(resolved, flag.field) == getattr(defaults, flag.field), flag.name
+
+
+def test_help_lists_every_strategy_and_every_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "best-effort (default), etcd-lock, reboot, off, fleet-lock" in text
+    assert "REBOOT_STRATEGY" in text and "LOCKSMITHD_REBOOT_WINDOW_START, REBOOT_WINDOW_START" in text
 
 
 def test_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,25 +62,12 @@ def test_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
     assert info.value.code == 2
 
 
-@pytest.mark.parametrize(
-    ("strategy", "name", "keeps_running"),
-    [
-        (Strategy.REBOOT, "reboot", True),
-        (Strategy.OFF, "off", False),
-        (Strategy.ETCD_LOCK, "etcd-lock", True),
-        (Strategy.BEST_EFFORT, "best-effort", True),
-    ],
-)
-def test_build_strategy(strategy: Strategy, name: str, keeps_running: bool) -> None:
-    settings = dataclasses.replace(DaemonSettings(), strategy=strategy, machine_id="a" * 32)
+@pytest.mark.parametrize("label", sorted(STRATEGIES))
+def test_every_strategy_in_the_table_builds_under_its_own_label(label: str) -> None:
+    flags = {"strategy": label, "fleetlock-url": "http://127.0.0.1:1/x"}
+    settings = resolve_settings(flags, {}, {}, machine_id="a" * 32)
     built = build_strategy(settings, SystemClock())
-    assert (built.name, built.keeps_running) == (name, keeps_running)
-
-
-def test_build_fleet_lock_strategy() -> None:
-    settings = resolve_settings(
-        {"strategy": "fleet-lock", "fleetlock-url": "http://127.0.0.1:1/x"}, {}, {}, machine_id="a" * 32
-    )
-    assert build_strategy(settings, SystemClock()).name == "fleet-lock"
-
-
+    if label == "off":
+        assert built is None
+    else:
+        assert built is not None and built.label == label

@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.window import RebootWindow, parse_reboot_window
-from locksmithd.backends import LockBackendError
-from locksmithd.config import BackoffPolicy
-from locksmithd.strategies import clear_to_reboot
+from locksmithd.backends import LockBackendError, ProgressCallback
+from locksmithd.reboot_path import clear_to_reboot as clear_with_version
+from locksmithd.strategies import NullObserver, RebootStrategy
 from locksmithd.strategies.best_effort import BestEffortStrategy
-from locksmithd.strategies.etcd_lock import EtcdLockStrategy
-from locksmithd.strategies.reboot import RebootStrategy
+from locksmithd.strategies.reboot import RebootStrategy as NoLockStrategy
+from locksmithd.strategies.slots import SlotKeeper, SlotStrategy
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 BACKOFF = BackoffPolicy(10.0, 300.0)
@@ -51,7 +52,9 @@ class FakeBackend:
         self.calls.append("reachable")
         return self.is_reachable
 
-    async def acquire(self, machine_id: str) -> None:
+    async def acquire(
+        self, machine_id: str, *, version: str = "", on_progress: ProgressCallback | None = None
+    ) -> None:
         assert machine_id == MACHINE
         self.calls.append("acquire")
         step = self.acquire_plan.pop(0) if self.acquire_plan else 0.0
@@ -73,6 +76,18 @@ class FakeBackend:
         self.calls.append("close")
 
 
+def etcd_lock(backend: FakeBackend, clock: FakeClock) -> SlotStrategy:
+    return SlotStrategy("etcd-lock", SlotKeeper(backend, MACHINE, BACKOFF, clock, NullObserver()), "")
+
+
+def best_effort(backend: FakeBackend, clock: FakeClock, where: str) -> BestEffortStrategy:
+    return BestEffortStrategy(backend, SlotKeeper(backend, MACHINE, BACKOFF, clock, NullObserver()), "", where)
+
+
+async def clear_to_reboot(strategy: RebootStrategy, window: RebootWindow | None, clock: FakeClock) -> None:
+    await clear_with_version(strategy, window, clock, "3975.2.1")
+
+
 def window(start: str, length: str) -> RebootWindow:
     parsed = parse_reboot_window(start, length)
     assert parsed is not None
@@ -82,7 +97,7 @@ def window(start: str, length: str) -> RebootWindow:
 async def test_no_window_reboots_at_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
-    await clear_to_reboot(RebootStrategy(), None, clock)
+    await clear_to_reboot(NoLockStrategy(), None, clock)
     assert clock.sleeps == []
     assert "No configured reboot window" in caplog.text
 
@@ -90,7 +105,7 @@ async def test_no_window_reboots_at_once(caplog: pytest.LogCaptureFixture) -> No
 async def test_inside_the_window_no_wait_and_no_log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     clock = FakeClock(datetime(2024, 5, 2, 4, 30, tzinfo=UTC))
-    await clear_to_reboot(RebootStrategy(), window("4:00", "1h"), clock)
+    await clear_to_reboot(NoLockStrategy(), window("4:00", "1h"), clock)
     assert clock.sleeps == []
     assert caplog.text == ""
 
@@ -98,7 +113,7 @@ async def test_inside_the_window_no_wait_and_no_log(caplog: pytest.LogCaptureFix
 async def test_closed_window_waits_for_the_next_opening(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     clock = FakeClock(datetime(2024, 5, 2, 0, 57, 59, tzinfo=UTC))  # a Thursday
-    await clear_to_reboot(RebootStrategy(), window("Thu 04:00", "1h"), clock)
+    await clear_to_reboot(NoLockStrategy(), window("Thu 04:00", "1h"), clock)
     assert clock.current == datetime(2024, 5, 2, 4, 0, tzinfo=UTC)
     assert 'Reboot window start is "Thu 04:00" and length is "1h"' in caplog.text
     assert (
@@ -113,7 +128,7 @@ async def test_zero_length_window_still_reboots_at_its_minute() -> None:
     clock = FakeClock(datetime(2024, 5, 2, 3, 0, tzinfo=UTC))
     backend = FakeBackend(clock)
     backend.acquire_plan = [0.5]  # the lock answers half a second after the window "closed"
-    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    strategy = etcd_lock(backend, clock)
     await clear_to_reboot(strategy, window("4:00", "0s"), clock)
     assert backend.calls == ["acquire"]
 
@@ -124,7 +139,7 @@ async def test_lock_wait_past_the_window_gives_the_lock_back(caplog: pytest.LogC
     clock = FakeClock(datetime(2024, 5, 2, 4, 30, tzinfo=UTC))
     backend = FakeBackend(clock)
     backend.acquire_plan = [3 * 3600.0, 60.0]  # first wait ends at 07:30, the next one a minute after 04:00
-    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
+    strategy = etcd_lock(backend, clock)
     await clear_to_reboot(strategy, window("4:00", "1h"), clock)
     assert backend.calls == ["acquire", "release", "acquire"]
     assert clock.current == datetime(2024, 5, 3, 4, 1, tzinfo=UTC)
@@ -136,27 +151,20 @@ async def test_lock_errors_are_retried_with_doubling_delays(caplog: pytest.LogCa
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
     backend = FakeBackend(clock)
     backend.acquire_plan = [LockBackendError("etcd refused: permission denied")] * 7
-    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
-    await strategy.can_finalize()
+    strategy = etcd_lock(backend, clock)
+    await strategy.can_finalize("3975.2.1")
     assert backend.calls == ["acquire"] * 8
     assert clock.sleeps == [10, 20, 40, 80, 160, 300, 300]
     assert "Failed to acquire lock: etcd refused: permission denied. Retrying in 10s." in caplog.text
     assert "Retrying in 2m40s." in caplog.text and "Retrying in 5m0s." in caplog.text
 
 
-async def test_report_steady_waits_then_releases_with_retries(caplog: pytest.LogCaptureFixture) -> None:
+async def test_report_steady_releases_with_retries(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
     backend = FakeBackend(clock)
     backend.release_plan = [LockBackendError("no etcd endpoint answered"), True]
-    strategy = EtcdLockStrategy(backend, MACHINE, BACKOFF, clock)
-    order: list[str] = []
-
-    async def steady() -> None:
-        order.append("steady")
-        assert backend.calls == []
-
-    await strategy.report_steady(steady)
-    assert order == ["steady"]
+    strategy = etcd_lock(backend, clock)
+    await strategy.report_steady()
     assert backend.calls == ["release", "release"]
     assert clock.sleeps == [10]
     assert "Unlocking old locks failed: no etcd endpoint answered. Retrying in 10s." in caplog.text
@@ -166,17 +174,14 @@ async def test_best_effort_without_etcd_reboots_without_lock(caplog: pytest.LogC
     caplog.set_level(logging.INFO)
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
     backend = FakeBackend(clock, reachable=False)
-    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="http://127.0.0.1:2379")
+    strategy = best_effort(backend, clock, where="http://127.0.0.1:2379")
     await clear_to_reboot(strategy, None, clock)
     assert backend.calls == ["reachable"]
     assert (
         "best-effort: etcd does not answer at http://127.0.0.1:2379: rebooting without a lock" in caplog.text
     )
 
-    async def steady() -> None:
-        return None
-
-    await strategy.report_steady(steady)
+    await strategy.report_steady()
     assert "release" not in backend.calls
     assert "no reboot lock to release" in caplog.text
 
@@ -185,22 +190,19 @@ async def test_best_effort_with_etcd_takes_the_lock(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.INFO)
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
     backend = FakeBackend(clock)
-    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="http://etcd:2379")
+    strategy = best_effort(backend, clock, where="http://etcd:2379")
     await clear_to_reboot(strategy, None, clock)
     assert backend.calls == ["reachable", "acquire"]
     assert "best-effort: etcd answers at http://etcd:2379: taking the reboot lock" in caplog.text
 
-    async def steady() -> None:
-        return None
-
-    await strategy.report_steady(steady)
+    await strategy.report_steady()
     assert backend.calls[-2:] == ["reachable", "release"]
 
 
 async def test_best_effort_abandon_only_releases_a_lock_it_took() -> None:
     clock = FakeClock(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
     backend = FakeBackend(clock, reachable=False)
-    strategy = BestEffortStrategy(backend, MACHINE, BACKOFF, clock, where="x")
-    await strategy.can_finalize()
+    strategy = best_effort(backend, clock, where="x")
+    await strategy.can_finalize("3975.2.1")
     await strategy.abandon()
     assert backend.calls == ["reachable"]
