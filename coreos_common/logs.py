@@ -9,16 +9,22 @@ Rules:
   left alone; a traceback keeps its lines, each with the record's priority.
 * Under journald (``JOURNAL_STREAM`` names our stderr) every line starts with ``<N>``, the syslog priority
   journald reads (sd-daemon(3)); on a terminal lines carry a timestamp, the program and the level.
+* A warning that anyone can provoke at will (a forged D-Bus signal) goes through ``RepeatedWarning``: the
+  first of a burst is logged in full, the rest are counted and summed up in one line per interval while they
+  keep coming, so a flood costs a few lines a minute, not one line per message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import numbers
 import os
 import re
 import sys
 from collections.abc import Mapping
+
+from coreos_common.goduration import format_go_duration
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -129,3 +135,47 @@ def setup(program: str, verbose: bool = False) -> None:
     # Libraries chatter at INFO; the journal wants our decisions, not their connection pools.
     for noisy in ("aiohttp.access", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RepeatedWarning:
+    """One kind of warning, logged in full once per burst and then counted (see the module's rules).
+
+    ``warn`` is called for each occurrence from the event loop; while a burst lasts, every ``interval`` seconds
+    one line says how many more came and shows the last of them. ``total`` counts every occurrence (metrics).
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.what = what
+        self.interval = interval
+        self.total = 0
+        self._counted = 0
+        self._last = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def warn(self, message: str, *args: object) -> None:
+        self.total += 1
+        if self._timer is None:
+            self.logger.warning(message, *args)
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._summarize)
+            return
+        self._counted += 1
+        self._last = message % args if args else message
+
+    def _summarize(self) -> None:
+        if not self._counted:
+            self._timer = None  # the burst is over: the next one is logged in full again
+            self.logger.debug("No more %s for %s: the next one is logged in full", self.what,
+                              format_go_duration(self.interval))
+            return
+        self.logger.warning(
+            "%d more %s in the last %s; the last: %s", self._counted, self.what, format_go_duration(self.interval),
+            self._last,
+        )
+        self._counted = 0
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._summarize)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -10,6 +10,10 @@ The trade-off: ``locksmithctl send-need-reboot`` works by emitting exactly such 
 connection, so with the filter on it is ignored (with a WARNING saying so).  ``accept_any_sender=True`` (the
 daemon's ``--accept-any-sender`` / ``LOCKSMITHD_ACCEPT_ANY_SENDER=true``) restores the original behaviour of
 accepting the signal from anyone.
+
+Any local user can send such signals in a loop, so the warnings about them are bounded
+(``coreos_common.logs.RepeatedWarning``): the first of a burst is logged in full, the rest are counted and summed
+up once a minute while they keep coming. ``ignored_signals`` counts them all, by reason, for the metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.dbus import DBUS_NAME, ERROR_INVALID_SIGNATURE, DBusCallError, add_match, call, get_name_owner
+from coreos_common.logs import RepeatedWarning
 from coreos_common.status import (
     BUS_NAME,
     INTERFACE,
@@ -34,6 +39,11 @@ from coreos_common.status import (
 )
 
 log = logging.getLogger(__name__)
+
+# Why a StatusUpdate signal was dropped (the ``reason`` label of the metric).
+IGNORED_NOT_OWNER = "sender"
+IGNORED_MALFORMED = "malformed"
+REPEAT_SUMMARY_INTERVAL = 60.0
 
 STATUS_SIGNAL = "StatusUpdate"
 STATUS_MATCH_RULE = f"type='signal',interface='{INTERFACE}',member='{STATUS_SIGNAL}'"
@@ -82,7 +92,12 @@ class UpdateEngineWatcher:
     """Holds the latest status and wakes whoever waits for a particular one."""
 
     def __init__(
-        self, bus: MessageBus, *, accept_any_sender: bool = False, retry_delay: float = 10.0
+        self,
+        bus: MessageBus,
+        *,
+        accept_any_sender: bool = False,
+        retry_delay: float = 10.0,
+        summary_interval: float = REPEAT_SUMMARY_INTERVAL,
     ) -> None:
         self._bus = bus
         self.accept_any_sender = accept_any_sender
@@ -93,6 +108,16 @@ class UpdateEngineWatcher:
         self._subscribers = _Subscribers()
         self._refresh_task: asyncio.Task[None] | None = None
         self._started = False
+        self._ignored = {
+            IGNORED_NOT_OWNER: RepeatedWarning(log, f"{STATUS_SIGNAL} signals from senders that do not own {BUS_NAME}",
+                                               summary_interval),
+            IGNORED_MALFORMED: RepeatedWarning(log, f"malformed {STATUS_SIGNAL} signals", summary_interval),
+        }
+
+    @property
+    def ignored_signals(self) -> dict[str, int]:
+        """How many StatusUpdate signals were dropped since start-up, by reason."""
+        return {reason: warning.total for reason, warning in self._ignored.items()}
 
     @property
     def latest(self) -> StatusSnapshot | None:
@@ -128,6 +153,8 @@ class UpdateEngineWatcher:
 
     def close(self) -> None:
         self._bus.remove_message_handler(self._on_message)
+        for warning in self._ignored.values():
+            warning.close()
         if self._refresh_task is not None:
             self._refresh_task.cancel()
         for waiter in self._subscribers.waiters:
@@ -216,7 +243,7 @@ class UpdateEngineWatcher:
             return
         if not self.accept_any_sender and sender != self._owner:
             owner = self._owner or "nobody"
-            log.warning(
+            self._ignored[IGNORED_NOT_OWNER].warn(
                 "ignoring a %s signal from %s: it does not own %s (the owner is %s); "
                 "set LOCKSMITHD_ACCEPT_ANY_SENDER=true to accept signals from anyone",
                 STATUS_SIGNAL,
@@ -226,7 +253,7 @@ class UpdateEngineWatcher:
             )
             return
         if message.signature != STATUS_SIGNATURE:
-            log.warning(
+            self._ignored[IGNORED_MALFORMED].warn(
                 "ignoring a malformed %s signal from %s: signature %r, expected %r",
                 STATUS_SIGNAL,
                 sender,
@@ -237,7 +264,9 @@ class UpdateEngineWatcher:
         try:
             status = StatusSnapshot.from_values(message.body)
         except ValueError as exc:
-            log.warning("ignoring a malformed %s signal from %s: %s", STATUS_SIGNAL, sender, exc)
+            self._ignored[IGNORED_MALFORMED].warn(
+                "ignoring a malformed %s signal from %s: %s", STATUS_SIGNAL, sender, exc
+            )
             return
         self._deliver(status)
 

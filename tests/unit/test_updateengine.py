@@ -259,3 +259,48 @@ async def test_close_cancels_whoever_waits_and_stops_listening(
     await round_trip(locksmith_bus)
     assert heard == [IDLE]
     assert watcher.latest == IDLE
+
+
+async def wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> str:
+    """The first log message containing ``text``, waiting for it up to WAIT seconds."""
+    for _ in range(int(WAIT / 0.05)):
+        for record in caplog.records:
+            if text in record.getMessage():
+                return record.getMessage()
+        await asyncio.sleep(0.05)
+    pytest.fail(f"never logged {text!r}; logged:\n{caplog.text}")
+
+
+async def test_a_flood_of_forged_signals_is_logged_once_then_summed_up(
+    private_bus: PrivateBus, locksmith_bus: MessageBus, update_engine: UpdateEngineStandIn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watcher = UpdateEngineWatcher(locksmith_bus, summary_interval=0.3)
+    await asyncio.wait_for(watcher.start(), WAIT)
+    forger = await connect(private_bus.address)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="locksmithd.updateengine"):
+            for _ in range(300):
+                await forger.send(Message.new_signal(OBJECT_PATH, INTERFACE, "StatusUpdate", "xdssx",
+                                                     list(NEED_REBOOT.as_tuple())))
+            await round_trip(forger)
+            await round_trip(locksmith_bus)
+            summary = await wait_for_record(caplog, "more StatusUpdate signals from senders that do not own")
+            full = [r for r in caplog.records if r.getMessage().startswith("ignoring a StatusUpdate signal")]
+            assert len(full) == 1 and forger.unique_name in full[0].getMessage()
+            assert summary.startswith("299 more StatusUpdate signals from senders that do not own com.coreos.update1 "
+                                      "in the last 300ms; the last: ignoring a StatusUpdate signal from ")
+            assert watcher.ignored_signals == {"sender": 300, "malformed": 0}
+            assert watcher.latest == IDLE
+
+            # Once a quiet interval has passed, the next one is logged in full again.
+            await wait_for_record(caplog, "No more StatusUpdate signals from senders that do not own")
+            caplog.clear()
+            await forger.send(Message.new_signal(OBJECT_PATH, INTERFACE, "StatusUpdate", "xdssx",
+                                                 list(NEED_REBOOT.as_tuple())))
+            await round_trip(forger)
+            await round_trip(locksmith_bus)
+            await wait_for_record(caplog, "ignoring a StatusUpdate signal from")
+    finally:
+        forger.disconnect()
+        watcher.close()
