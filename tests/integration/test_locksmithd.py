@@ -313,9 +313,10 @@ async def test_malformed_status_update_is_ignored(nodes: dict[str, Node]) -> Non
     await node.update_engine.emit_raw("sdssx", ["0", 0.0, UpdateStatus.UPDATED_NEED_REBOOT.value, "1.0", 0])
     await node.update_engine.emit_raw("xdss", [0, 0.0, UpdateStatus.UPDATED_NEED_REBOOT.value, "1.0"])
     await daemon.wait_for_log("signature 'sdssx', expected 'xdssx'")
-    await daemon.wait_for_log("signature 'xdss', expected 'xdssx'")
     await node.update_engine.set_status(DOWNLOADING)
     await daemon.wait_for_log('CurrentOperation="UPDATE_STATUS_DOWNLOADING"')
+    # The second one came within a minute of the first: counted for the summary, not logged on its own.
+    assert "signature 'xdss'" not in daemon.log
     assert node.reboots == []
     await node.update_engine.set_status(NEED_REBOOT)
     await node.wait_for_reboot()
