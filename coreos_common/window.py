@@ -1,15 +1,16 @@
-"""Reboot windows: ``REBOOT_WINDOW_START`` (``[Ddd ]H:MM``) plus ``REBOOT_WINDOW_LENGTH`` (a Go duration).
+"""Reboot windows and office hours: when something may happen, as lists of weekly or daily windows in a time zone.
 
-A window without a day opens every day, one with a day every week; it spans ``[start, start + length]`` with
-an inclusive end and may run past midnight or past Saturday into Sunday.  Everything here is pure: the caller
-passes an aware ``now`` and the window is evaluated in ``now.tzinfo``, which the daemon sets to the local time
-zone.
+Two spellings, one meaning:
 
-Time-zone transitions: the start is a wall-clock time on a calendar day, turned into an instant the way PEP
-495 does (``fold=0``): on the day the clocks go forward a start inside the skipped hour opens one gap later
-(``02:30`` opens at ``03:30`` after a one-hour jump), and on the day they go back a repeated start opens at
-its first occurrence.  The length is elapsed time, so a ``1h`` window always lasts one real hour.  Give
-``now`` a ``zoneinfo.ZoneInfo`` to get this; with a fixed-offset tzinfo there are simply no transitions.
+* locksmith's pair ``REBOOT_WINDOW_START`` (``[Ddd ]H:MM``) plus ``REBOOT_WINDOW_LENGTH`` (a Go duration):
+  :func:`parse_reboot_window` makes it one window-list entry. A start without a day opens every day, one with a
+  day every week; the length must be shorter than the period (24 h or 168 h), as locksmith required.
+* a window list (``"Mon,Wed 04:00 1h; Sat 22:00 3h"``, the update server's office hours, locksmithd's
+  ``REBOOT_WINDOWS``): :func:`parse_window_list`, syntax below.
+
+Every window lasts at least one second: a zero-length window (which locksmith accepted) opens for no time at
+all, so no reboot could ever happen in it. Everything here is pure: the caller passes an aware ``now``; a
+:class:`WindowList` is evaluated in its own zone, whatever ``now``'s zone is, and answers in its zone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DAY_NAMES: tuple[str, ...] = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
 DAILY_PERIOD = timedelta(hours=24)
 WEEKLY_PERIOD = timedelta(days=7)
+MINIMUM_LENGTH = timedelta(seconds=1)
 
 _CLOCK_TIME = re.compile(r"([0-9]+):([0-9]+)")
 
@@ -78,105 +80,17 @@ def parse_window_start(text: str) -> WindowStart:
     return WindowStart(weekday, hour, minute)
 
 
-@dataclass(frozen=True)
-class RebootWindow:
-    """A daily or weekly window; ``start_text``/``length_text`` keep the operator's spelling for log lines."""
-
-    start: WindowStart
-    length: timedelta
-    start_text: str = ""
-    length_text: str = ""
-
-    @property
-    def period(self) -> timedelta:
-        return DAILY_PERIOD if self.start.weekday is None else WEEKLY_PERIOD
-
-    def _openings_around(self, now: datetime) -> Iterator[tuple[datetime, datetime]]:
-        """Every occurrence starting from a week before ``now``'s calendar day to a week after, in order."""
-        tz = now.tzinfo
-        today = now.date()
-        for offset in range(-8, 9):
-            day: date = today + timedelta(days=offset)
-            # date.weekday() is Monday=0; ours is Sunday=0.
-            if self.start.weekday is not None and (day.weekday() + 1) % 7 != self.start.weekday:
-                continue
-            wall = datetime(day.year, day.month, day.day, self.start.hour, self.start.minute, tzinfo=tz)
-            opens = wall.astimezone(UTC)
-            yield opens, opens + self.length
-
-    def current(self, now: datetime) -> tuple[datetime, datetime] | None:
-        """The occurrence that contains ``now`` (start ≤ now ≤ end), or None; times in ``now``'s zone."""
-        _require_aware(now)
-        instant = now.astimezone(UTC)
-        found = None
-        for opens, closes in self._openings_around(now):
-            if opens <= instant <= closes:
-                found = (opens, closes)  # the latest one wins when a zero-gap overlap touches two
-        if found is None:
-            return None
-        return found[0].astimezone(now.tzinfo), found[1].astimezone(now.tzinfo)
-
-    def contains(self, now: datetime) -> bool:
-        """True when ``now`` is inside a window (the end is inclusive)."""
-        return self.current(now) is not None
-
-    def next_opening(self, now: datetime) -> tuple[datetime, datetime]:
-        """The earliest occurrence that opens at or after ``now``, as (start, end) in ``now``'s zone."""
-        _require_aware(now)
-        instant = now.astimezone(UTC)
-        for opens, closes in self._openings_around(now):
-            if opens >= instant:
-                return opens.astimezone(now.tzinfo), closes.astimezone(now.tzinfo)
-        raise AssertionError("a daily or weekly window always opens within eight days")  # pragma: no cover
-
-    def describe(self) -> str:
-        start = self.start_text or str(self.start)
-        length = self.length_text or format_go_duration(self.length)
-        return f'Reboot window start is "{start}" and length is "{length}"'
-
-
-def _require_aware(now: datetime) -> None:
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("reboot windows are evaluated on aware datetimes (local time with a tzinfo)")
-
-
-def parse_reboot_window(start: str | None, length: str | None) -> RebootWindow | None:
-    """Build the window from the two settings; None when neither is set, an error when only one is.
-
-    Empty strings count as not set, as empty environment variables do.
-    """
-    if not start and not length:
-        return None
-    if not start or not length:
-        raise WindowError("Either both or neither $REBOOT_WINDOW_START and $REBOOT_WINDOW_LENGTH must be set")
-    begin = parse_window_start(start)
-    try:
-        duration = parse_go_duration(length.strip())
-    except DurationError as exc:
-        raise WindowError(f"reboot window length {length!r}: {exc}") from None
-    if duration < timedelta(0):
-        raise WindowError(f"reboot window length {length!r}: must not be negative")
-    period = DAILY_PERIOD if begin.weekday is None else WEEKLY_PERIOD
-    if duration >= period:
-        kind = "daily" if begin.weekday is None else "weekly"
-        raise WindowError(
-            f"reboot window length {length!r}: a {kind} window (start {start!r}) must be shorter than "
-            f"{format_go_duration(period)}"
-        )
-    return RebootWindow(begin, duration, start_text=start.strip(), length_text=length.strip())
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Window lists: several windows in one IANA time zone (the update server's office hours; reboot windows).
 #
 # Syntax: entries separated by ";", each "[DAYS ]H:MM LENGTH".  DAYS is a comma-separated list of day names
 # or ranges ("Mon-Fri", "Sat,Sun", "Fri-Mon" wraps past Sunday); no DAYS means every day.  LENGTH is a Go
-# duration, longer than zero and at most a week.  The window opens at H:MM local time on each listed day and
+# duration, at least one second and at most a week.  The window opens at H:MM local time on each listed day and
 # stays open for LENGTH of elapsed time (end inclusive).
 #
 # Transitions: a start inside the hour the clocks skip opens at the first instant after the gap (the moment
 # the clocks jump: 02:30 on a 02:00→03:00 night opens at 03:00); a start inside the repeated hour opens at its
-# first occurrence.  (The single window above keeps its own PEP 495 rule for compatibility.)
+# first occurrence.
 
 _WEEK = 7
 
@@ -233,9 +147,14 @@ def parse_listed_window(entry: str) -> ListedWindow:
         length = parse_go_duration(fields[-1])
     except DurationError as exc:
         raise WindowError(f"window {entry!r}: length: {exc}") from None
-    if length <= timedelta(0) or length > WEEKLY_PERIOD:
-        raise WindowError(f"window {entry!r}: length {fields[-1]!r} must be longer than 0 and at most 168h")
+    if length < MINIMUM_LENGTH or length > WEEKLY_PERIOD:
+        raise WindowError(f"window {entry!r}: length {fields[-1]!r} must be at least 1s and at most 168h")
     return ListedWindow(days, hour, minute, length, " ".join(fields))
+
+
+def _require_aware(now: datetime) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("windows are evaluated on aware datetimes (a time with a tzinfo)")
 
 
 def _local_start(day: date, hour: int, minute: int, zone: tzinfo) -> datetime:
@@ -304,12 +223,46 @@ class WindowList:
 def parse_window_list(text: str, zone: str | tzinfo) -> WindowList:
     """Parse ``"Mon-Fri 09:00 8h; Sat,Sun 10:00 2h"`` in ``zone`` (an IANA name such as ``Europe/Berlin``)."""
     if isinstance(zone, str):
-        try:
-            zone = ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise WindowError(f"time zone {zone!r} is not a known IANA time zone") from None
+        zone = zone_named(zone)
     entries = [part.strip() for part in text.split(";")]
     if not any(entries):
         raise WindowError(f"window list {text!r} has no windows")
     windows = tuple(parse_listed_window(entry) for entry in entries if entry)
     return WindowList(windows, zone, "; ".join(w.text for w in windows))
+
+
+def parse_reboot_window(start: str | None, length: str | None) -> ListedWindow | None:
+    """locksmith's ``REBOOT_WINDOW_START``/``_LENGTH`` pair as one window-list entry; None when neither is set.
+
+    Empty strings count as not set, as empty environment variables do; only one of the two is an error.
+    """
+    if not start and not length:
+        return None
+    if not start or not length:
+        raise WindowError("Either both or neither $REBOOT_WINDOW_START and $REBOOT_WINDOW_LENGTH must be set")
+    begin = parse_window_start(start)
+    try:
+        duration = parse_go_duration(length.strip())
+    except DurationError as exc:
+        raise WindowError(f"reboot window length {length!r}: {exc}") from None
+    if duration < timedelta(0):
+        raise WindowError(f"reboot window length {length!r}: must not be negative")
+    if duration < MINIMUM_LENGTH:
+        raise WindowError(f"reboot window length {length!r}: must be at least 1s (a shorter window never opens)")
+    period = DAILY_PERIOD if begin.weekday is None else WEEKLY_PERIOD
+    if duration >= period:
+        kind = "daily" if begin.weekday is None else "weekly"
+        raise WindowError(
+            f"reboot window length {length!r}: a {kind} window (start {start!r}) must be shorter than "
+            f"{format_go_duration(period)}"
+        )
+    days = None if begin.weekday is None else frozenset({begin.weekday})
+    return ListedWindow(days, begin.hour, begin.minute, duration, f"{start.strip()} {length.strip()}")
+
+
+def zone_named(name: str) -> tzinfo:
+    """The IANA time zone ``name`` (``Europe/Berlin``, ``UTC``); WindowError naming it when it is unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise WindowError(f"time zone {name!r} is not a known IANA time zone") from None

@@ -26,7 +26,7 @@ import dataclasses
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from coreos_common.boolean import parse_bool
 from coreos_common.goduration import DurationError, format_go_duration, parse_go_duration
 from coreos_common.identity import IdentityError, read_machine_id
 from coreos_common.updateconf import SettingsFileError, load_update_conf
-from coreos_common.window import RebootWindow, WindowError, parse_reboot_window
+from coreos_common.window import WindowError, WindowList, parse_reboot_window, parse_window_list, zone_named
 from locksmithd import strategies
 from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoints
 
@@ -181,6 +181,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("reboot-window-start", "reboot window start, 'H:MM' or 'Ddd H:MM'", _optional,
          legacy=("REBOOT_WINDOW_START",)),
     Flag("reboot-window-length", "reboot window length, e.g. 1h30m", _optional, legacy=("REBOOT_WINDOW_LENGTH",)),
+    Flag("reboot-windows", "several reboot windows, e.g. 'Mon,Wed 04:00 1h; Sat 22:00 3h' (not with "
+         "--reboot-window-start/-length)", _optional, legacy=("REBOOT_WINDOWS",)),
+    Flag("reboot-window-timezone", "IANA time zone of the reboot windows, e.g. Europe/Berlin (default: the local "
+         "zone)", _optional, legacy=("REBOOT_WINDOW_TIMEZONE",)),
     Flag("fleetlock-url", "FleetLock server base URL (fleet-lock strategy)", _fleetlock_url),
     Flag("fleetlock-group", "FleetLock group", _text, "default"),
     Flag(
@@ -217,6 +221,8 @@ class DaemonSettings:
     etcd_v2_compat: bool = False
     reboot_window_start: str | None = None
     reboot_window_length: str | None = None
+    reboot_windows: str | None = None
+    reboot_window_timezone: str | None = None
     fleetlock_url: str | None = None
     fleetlock_group: str = "default"
     accept_any_sender: bool = False
@@ -226,8 +232,8 @@ class DaemonSettings:
     reboot_retry_interval: timedelta = timedelta(hours=1)
     config_root: Path = Path("/")
     bus_address: str | None = None
-    # Derived: the window from its two settings, and the machine id read under the config root.
-    window: RebootWindow | None = None
+    # Derived: the reboot windows (None: reboot at any time), and the machine id read under the config root.
+    windows: WindowList | None = None
     machine_id: str = ""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -248,6 +254,16 @@ class DaemonSettings:
     def backoff(self) -> BackoffPolicy:
         """The one retry policy: ``backoff-initial`` doubling up to ``backoff-max``."""
         return BackoffPolicy(self.backoff_initial.total_seconds(), self.backoff_max.total_seconds())
+
+    def describe_windows(self) -> str:
+        """The windows as the operator wrote them, for log lines (locksmith's line for its pair)."""
+        if self.windows is None:
+            return "No configured reboot window"
+        zone = f" (time zone {self.windows.zone})"
+        if self.reboot_window_start:
+            pair = f'Reboot window start is "{self.reboot_window_start}" and length is "{self.reboot_window_length}"'
+            return pair + (zone if self.reboot_window_timezone else "")
+        return f'Reboot windows are "{self.windows.text}"{zone}'
 
     def source(self, name: str) -> str:
         """Where the flag ``name`` was set (``--name``, ``NAME (environment)``…), or ``default``."""
@@ -284,19 +300,34 @@ def lookup(
     return None
 
 
-def _window(settings: DaemonSettings) -> RebootWindow | None:
+def _windows(settings: DaemonSettings, local_zone: tzinfo) -> WindowList | None:
+    """The reboot windows from either spelling, in their time zone; a SettingsError names the failing part."""
+    pair = ("reboot-window-start", "reboot-window-length")
+    given = [name for name in pair if settings.source(name) != DEFAULT_SOURCE]
+    if settings.reboot_windows and given:
+        raise SettingsError(
+            f"{settings.source('reboot-windows')} and {' and '.join(settings.source(n) for n in given)} both set "
+            "reboot windows: give either the list of windows or the start and length of one window, not both"
+        )
+    zone = local_zone
+    if settings.reboot_window_timezone:
+        try:
+            zone = zone_named(settings.reboot_window_timezone)
+        except WindowError as exc:
+            raise SettingsError(f"{settings.source('reboot-window-timezone')}: {exc}") from None
+    if settings.reboot_windows:
+        try:
+            return parse_window_list(settings.reboot_windows, zone)
+        except WindowError as exc:
+            raise SettingsError(f"invalid reboot windows ({settings.source('reboot-windows')}): {exc}") from None
     try:
-        return parse_reboot_window(settings.reboot_window_start, settings.reboot_window_length)
+        entry = parse_reboot_window(settings.reboot_window_start, settings.reboot_window_length)
     except WindowError as exc:
-        where = [
-            settings.source(name)
-            for name in ("reboot-window-start", "reboot-window-length")
-            if settings.source(name) != DEFAULT_SOURCE
-        ]
-        raise SettingsError(f"invalid reboot window ({', '.join(where)}): {exc}") from None
+        raise SettingsError(f"invalid reboot window ({', '.join(settings.source(n) for n in given)}): {exc}") from None
+    return None if entry is None else WindowList((entry,), zone, entry.text)
 
 
-def _check(settings: DaemonSettings) -> DaemonSettings:
+def _check(settings: DaemonSettings, local_zone: tzinfo) -> DaemonSettings:
     """What no single flag can check: pairs of settings, the strategy's own needs."""
     if settings.backoff_max < settings.backoff_initial:
         if settings.source("backoff-max") == DEFAULT_SOURCE:
@@ -311,7 +342,7 @@ def _check(settings: DaemonSettings) -> DaemonSettings:
         strategies.STRATEGIES[settings.strategy].check(settings)
     except strategies.StrategySettingsError as exc:
         raise SettingsError(str(exc)) from None
-    return dataclasses.replace(settings, window=_window(settings))
+    return dataclasses.replace(settings, windows=_windows(settings, local_zone))
 
 
 def resolve_settings(
@@ -321,10 +352,12 @@ def resolve_settings(
     *,
     conf_name: str = "update.conf",
     machine_id: str = "",
+    local_zone: tzinfo = UTC,
 ) -> DaemonSettings:
     """Build and check the settings from already-read inputs (pure: reads no file).
 
-    ``flags`` maps flag names (``etcd-cafile``) to the command-line value, or None (or no key) when not given.
+    ``flags`` maps flag names (``etcd-cafile``) to the command-line value, or None (or no key) when not given;
+    ``local_zone`` is the zone of reboot windows when ``--reboot-window-timezone`` is not set.
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -341,10 +374,12 @@ def resolve_settings(
             sources[flag.name] = found.source
         values[flag.field] = value
     settings = DaemonSettings(**values, machine_id=machine_id, sources=sources)
-    return _check(settings)
+    return _check(settings, local_zone)
 
 
-def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> DaemonSettings:
+def load_settings(
+    flags: Mapping[str, str | None], environ: Mapping[str, str], local_zone: tzinfo = UTC
+) -> DaemonSettings:
     """Read update.conf and the machine id under the config root; check the files the strategy uses."""
     root_value = lookup(FLAGS_BY_NAME["config-root"], flags, environ, {})
     root = Path(root_value.value) if root_value else Path("/")
@@ -355,7 +390,7 @@ def load_settings(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
             f"Cannot read the settings: {exc}. Not starting: acting on the defaults could undo what the file "
             "says (REBOOT_STRATEGY=off); fix or remove the file"
         ) from None
-    settings = resolve_settings(flags, environ, conf.values, conf_name="update.conf")
+    settings = resolve_settings(flags, environ, conf.values, conf_name="update.conf", local_zone=local_zone)
     spec = strategies.STRATEGIES[settings.strategy]
     if not spec.runs:
         return settings

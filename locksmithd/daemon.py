@@ -38,7 +38,7 @@ from coreos_common.status import StatusSnapshot
 from coreos_common.systemd import wait_for_boot_complete
 from locksmithd import __version__
 from locksmithd.backends import LockBackendError
-from locksmithd.clock import Clock, SystemClock, show_delay
+from locksmithd.clock import Clock, SystemClock, local_timezone, show_delay, show_time
 from locksmithd.config import DaemonSettings, SettingsError, build_parser, flags_from_args, load_settings
 from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
 from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_until_accepted, wall_message
@@ -120,6 +120,7 @@ class Daemon:
             status.current_operation,
             self.strategy.label,
         )
+        self._log_windows()
         self.coordinator.set_state(CoordinatorState.RUNNING)
         self.notifier.ready()
         self._on_status(status)
@@ -138,7 +139,8 @@ class Daemon:
         )
         need_reboot = watcher.latest
         version = need_reboot.new_version if need_reboot is not None else ""
-        await clear_to_reboot(self.strategy, self.settings.window, self.clock, version)
+        settings = self.settings
+        await clear_to_reboot(self.strategy, settings.windows, settings.describe_windows(), self.clock, version)
         await self._warn_logged_in_users()
         await self._reboot()
         self._set_state(CoordinatorState.REBOOTING, "Rebooting")
@@ -149,6 +151,21 @@ class Daemon:
                 "Tried to reboot but did not! Still running %s later; asking logind again", show_delay(retry)
             )
             await self._reboot()
+
+    def _log_windows(self) -> None:
+        """The reboot windows and when the next one opens, once at start-up."""
+        windows = self.settings.windows
+        if windows is None:
+            log.info("No configured reboot window: rebooting at any time")
+            return
+        now = self.clock.now()
+        current = windows.current(now)
+        if current is not None:
+            log.info("%s; a window is open now, until %s", self.settings.describe_windows(), show_time(current[1]))
+            return
+        opening = windows.next_opening(now)
+        assert opening is not None
+        log.info("%s; the next one opens at %s", self.settings.describe_windows(), show_time(opening[0]))
 
     def _on_status(self, status: StatusSnapshot) -> None:
         if self.coordinator.state is CoordinatorState.RUNNING:
@@ -228,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("locksmithd", verbose=args.debug)
     environ = dict(os.environ)
     try:
-        settings = load_settings(flags_from_args(args), environ)
+        settings = load_settings(flags_from_args(args), environ, local_timezone())
     except SettingsError as exc:
         log.critical("Invalid configuration: %s", exc)
         return 1

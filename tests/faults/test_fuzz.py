@@ -583,12 +583,16 @@ def test_reboot_window_parsing_and_evaluation(start: str, length: str, zone: str
         if parsed is None:
             return
         event("valid window")
+        windows = window.WindowList((parsed,), zoneinfo.ZoneInfo(zone))
         now = moment.replace(tzinfo=zoneinfo.ZoneInfo(zone))
-        inside = parsed.contains(now)
-        opens, closes = parsed.next_opening(now)
+        inside = windows.contains(now)
+        opening = windows.next_opening(now)
+    assert opening is not None
+    opens, closes = opening
     assert opens >= now.astimezone(UTC) and closes >= opens
-    assert opens - now <= parsed.period + timedelta(hours=3)
-    assert parsed.contains(opens)
+    period = window.DAILY_PERIOD if parsed.days is None else window.WEEKLY_PERIOD
+    assert opens - now <= period + timedelta(hours=3)
+    assert windows.contains(opens)
     assert inside in (True, False)
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
@@ -305,6 +306,23 @@ async def test_closed_window_postpones_the_reboot(nodes: dict[str, Node]) -> Non
     assert node.reboots == []
 
 
+async def test_several_windows_in_a_time_zone_are_logged_and_waited_for(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    first = (datetime.now(tokyo) + timedelta(hours=5)).replace(second=0, microsecond=0)
+    second = first + timedelta(hours=30)
+    text = f"{first:%a %H:%M} 30m; {second:%a %H:%M} 1h"
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="reboot", REBOOT_WINDOWS=text, REBOOT_WINDOW_TIMEZONE="Asia/Tokyo"
+    )
+    line = await daemon.wait_for_log("the next one opens at")
+    assert f'Reboot windows are "{text}" (time zone Asia/Tokyo)' in line
+    assert f"{first:%Y-%m-%d %H:%M:%S} +0900 JST" in line
+    await daemon.wait_for_log("to reboot.")
+    assert f"Next window begins at {first:%Y-%m-%d %H:%M:%S} +0900 JST" in daemon.log
+    assert node.reboots == []
+
+
 async def test_malformed_status_update_is_ignored(nodes: dict[str, Node]) -> None:
     node = await nodes["a"].setup()
     daemon = await node.locksmithd(REBOOT_STRATEGY="reboot")
@@ -359,6 +377,13 @@ async def test_off_exits_zero(tmp_path: Path) -> None:
         ),
         ({"REBOOT_WINDOW_START": "14", "REBOOT_WINDOW_LENGTH": "1h"}, "time '14' is not H:MM"),
         ({"REBOOT_WINDOW_START": "Thu 4:00"}, "Either both or neither"),
+        ({"REBOOT_WINDOW_START": "Thu 4:00", "REBOOT_WINDOW_LENGTH": "0s"}, "'0s': must be at least 1s"),
+        (
+            {"REBOOT_WINDOWS": "Sat 22:00 3h", "REBOOT_WINDOW_START": "Thu 4:00", "REBOOT_WINDOW_LENGTH": "1h"},
+            "REBOOT_WINDOWS (environment) and REBOOT_WINDOW_START (environment) and REBOOT_WINDOW_LENGTH "
+            "(environment) both set reboot windows",
+        ),
+        ({"REBOOT_WINDOWS": "Sat 22:00 3h", "REBOOT_WINDOW_TIMEZONE": "Nowhere/City"}, "'Nowhere/City'"),
         ({"REBOOT_STRATEGY": "fleet-lock"}, "needs the FleetLock server's base URL"),
         (
             {"REBOOT_STRATEGY": "etcd-lock", "LOCKSMITHD_ETCD_CAFILE": "/nonexistent/ca.pem"},

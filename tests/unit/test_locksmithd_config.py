@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -22,7 +23,7 @@ def no_flags(**given: str) -> dict[str, str | None]:
 def test_defaults() -> None:
     settings = resolve_settings(no_flags(), {}, {})
     assert settings.strategy == "best-effort"
-    assert settings.window is None
+    assert settings.windows is None
     assert settings.etcd.endpoints == ("http://127.0.0.1:2379", "http://127.0.0.1:4001")
     assert settings.etcd.group == ""
     assert settings.sources == {}
@@ -73,16 +74,16 @@ def test_prefixed_window_names_come_first() -> None:
         "LOCKSMITHD_REBOOT_WINDOW_START": "Thu 04:00",
         "LOCKSMITHD_REBOOT_WINDOW_LENGTH": "30m",
     }
-    window = resolve_settings(no_flags(), env, {}).window
-    assert window is not None
-    assert window.describe() == 'Reboot window start is "Thu 04:00" and length is "30m"'
+    settings = resolve_settings(no_flags(), env, {})
+    assert settings.windows is not None and settings.windows.text == "Thu 04:00 30m"
+    assert settings.describe_windows() == 'Reboot window start is "Thu 04:00" and length is "30m"'
 
 
 def test_window_from_update_conf() -> None:
-    window = resolve_settings(
+    windows = resolve_settings(
         no_flags(), {}, {"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "1h"}
-    ).window
-    assert window is not None and window.length == timedelta(hours=1)
+    ).windows
+    assert windows is not None and windows.windows[0].length == timedelta(hours=1)
 
 
 def test_unknown_strategy_lists_valid_ones() -> None:
@@ -102,10 +103,66 @@ def test_unknown_strategy_lists_valid_ones() -> None:
         ({"REBOOT_WINDOW_START": "4:00"}, "Either both or neither"),
         ({"LOCKSMITHD_REBOOT_WINDOW_LENGTH": "1h"}, "LOCKSMITHD_REBOOT_WINDOW_LENGTH (environment)"),
         ({"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "25h"}, "shorter than 24h0m0s"),
+        ({"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "0"}, "'0': must be at least 1s"),
+        ({"REBOOT_WINDOW_START": "Sun 4:00", "REBOOT_WINDOW_LENGTH": "500ms"}, "'500ms': must be at least 1s"),
     ],
 )
 def test_window_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match="invalid reboot window") as info:
+        resolve_settings(no_flags(), env, {})
+    assert message in str(info.value)
+
+
+def test_several_windows_in_a_time_zone() -> None:
+    env = {"REBOOT_WINDOWS": "Mon,Wed 04:00 1h; Sat 22:00 3h", "REBOOT_WINDOW_TIMEZONE": "Europe/Berlin"}
+    settings = resolve_settings(no_flags(), env, {})
+    windows = settings.windows
+    assert windows is not None and str(windows.zone) == "Europe/Berlin"
+    assert [(w.days, w.hour, w.length) for w in windows.windows] == [
+        (frozenset({1, 3}), 4, timedelta(hours=1)), (frozenset({6}), 22, timedelta(hours=3))
+    ]
+    assert settings.describe_windows() == (
+        'Reboot windows are "Mon,Wed 04:00 1h; Sat 22:00 3h" (time zone Europe/Berlin)'
+    )
+    # Saturday 22:00 in Berlin (summer) is 20:00 UTC: the window's zone decides, whatever zone ``now`` is in.
+    assert windows.contains(datetime(2026, 6, 6, 20, 0, tzinfo=UTC))
+    assert not windows.contains(datetime(2026, 6, 6, 19, 59, tzinfo=UTC))
+    assert not windows.contains(datetime(2026, 6, 6, 23, 0, 1, tzinfo=UTC))
+    flagged = resolve_settings(no_flags(reboot_windows="Sun 1:00 1h", reboot_window_timezone="UTC"), {}, {})
+    assert flagged.windows is not None and flagged.windows.text == "Sun 1:00 1h"
+    prefixed = resolve_settings(no_flags(), {"LOCKSMITHD_REBOOT_WINDOWS": "3:00 1h"}, {"REBOOT_WINDOWS": "4:00 1h"})
+    assert prefixed.windows is not None and prefixed.windows.text == "3:00 1h"
+
+
+def test_the_windows_are_in_the_local_zone_unless_told() -> None:
+    pair = {"REBOOT_WINDOW_START": "4:00", "REBOOT_WINDOW_LENGTH": "1h"}
+    local = resolve_settings(no_flags(), pair, {}, local_zone=ZoneInfo("America/New_York")).windows
+    assert local is not None and str(local.zone) == "America/New_York"
+    told = resolve_settings(no_flags(), {**pair, "REBOOT_WINDOW_TIMEZONE": "Asia/Tokyo"}, {},
+                            local_zone=ZoneInfo("America/New_York")).windows
+    assert told is not None and str(told.zone) == "Asia/Tokyo"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"REBOOT_WINDOWS": "Sat 22:00 3h", "REBOOT_WINDOW_START": "Sun 4:00", "REBOOT_WINDOW_LENGTH": "1h"},
+            "REBOOT_WINDOWS (environment) and REBOOT_WINDOW_START (environment) and REBOOT_WINDOW_LENGTH "
+            "(environment) both set reboot windows",
+        ),
+        ({"REBOOT_WINDOWS": "Sat 22:00 3h", "LOCKSMITHD_REBOOT_WINDOW_LENGTH": "1h"}, "both set reboot windows"),
+        ({"REBOOT_WINDOWS": "Mon 04:00 1h; Sat 25:00 3h"}, "REBOOT_WINDOWS (environment)): window 'Sat 25:00 3h'"),
+        ({"REBOOT_WINDOWS": "Mon 04:00 0s"}, "window 'Mon 04:00 0s': length '0s' must be at least 1s"),
+        ({"REBOOT_WINDOWS": "Mon 04:00 100ms"}, "must be at least 1s"),
+        ({"REBOOT_WINDOWS": "Funday 04:00 1h"}, "unknown day 'funday'"),
+        ({"REBOOT_WINDOWS": "Mon 4:00 1h", "REBOOT_WINDOW_TIMEZONE": "Mars/Olympus"},
+         "REBOOT_WINDOW_TIMEZONE (environment): time zone 'Mars/Olympus' is not a known IANA time zone"),
+        ({"REBOOT_WINDOWS": " ; "}, "has no windows"),
+    ],
+)
+def test_window_list_errors_name_the_failing_part(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as info:
         resolve_settings(no_flags(), env, {})
     assert message in str(info.value)
 
@@ -237,7 +294,7 @@ def test_load_reads_update_conf_and_machine_id(tmp_path: Path) -> None:
     (root / "usr/share/flatcar/update.conf").write_text("REBOOT_STRATEGY=etcd-lock\n")
     settings = load_settings(no_flags(config_root=str(root)), {})
     assert settings.strategy == "reboot"  # /etc before /usr/share
-    assert settings.window is not None
+    assert settings.windows is not None
     assert settings.machine_id == MACHINE_ID
     assert settings.config_root == root
     assert settings.etcd.group == ""  # update-engine's GROUP is not locksmithd's

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from coreos_common.backoff import BackoffPolicy
-from coreos_common.window import RebootWindow, parse_reboot_window
 from locksmithd.backends import LockBackendError, ProgressCallback
+from locksmithd.config import DaemonSettings, resolve_settings
 from locksmithd.reboot_path import clear_to_reboot as clear_with_version
 from locksmithd.strategies import NullObserver, RebootStrategy
 from locksmithd.strategies.best_effort import BestEffortStrategy
@@ -84,14 +84,13 @@ def best_effort(backend: FakeBackend, clock: FakeClock, where: str) -> BestEffor
     return BestEffortStrategy(backend, SlotKeeper(backend, MACHINE, BACKOFF, clock, NullObserver()), "", where)
 
 
-async def clear_to_reboot(strategy: RebootStrategy, window: RebootWindow | None, clock: FakeClock) -> None:
-    await clear_with_version(strategy, window, clock, "3975.2.1")
+async def clear_to_reboot(strategy: RebootStrategy, settings: DaemonSettings | None, clock: FakeClock) -> None:
+    settings = settings or DaemonSettings()
+    await clear_with_version(strategy, settings.windows, settings.describe_windows(), clock, "3975.2.1")
 
 
-def window(start: str, length: str) -> RebootWindow:
-    parsed = parse_reboot_window(start, length)
-    assert parsed is not None
-    return parsed
+def window(start: str, length: str) -> DaemonSettings:
+    return resolve_settings({"reboot-window-start": start, "reboot-window-length": length}, {}, {})
 
 
 async def test_no_window_reboots_at_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -124,13 +123,14 @@ async def test_closed_window_waits_for_the_next_opening(caplog: pytest.LogCaptur
     assert max(clock.sleeps) <= 300  # long waits are cut into pieces so clock steps are noticed
 
 
-async def test_zero_length_window_still_reboots_at_its_minute() -> None:
-    clock = FakeClock(datetime(2024, 5, 2, 3, 0, tzinfo=UTC))
+async def test_a_lock_granted_a_second_after_the_window_closed_waits_for_the_next_one() -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 4, 0, tzinfo=UTC))
     backend = FakeBackend(clock)
-    backend.acquire_plan = [0.5]  # the lock answers half a second after the window "closed"
+    backend.acquire_plan = [61.0, 0.0]  # the lock answers a second after the window closed
     strategy = etcd_lock(backend, clock)
-    await clear_to_reboot(strategy, window("4:00", "0s"), clock)
-    assert backend.calls == ["acquire"]
+    await clear_to_reboot(strategy, window("4:00", "1m"), clock)
+    assert backend.calls == ["acquire", "release", "acquire"]
+    assert clock.current == datetime(2024, 5, 3, 4, 0, tzinfo=UTC)
 
 
 async def test_lock_wait_past_the_window_gives_the_lock_back(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""Reboot windows: parsing start and length, membership and the next opening, across midnight, week, DST."""
+"""locksmith's reboot window pair: parsing start and length, then membership and the next opening of the one-entry
+window list it becomes, across midnight, week and DST."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coreos_common.window import (
-    RebootWindow,
     WindowError,
+    WindowList,
     WindowStart,
     parse_reboot_window,
     parse_window_start,
@@ -74,6 +75,9 @@ def test_both_or_neither() -> None:
         ("Mon 4:00", "168h", "weekly window"),
         ("4:00", "-1m", "must not be negative"),
         ("4:00", "1d", "reboot window length '1d'"),
+        ("4:00", "0", "must be at least 1s"),
+        ("4:00", "0s", "must be at least 1s"),
+        ("Thu 4:00", "999ms", "must be at least 1s"),
     ],
 )
 def test_length_limits(start: str, length: str, message: str) -> None:
@@ -81,19 +85,18 @@ def test_length_limits(start: str, length: str, message: str) -> None:
         parse_reboot_window(start, length)
 
 
-def test_longest_lengths_and_zero_are_accepted() -> None:
-    daily = parse_reboot_window("4:00", "23h59m59s")
-    weekly = parse_reboot_window("Mon 4:00", "167h59m")
-    zero = parse_reboot_window("4:00", "0")
-    assert daily is not None and weekly is not None and zero is not None
-    assert zero.contains(datetime(2024, 5, 1, 4, 0, tzinfo=UTC))
-    assert not zero.contains(datetime(2024, 5, 1, 4, 0, 1, tzinfo=UTC))
+def test_longest_and_shortest_lengths_are_accepted() -> None:
+    assert _window("4:00", "23h59m59s").windows[0].length == timedelta(hours=24) - timedelta(seconds=1)
+    assert _window("Mon 4:00", "167h59m").windows[0].days == frozenset({1})
+    one_second = _window("4:00", "1s")
+    assert one_second.contains(datetime(2024, 5, 1, 4, 0, 1, tzinfo=UTC))
+    assert not one_second.contains(datetime(2024, 5, 1, 4, 0, 1, 1, tzinfo=UTC))
 
 
-def _window(start: str, length: str) -> RebootWindow:
-    window = parse_reboot_window(start, length)
-    assert window is not None
-    return window
+def _window(start: str, length: str, zone: ZoneInfo | timezone = UTC) -> WindowList:
+    entry = parse_reboot_window(start, length)
+    assert entry is not None
+    return WindowList((entry,), zone, entry.text)
 
 
 def test_daily_window_end_is_inclusive() -> None:
@@ -130,30 +133,35 @@ def test_weekly_window_wraps_from_saturday_to_sunday() -> None:
     )
 
 
-def test_weekday_is_taken_in_the_local_zone() -> None:
-    window = _window("Thu 04:00", "1h")
-    # Thursday 04:30 in Berlin is Thursday 02:30 UTC; Wednesday 23:30 in New York is Thursday 03:30 UTC.
-    assert window.contains(datetime(2024, 5, 2, 4, 30, tzinfo=BERLIN))
-    assert not window.contains(datetime(2024, 5, 2, 4, 30, tzinfo=BERLIN).astimezone(NEW_YORK))
+def test_weekday_and_time_are_taken_in_the_windows_zone() -> None:
+    thursday_0430_berlin = datetime(2024, 5, 2, 4, 30, tzinfo=BERLIN)  # Thursday 02:30 UTC
+    assert _window("Thu 04:00", "1h", BERLIN).contains(thursday_0430_berlin)
+    # The same instant seen from New York is Wednesday 22:30 there: whatever zone ``now`` is given in.
+    assert _window("Thu 04:00", "1h", BERLIN).contains(thursday_0430_berlin.astimezone(NEW_YORK))
+    assert not _window("Thu 04:00", "1h", NEW_YORK).contains(thursday_0430_berlin)
 
 
-def test_next_opening_is_returned_in_the_callers_zone() -> None:
-    window = _window("4:00", "30m")
-    start, end = window.next_opening(datetime(2024, 5, 2, 12, 0, tzinfo=BERLIN))
+def test_next_opening_is_returned_in_the_windows_zone() -> None:
+    opening = _window("4:00", "30m", BERLIN).next_opening(datetime(2024, 5, 2, 12, 0, tzinfo=UTC))
+    assert opening is not None
+    start, end = opening
     assert start == datetime(2024, 5, 3, 4, 0, tzinfo=BERLIN)
     assert start.tzinfo is BERLIN and end - start == timedelta(minutes=30)
 
 
-def test_spring_forward_start_in_the_gap_opens_after_it() -> None:
-    window = _window("2:30", "30m")
-    start, end = window.next_opening(datetime(2024, 3, 10, 0, 0, tzinfo=NEW_YORK))
-    assert (start.hour, start.minute, start.utcoffset()) == (3, 30, timedelta(hours=-4))
+def test_spring_forward_start_in_the_gap_opens_when_the_clocks_jump() -> None:
+    opening = _window("2:30", "30m", NEW_YORK).next_opening(datetime(2024, 3, 10, 0, 0, tzinfo=NEW_YORK))
+    assert opening is not None
+    start, end = opening
+    assert (start.hour, start.minute, start.utcoffset()) == (3, 0, timedelta(hours=-4))
     assert end.astimezone(UTC) - start.astimezone(UTC) == timedelta(minutes=30)
 
 
 def test_fall_back_length_is_elapsed_time() -> None:
-    window = _window("0:30", "2h")
-    start, end = window.next_opening(datetime(2024, 11, 3, 0, 0, tzinfo=NEW_YORK))
+    window = _window("0:30", "2h", NEW_YORK)
+    opening = window.next_opening(datetime(2024, 11, 3, 0, 0, tzinfo=NEW_YORK))
+    assert opening is not None
+    start, end = opening
     # 00:30 EDT + 2 real hours = 01:30 EST (the clock showed 01:30 twice that night).
     assert end.astimezone(UTC) - start.astimezone(UTC) == timedelta(hours=2)
     assert (end.hour, end.minute, end.utcoffset()) == (1, 30, timedelta(hours=-5))
@@ -166,8 +174,8 @@ def test_naive_datetimes_are_refused() -> None:
         _window("4:00", "1h").contains(datetime(2024, 5, 2, 4, 30))
 
 
-def test_describe_keeps_the_operators_spelling() -> None:
-    assert _window("thu 4:00", "60m").describe() == 'Reboot window start is "thu 4:00" and length is "60m"'
+def test_the_entry_keeps_the_operators_spelling() -> None:
+    assert _window("thu 4:00", " 60m").text == "thu 4:00 60m"
 
 
 ZONES = [UTC, NEW_YORK, BERLIN, ZoneInfo("Australia/Lord_Howe"), timezone(timedelta(hours=5, minutes=45))]
@@ -179,7 +187,7 @@ DAYS = st.sampled_from(["", "Sun ", "mon ", "TUE ", "Wed ", "thu ", "Fri ", "sat
     day=DAYS,
     hour=st.integers(0, 23),
     minute=st.integers(0, 59),
-    length_minutes=st.integers(0, 167 * 60),
+    length_minutes=st.integers(0, 168 * 60),
     zone=st.sampled_from(ZONES),
     instant=st.datetimes(
         min_value=datetime(2000, 1, 1), max_value=datetime(2037, 12, 31), timezones=st.just(UTC)
@@ -189,10 +197,12 @@ def test_next_opening_properties(
     day: str, hour: int, minute: int, length_minutes: int, zone: object, instant: datetime
 ) -> None:
     limit = 24 * 60 if not day else 168 * 60
-    length = length_minutes % limit
-    window = _window(f"{day}{hour}:{minute:02d}", f"{length}m")
+    length = length_minutes % (limit - 1) + 1
+    window = _window(f"{day}{hour}:{minute:02d}", f"{length}m", zone)  # type: ignore[arg-type]
     now = instant.astimezone(zone)  # type: ignore[arg-type]
-    start, end = window.next_opening(now)
+    opening = window.next_opening(now)
+    assert opening is not None
+    start, end = opening
     assert start.astimezone(UTC) >= now.astimezone(UTC)
     assert end.astimezone(UTC) - start.astimezone(UTC) == timedelta(minutes=length)
     assert window.contains(start)
@@ -201,7 +211,7 @@ def test_next_opening_properties(
     # Nothing opens between now and the next opening.
     just_before = (start.astimezone(UTC) - timedelta(microseconds=1)).astimezone(zone)  # type: ignore[arg-type]
     if just_before.astimezone(UTC) >= now.astimezone(UTC):
-        assert window.next_opening(just_before) == (start, end)
+        assert window.next_opening(just_before) == opening
     current = window.current(now)
     if current is not None:
         assert current[0].astimezone(UTC) <= now.astimezone(UTC) <= current[1].astimezone(UTC)
