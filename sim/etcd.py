@@ -176,7 +176,13 @@ class EtcdCluster:
     # -- queries ---------------------------------------------------------------------------------------------
 
     def _context(self) -> ssl.SSLContext | None:
-        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else None
+        """The cluster's CA, and its client certificate when it has one (for members that ask for it)."""
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        if self.tls.client_cert_file is not None and self.tls.client_key_file is not None:
+            context.load_cert_chain(self.tls.client_cert_file, self.tls.client_key_file)
+        return context
 
     def _open(self, url: str, body: dict[str, Any] | None, timeout: float) -> Any:
         """urlopen ``url`` (POSTing ``body`` as JSON when given) with the cluster's CA."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from locksmithd import ctl
 from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends.etcd import line, ops, waiter
 from locksmithd.backends.etcd.backend import EtcdLockBackend
@@ -936,6 +937,31 @@ def test_ca_only_tls(tmp_path: Path) -> None:
             untrusted.get()
     finally:
         cluster.stop_all()
+
+
+async def test_client_certificates_with_both_clients(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """etcd asking every client for a certificate from its CA: the daemon's asyncio client and locksmithctl's
+    blocking one present theirs; without one, the refusal names the endpoint."""
+    tls = make_server_tls(tmp_path / "pki", "test etcd CA", client=True)
+    assert tls.client_cert_file is not None and tls.client_key_file is not None
+    with EtcdCluster(
+        1, tmp_path / "etcd-mtls", tls=tls, extra_args=["--client-cert-auth", "--trusted-ca-file", str(tls.ca_file)]
+    ) as cluster:
+        files = {
+            "ca_file": str(tls.ca_file), "cert_file": str(tls.client_cert_file), "key_file": str(tls.client_key_file)
+        }
+        node = EtcdLockBackend(EtcdSettings(endpoints=tuple(cluster.endpoints), **files))
+        assert await node.reachable()
+        await asyncio.wait_for(node.acquire("mtls-node"), SETTLE)
+        await node.close()
+        flags = ["-endpoint", cluster.endpoints[0], "-etcd-cafile", files["ca_file"], "-etcd-certfile",
+                 files["cert_file"], "-etcd-keyfile", files["key_file"]]  # fmt: skip
+        assert ctl.main([*flags, "status"]) == 0
+        assert "mtls-node" in capsys.readouterr().out
+        anonymous = EtcdLockBackend(EtcdSettings(endpoints=tuple(cluster.endpoints), ca_file=str(tls.ca_file)))
+        with pytest.raises(LockBackendUnavailable, match=cluster.endpoints[0]):
+            await asyncio.wait_for(anonymous.acquire("x"), SETTLE)
+        await anonymous.close()
 
 
 def test_username_and_password(etcd_single: EtcdCluster) -> None:

@@ -7,9 +7,11 @@ import contextlib
 import select
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from coreos_common.http1 import HttpUnreachable, ResponseTooLarge
 from coreos_common.http_async import HttpClient
 from coreos_common.http_sync import SyncHttpClient
 from sim.ports import free_port
+from sim.tls import make_server_tls
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +42,10 @@ class Handler(socketserver.BaseRequestHandler):
     server: Scripted
 
     def handle(self) -> None:
+        with contextlib.suppress(OSError):  # a client going away mid-request is not the server's failure
+            self._serve()
+
+    def _serve(self) -> None:
         self.server.connections += 1
         sock: socket.socket = self.request
         buffer = b""
@@ -265,3 +272,48 @@ async def test_http_proxy_from_the_environment(server: Scripted, proxy: Proxy) -
             await refusing.request("GET", named)
     finally:
         await refusing.close()
+
+
+class TlsScripted(Scripted):
+    """The scripted server over TLS (a certificate from sim.tls's throw-away CA)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True), address
+
+
+async def test_https_through_a_proxy_tunnel(proxy: Proxy, tmp_path: Path) -> None:
+    """An https origin behind ``https_proxy``: a CONNECT tunnel, then TLS with the origin itself."""
+    tls = make_server_tls(tmp_path / "pki")
+    server = TlsScripted(tls.server_context())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def trusting() -> ssl.SSLContext:
+        # The certificate names 127.0.0.1 and the request names etcd.test (only the proxy knows it).
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+        context.check_hostname = False
+        return context
+
+    url = f"https://etcd.test:{server.server_address[1]}/echo"
+    env = {"https_proxy": proxy.url}
+    try:
+        client = HttpClient(environ=env, ssl_context=trusting)
+        try:
+            assert (await client.request("POST", url, body=b"tunnelled")).body == b"tunnelled"
+            assert (await client.request("POST", url, body=b"again")).body == b"again"  # the tunnel is kept
+        finally:
+            await client.close()
+        sync = SyncHttpClient(environ=env, ssl_context=trusting)
+        try:
+            assert sync.request("POST", url, body=b"sync tunnelled").body == b"sync tunnelled"
+        finally:
+            sync.close()
+        assert proxy.asked == [f"CONNECT etcd.test:{server.server_address[1]} HTTP/1.1"] * 2
+    finally:
+        server.shutdown()
+        server.server_close()
