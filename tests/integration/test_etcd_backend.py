@@ -19,6 +19,7 @@ from locksmithd import ctl
 from locksmithd.backends import LockBackendError, LockBackendUnavailable, LockPhase, LockProgress
 from locksmithd.backends.etcd import line, ops, waiter
 from locksmithd.backends.etcd.backend import EtcdLockBackend
+from locksmithd.backends.etcd.client import LeaseKeeper
 from locksmithd.backends.etcd.gateway import EtcdUnavailable, range_request
 from locksmithd.backends.etcd.sync import SyncEtcdClient
 from locksmithd.backends.etcd.waiter import AtFront, Following, InLine, Tuning
@@ -717,6 +718,41 @@ async def test_a_waiter_whose_lease_is_revoked_joins_again(shared_etcd: EtcdClus
     assert store.line_keys() == []
     for node in (first, second):
         await node.close()
+    store.close()
+
+
+async def test_a_lease_that_expired_before_the_line_put_is_replaced(
+    shared_etcd: EtcdCluster, group: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node starved for a whole TTL puts its line key under a lease etcd no longer has: it takes a new lease
+    and queues, instead of taking the refusal for a line etcd does not allow."""
+    settings = settings_for(shared_etcd, group)
+    store = Store(settings)
+    assert store.try_acquire("a").acquired
+    expired = store.grant_lease(60)
+    store.revoke_lease(expired)
+    original = LeaseKeeper.fresh
+    handed_out: list[int] = []
+
+    async def stale_first(keeper: LeaseKeeper) -> int:
+        if not handed_out:
+            keeper.lease = expired
+            handed_out.append(expired)
+            return expired
+        lease = await original(keeper)
+        handed_out.append(lease)
+        return lease
+
+    monkeypatch.setattr(LeaseKeeper, "fresh", stale_first)
+    waiter = backend(settings)
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(waiter.acquire("w"))
+        await until_true(lambda: isinstance(waiter.phase, AtFront), "w at the front of the line")
+    assert "refuses the waiting line" not in caplog.text
+    assert len(handed_out) == 2 and store.lease_of("w") == handed_out[1]
+    assert store.release("a")
+    await asyncio.wait_for(task, SETTLE)
+    await waiter.close()
     store.close()
 
 

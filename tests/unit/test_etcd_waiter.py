@@ -237,3 +237,24 @@ def test_events_that_cannot_happen_are_reported_as_bugs() -> None:
     w.start()
     with pytest.raises(ProtocolViolation, match="Left cannot happen while reading"):
         w.handle(Left(), 0.0)
+
+
+def test_a_lease_lost_while_joining_joins_with_a_new_one() -> None:
+    """The lease expired between its grant and the line put (a node starved of CPU for a whole TTL)."""
+    w = waiter()
+    w.start()
+    full = snap(1, "a")
+    assert w.handle(KeyRead(full), 0.0) == JoinLine(1)
+    assert w.handle(LeaseLost(), 0.0) == JoinLine(1)
+    assert isinstance(w.phase, Joining)
+
+
+def test_a_lease_lost_after_leaving_the_line_changes_nothing() -> None:
+    """A node that fell back to following the key has no place to lose: it keeps following."""
+    w = waiter()
+    w.start()
+    full = snap(1, "a")
+    w.handle(KeyRead(full), 0.0)
+    w.handle(LineRefused("permission denied"), 0.0)
+    assert w.handle(LeaseLost(), 1.0) == FollowKey(full.revision, None)
+    assert isinstance(w.phase, Following)

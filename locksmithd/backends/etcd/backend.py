@@ -101,6 +101,9 @@ class _Wait:
                 try:
                     lease = await self.lease.fresh()
                     joined = await client.run(line.join_line(session, keys, self.waiter.machine_id, lease, read_ahead))
+                except line.LeaseGone:
+                    self.lease.lost.set()  # expired before the put arrived: the next join takes a new one
+                    return LeaseLost()
                 except line.LineRefused as exc:
                     return await self.refused(exc)
                 return LineJoined(*joined)
@@ -147,7 +150,8 @@ class _Wait:
         idle = self.backend.watch_idle_timeout
         timeout = idle if until is None else min(idle, max(0.0, until - time.monotonic()))
         reading = asyncio.ensure_future(watch.next(timeout))
-        lost = asyncio.ensure_future(self.lease.lost.wait())
+        # Only a wait in line can lose its place; a node that left the line has no lease to lose.
+        lost = asyncio.ensure_future(self.lease.lost.wait() if self.lease.lease else asyncio.Event().wait())
         try:
             done, _ = await asyncio.wait({reading, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:

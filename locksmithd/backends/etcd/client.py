@@ -216,6 +216,8 @@ class LeaseKeeper:
                 continue
             try:
                 alive = await self._client.run(line.keep_lease_alive(self._client.session, self.lease))
+            except line.LeaseGone:
+                alive = False
             except LockBackendError as exc:
                 log.debug("could not renew lease %x: %s", self.lease, exc)
                 continue
@@ -239,3 +241,4 @@ class LeaseKeeper:
         if revoke and self.lease:
             await self._revoke(self.lease)
         self.lease = 0
+        self.lost.clear()

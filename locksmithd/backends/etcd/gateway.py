@@ -42,8 +42,8 @@ API_PREFIX = "/v3/"
 MAX_ANSWER = 4 << 20
 # How much of a message from an answer goes into an error.
 _QUOTE = 200
-# Statuses meaning "this member cannot serve now" (no leader, timeout, overloaded): another one may.
-UNAVAILABLE_STATUSES = frozenset({408, 500, 502, 503, 504})
+# Statuses meaning "this member cannot serve now" (no leader, timeout, too many requests): another one may.
+UNAVAILABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 T = TypeVar("T")
 

@@ -10,6 +10,7 @@ is LineRefused, after which a node waits without the line.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -35,11 +36,18 @@ class LineRefused(LockBackendError):
     """etcd refuses the waiting line's requests (no lease API, or no permission on the line's keys)."""
 
 
+class LeaseGone(LockBackendError):
+    """The lease a request named no longer exists (it expired before the request arrived): take a new one."""
+
+
 def _line_call(session: GatewaySession, path: str, body: dict[str, object]) -> Procedure[dict[str, object]]:
-    """A call for the line: a refusal (no such API on an old etcd, no permission) is LineRefused."""
+    """A call for the line. A lease that has expired meanwhile is LeaseGone; any other refusal (no such API
+    on an old etcd, no permission on the line's keys) is LineRefused."""
     try:
         return (yield from session.call(path, body))
     except EtcdRefused as exc:
+        if "lease not found" in exc.reason:
+            raise LeaseGone(str(exc)) from None
         raise LineRefused(str(exc)) from None
 
 
@@ -64,11 +72,8 @@ def keep_lease_alive(session: GatewaySession, lease: int) -> Procedure[bool]:
 
 def revoke_lease(session: GatewaySession, lease: int) -> Procedure[None]:
     """Revoke the lease, which deletes the line key under it; a lease already gone is fine."""
-    try:
+    with contextlib.suppress(LeaseGone):
         yield from _line_call(session, "lease/revoke", {"ID": lease})
-    except LineRefused as exc:
-        if "lease not found" not in str(exc):
-            raise
 
 
 @dataclass(frozen=True)

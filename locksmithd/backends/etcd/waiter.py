@@ -328,8 +328,10 @@ class Waiter:
         if isinstance(event, LineRefused) and isinstance(phase, Joining | Placing):
             self.line_allowed = False
             return self._follow(Following(phase.seen, self.tuning.handoff_jitter), phase.seen, now)
-        if isinstance(event, LeaseLost) and isinstance(phase, Placing | InLine | AtFront):
+        if isinstance(event, LeaseLost) and isinstance(phase, Joining | Placing | InLine | AtFront):
             return self._join(phase.seen)
+        if isinstance(event, LeaseLost) and isinstance(phase, Following):
+            return FollowKey(phase.seen.revision, phase.deadline)  # no place in line to lose
         match phase, event:
             case Reading(), KeyRead(now=snapshot):
                 return self._first_look(snapshot)
