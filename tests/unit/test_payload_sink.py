@@ -10,6 +10,7 @@ import os
 import subprocess
 import threading
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from tests.conftest import require_tool
 from update_engine.errors import ErrorCode
 from update_engine.payload import sink as sink_module
 from update_engine.payload import update_metadata_pb2 as pb
-from update_engine.payload.format import PayloadError, parse_header, parse_manifest
+from update_engine.payload.executor import Executor
+from update_engine.payload.format import OperationData, PayloadError, parse_header, parse_manifest
 from update_engine.payload.generate import generate_full_payload
 from update_engine.payload.sink import PayloadSink
 from update_engine.payload.target import BoundedFile, WriteTarget
@@ -162,6 +164,32 @@ def test_one_byte_at_a_time(tmp_path: Path) -> None:
     _apply(built.data, target, chunk=1)
     assert _partition(target, 3 * B) == image
 
+
+
+def test_operations_finishing_out_of_order_are_hashed_in_partition_order(
+    generated: Generated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers, and the first operation ends only after the second: the partition, and its hash taken from
+    what was written, are still right."""
+    monkeypatch.setattr(sink_module, "usable_cpus", lambda: 2)
+    second_done = threading.Event()
+    workers_seen: set[str] = set()
+    real = Executor.execute
+
+    def execute(self: Executor, event: OperationData, on_data: Callable[[memoryview], None] | None = None) -> None:
+        workers_seen.add(threading.current_thread().name)
+        if event.op_index == 0:
+            assert second_done.wait(30), "operation 1 never ran beside operation 0"
+        real(self, event, on_data)
+        if event.op_index == 1:
+            second_done.set()
+
+    monkeypatch.setattr(Executor, "execute", execute)
+    target = _disk(tmp_path / "disk.img", len(generated.image))
+    result = _apply(generated.payload, target)
+    assert result.partition_sha256 == hashlib.sha256(generated.image).digest()
+    assert _partition(target, len(generated.image)) == generated.image
+    assert workers_seen == {"payload-worker-0", "payload-worker-1"}
 
 def test_kernel_is_skipped_without_a_kernel_path(generated: Generated, tmp_path: Path) -> None:
     target = _disk(tmp_path / "disk.img", len(generated.image))

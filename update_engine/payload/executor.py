@@ -25,7 +25,7 @@ from update_engine.payload.format import SPARSE_HOLE, Destination, OperationData
 from update_engine.payload.target import BoundedFile
 
 # Largest piece produced by one bzip2 decompression step.
-PIECE = 1024 * 1024
+PIECE = 256 * 1024
 
 DataCallback = Callable[[memoryview], None]
 
@@ -89,6 +89,10 @@ class Executor:
     partition: BoundedFile | None
     kernel: BoundedFile | None
     block_size: int
+
+    def output_size(self, event: OperationData) -> int:
+        """Bytes the operation writes, holes included: what it may make its ``on_data`` hold."""
+        return sum(extent.num_blocks for extent in event.op.dst_extents) * self.block_size
 
     def execute(self, event: OperationData, on_data: DataCallback | None = None) -> None:
         """Apply one operation; ``on_data`` gets what it writes to the partition (see the module rules)."""

@@ -5,28 +5,35 @@ Theory of operation
 The downloader hands the payload's bytes in order to :meth:`PayloadSink.write` (from a thread) or
 :meth:`PayloadSink.write_async` (from the event loop, which then never blocks: it only queues a reference and,
 when the pipeline is full, awaits room). Chunks are not copied: one bounded fan-out queue shows every chunk to
-two threads, each at its own pace, and a third hashes the partition:
+two threads, each at its own pace:
 
 * the **digest** thread feeds :class:`~update_engine.payload.digest.PayloadDigest` (the whole payload's SHA-256
   and the signed part's);
 * the **apply** thread feeds :class:`~update_engine.payload.format.PayloadStreamParser` one unit at a time. The
   parser hands out each operation once its data blob is complete and matches its SHA-256 (a blob split across
-  network chunks is assembled in a buffer from a small pool), and the thread runs it with the
-  :class:`~update_engine.payload.executor.Executor`. Nothing reaches the target before its operation's hash
-  matched, and every write goes through the bounded window of the target;
-* the **partition-hash** thread feeds :class:`~update_engine.payload.digest.PartitionDigest` the bytes written,
-  in order, when the payload writes the partition from block 0 upward (every full payload does), and gives the
-  pool's buffers back once hashed. Otherwise (MOVE, holes, any other order) the partition is read back at the
-  end.
+  network chunks is assembled in a buffer from a small pool). Nothing reaches the target before its operation's
+  hash matched, and every write goes through the bounded window of the target.
 
-hashlib (for buffers over 2 KiB), bz2 and ``os.pwrite`` release the GIL, so the three threads really run in
-parallel; the Python work per chunk is a few queue operations.
+What happens to an operation then depends on the payload. A full payload writes the partition from block 0
+upward, each block once (every full payload does; validation refuses a block written twice): its operations are
+independent, so the apply thread queues them to the **workers**, one per CPU update-engine may use (its affinity
+and its cgroup's ``CPUQuota=``, at most :data:`MAX_WORKERS`), which decompress and write them in parallel with
+the :class:`~update_engine.payload.executor.Executor`. What they write goes through an
+:class:`~update_engine.payload.pipeline.OrderedWindow` to the **partition-hash** thread, which feeds
+:class:`~update_engine.payload.digest.PartitionDigest` in partition order whatever order the operations finish
+in. An operation reserves its output's size in the window before it is queued, so the bytes in flight are
+bounded (:data:`WINDOW_BYTES`) however many operations there are. Any other payload (MOVE, holes, any order)
+runs its operations one by one in the apply thread, and the partition is read back at the end.
+
+hashlib (for buffers over 2 KiB), bz2 and ``os.pwrite`` release the GIL, so the threads really run in parallel;
+the Python work per chunk is a few queue operations.
 
 Who owns what: the caller's thread owns the sink's phase, the byte count and the small-chunk buffer; each thread
-owns the object it feeds (the apply thread also the manifest, the executor and the kernel file, until it ends);
-:meth:`close` reads them after joining the threads. The only state the threads share is the queue, the pool,
-the partition queue (each with its own lock) and the failure slot: the first failure anywhere is kept,
-everything is stopped, and every later call raises it (:meth:`_fail`, the one place failures are handled).
+owns the object it feeds (the apply thread also the manifest, the executor and the kernel file, until it ends;
+the workers only run the executor, which has no state of its own); :meth:`close` reads them after joining the
+threads. The only state the threads share is the queues, the pool and the window (each with its own lock) and
+the failure slot: the first failure anywhere is kept, everything is stopped, and every later call raises it
+(:meth:`_fail`, the one place failures are handled).
 
 At :meth:`close`, the checks of :mod:`update_engine.payload.verify` run in their documented order; errors found
 while streaming (operation hashes, malformed manifest, extents outside the partition…) end the attempt at once.
@@ -61,7 +68,14 @@ from update_engine.payload.format import (
     summarize_manifest,
     writes_sequentially,
 )
-from update_engine.payload.pipeline import BufferPool, FanOut, Stopped
+from update_engine.payload.pipeline import (
+    BufferPool,
+    FanOut,
+    OrderedWindow,
+    Stopped,
+    return_freed_blocks_to_the_kernel,
+    usable_cpus,
+)
 from update_engine.payload.target import BoundedFile, KernelFile, WriteTarget
 from update_engine.payload.verify import VerifiedPayload
 
@@ -69,11 +83,14 @@ log = logging.getLogger(__name__)
 
 # Bytes in flight between the downloader and the slower of the digest and apply threads. Small enough for flat
 # memory, large enough to ride out scheduling jitter. The async writer is woken when half of it is free again.
-QUEUE_BYTES = 4 * 1024 * 1024
-# Bytes written but not yet hashed by the partition-hash thread (references, not copies).
-PARTITION_QUEUE_BYTES = 4 * 1024 * 1024
+QUEUE_BYTES = 2 * 1024 * 1024
+# Output of the operations queued to the workers and not yet hashed (for a REPLACE, its blob): enough to keep the
+# workers busy when operations finish out of order; one operation larger than this runs alone.
+WINDOW_BYTES = 3 * 1024 * 1024
 # Reused buffers that assemble operation blobs split across chunks; one blob may exceed it (it is then the only one).
-POOL_BYTES = 4 * 1024 * 1024
+POOL_BYTES = 2 * 1024 * 1024
+# Workers at most, whatever the CPUs: each bzip2 decompression holds ~3.6 MiB of tables while it runs.
+MAX_WORKERS = 4
 # Chunks smaller than this are gathered before being queued: per-item costs (locks, calls) dominate below it.
 _COALESCE_BELOW = 64 * 1024
 _COALESCE_TARGET = 256 * 1024
@@ -95,10 +112,11 @@ class _Phase(enum.Enum):
 
 
 @dataclass(frozen=True)
-class _GiveBack:
-    """Queued behind the data it covers: the partition-hash thread returns ``buffer`` to the pool."""
+class _Job:
+    """An operation queued to the workers; ``seq`` is its place in the window (None: nothing to hash)."""
 
-    buffer: bytearray
+    event: OperationData
+    seq: int | None
 
 
 def _as_payload_error(exc: BaseException) -> PayloadError:
@@ -155,6 +173,7 @@ class PayloadSink:
         self._expected_sha256_b64 = expected_sha256_b64
         self._kernel_path = kernel_path
         self._target = target.open() if target is not None else None
+        return_freed_blocks_to_the_kernel()
 
         # The caller's.
         self._phase = _Phase.STREAMING
@@ -166,7 +185,8 @@ class PayloadSink:
 
         self._chunks: FanOut[Chunk] = FanOut(QUEUE_BYTES, consumers=2)
         self._pool = BufferPool(POOL_BYTES)
-        self._written: FanOut[memoryview | _GiveBack] = FanOut(PARTITION_QUEUE_BYTES)
+        self._jobs: FanOut[_Job] = FanOut(0)  # bounded by the window and the pool, not by itself
+        self._window: OrderedWindow[memoryview] = OrderedWindow(WINDOW_BYTES)
         # The digest thread's.
         self._digest = PayloadDigest()
         # The apply thread's (set up when the manifest arrives).
@@ -184,10 +204,15 @@ class PayloadSink:
         # The partition-hash thread's, handed over by the apply thread before the first written byte.
         self._partition_digest: PartitionDigest | None = None
 
+        workers = min(usable_cpus(), MAX_WORKERS)
         self._threads = [
             threading.Thread(target=self._run, args=(self._apply_loop,), name="payload-apply", daemon=True),
             threading.Thread(target=self._run, args=(self._digest_loop,), name="payload-digest", daemon=True),
             threading.Thread(target=self._run, args=(self._hash_loop,), name="payload-partition-hash", daemon=True),
+            *(
+                threading.Thread(target=self._run, args=(self._work_loop,), name=f"payload-worker-{n}", daemon=True)
+                for n in range(workers)
+            ),
         ]
         for thread in self._threads:
             thread.start()
@@ -309,7 +334,8 @@ class PayloadSink:
 
     def _stop(self) -> None:
         self._chunks.stop()
-        self._written.stop()
+        self._jobs.stop()
+        self._window.stop()
         self._pool.stop()
 
     def _raise_failure(self) -> None:
@@ -358,15 +384,26 @@ class PayloadSink:
                             self._signature_blob = event.data
                     view = view[take:]
         finally:
-            self._written.finish()
+            self._jobs.finish()
+            self._window.finish()
+
+    def _work_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            assert self._executor is not None
+            event, seq = job.event, job.seq
+            if seq is None:
+                self._executor.execute(event)
+            else:
+                self._executor.execute(event, functools.partial(self._window.add, seq))
+            if event.buffer is not None and (seq is None or event.op.type != pb.InstallOperation.REPLACE):
+                self._pool.release(event.buffer)  # nothing queued for hashing points into it
+            if seq is not None:
+                self._window.done(seq)
 
     def _hash_loop(self) -> None:
-        while (item := self._written.get()) is not None:
-            if isinstance(item, _GiveBack):
-                self._pool.release(item.buffer)
-            else:
-                assert self._partition_digest is not None
-                self._partition_digest.update(item)
+        while (piece := self._window.get()) is not None:
+            assert self._partition_digest is not None
+            self._partition_digest.update(piece)
         if self._partition_digest is not None:
             self._partition_digest.flush()
 
@@ -411,19 +448,24 @@ class PayloadSink:
         )
 
     def _execute(self, event: OperationData) -> None:
+        """Run ``event`` here (a payload whose operations depend on each other) or queue it to the workers."""
         assert self._executor is not None
-        hashed = self._in_order and event.destination is Destination.PARTITION
-        self._executor.execute(event, self._hash_written if hashed else None)
-        if event.buffer is not None:
-            if hashed:
-                # The partition-hash thread may still hold views of the buffer: it gives it back when done.
-                if not self._written.put(_GiveBack(event.buffer), 0):
-                    raise Stopped()
-            else:
+        if not self._in_order:
+            self._executor.execute(event)
+            if event.buffer is not None:
                 self._pool.release(event.buffer)
-
-    def _hash_written(self, data: memoryview) -> None:
-        if not self._written.put(data, len(data)):
+            return
+        seq = None
+        if event.destination is Destination.PARTITION:
+            buffer = event.buffer
+            # A REPLACE's pieces are views of its blob: the blob's buffer goes back once they are hashed.
+            give_back = (
+                functools.partial(self._pool.release, buffer)
+                if buffer is not None and event.op.type == pb.InstallOperation.REPLACE
+                else None
+            )
+            seq = self._window.reserve(self._executor.output_size(event), give_back)
+        if not self._jobs.put(_Job(event, seq), 0):
             raise Stopped()
 
     # --- the final checks -----------------------------------------------------------------------------------------
