@@ -71,7 +71,7 @@ class SyncHttpClient:
         target = proxy.origin if proxy is not None else origin
         sock: socket.socket | None = None
         try:
-            sock = socket.create_connection((target.host, target.port), timeout=_left(deadline))
+            sock = _connect(target.host, target.port, deadline)
             if proxy is not None and origin.scheme == "https":
                 sock.sendall(tunnel_request(origin, proxy))
                 tunnel = WholeResponseReader(method="CONNECT", max_body=0)
@@ -141,6 +141,23 @@ class SyncHttpClient:
             with contextlib.suppress(OSError):
                 sock.close()
         self._idle.clear()
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """``socket.create_connection``, but an ASCII host goes to getaddrinfo as bytes: as text it is first
+    encoded with the IDNA codec, whose import (unicodedata, stringprep) costs a command more than its request."""
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    failure: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+    raise failure if failure is not None else OSError(f"{host} has no address")
 
 
 def _left(deadline: float) -> float:
