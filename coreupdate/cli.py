@@ -22,13 +22,13 @@ from pathlib import Path
 from coreos_common import logs
 from coreupdate import accounts
 from coreupdate.cliutil import EXIT_UNREACHABLE, EXIT_USAGE, CliError, run_cli
-from coreupdate.server import DAY, Server, ServerConfig, serve
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage.accounts import AccountStore
 from coreupdate.storage.migrations import SchemaTooNew
 from coreupdate.storage.store import Conflict, NotFound, Store
 
 PROG = "coreupdate"
+DAY = 86400.0
 DEFAULT_DATA_DIR = Path("/var/lib/coreupdate")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -113,6 +113,10 @@ def _seconds(value: str) -> float:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here: the server's modules (aiohttp, the API, the dashboard) cost seconds on a busy machine, and
+    # the administration commands do not need them.
+    from coreupdate.server import Server, ServerConfig, serve
+
     host, port = _listen(args.listen)
     key = None
     if args.payload_public_key:

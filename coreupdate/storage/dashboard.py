@@ -4,11 +4,13 @@ never by loading instances into Python.  Synchronous, one connection each; times
 The shapes of the fleet that matter here:
 
 * ``fleet_counts``: per group, version and status, how many instances there are, how many checked in during
-  the last day and during the last hour: one scan of the ``instances_group_versions`` index gives the overview's
+  the last day and during the last hour: one scan of the ``instances_group_version_order`` index gives the overview's
   progress bars and status counts, the group page's status chart and the live point of its versions chart;
 * ``errors_since``: failed and rolled-back reports per group since a time (``events_status_at``);
 * ``instance_page``: one page of a group's instances, filtered and sorted in the database, with the count of all
-  matching rows for the pager (the sort columns have indexes that start with ``group_id``);
+  matching rows for the pager: each sort follows an index that starts with ``group_id`` and ends with
+  ``machine_id``, so the page's keys come from the index alone however deep the page (a "deferred join"), then
+  only those rows are read;
 * an instance's history: its events, and its grants (``grants``).
 """
 
@@ -82,11 +84,12 @@ class InstanceSort(enum.StrEnum):
     STATUS = "status"
 
 
+# Each sort is the column order of an index that starts with group_id and ends with machine_id (a total order).
 _SORT_COLUMNS = {
-    InstanceSort.LAST_CHECK: instances.c.last_check_at,
-    InstanceSort.MACHINE: instances.c.machine_id,
-    InstanceSort.VERSION: instances.c.version,
-    InstanceSort.STATUS: instances.c.status,
+    InstanceSort.LAST_CHECK: (instances.c.last_check_at, instances.c.machine_id),
+    InstanceSort.MACHINE: (instances.c.machine_id,),
+    InstanceSort.VERSION: (instances.c.version, instances.c.status, instances.c.last_check_at, instances.c.machine_id),
+    InstanceSort.STATUS: (instances.c.status, instances.c.machine_id),
 }
 
 
@@ -160,16 +163,17 @@ class DashboardQueries:
             conditions.append(instances.c.version == q.version)
         if q.status is not None:
             conditions.append(instances.c.status == int(q.status))
-        column = _SORT_COLUMNS[q.sort]
-        order = [column.desc() if q.descending else column.asc()]
-        if q.sort is not InstanceSort.MACHINE:
-            order.append(instances.c.machine_id.asc())
+        order = [c.desc() if q.descending else c.asc() for c in _SORT_COLUMNS[q.sort]]
         with self.engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(instances).where(*conditions)).scalar_one()
-            rows = conn.execute(
-                sa.select(instances).where(*conditions).order_by(*order).limit(q.limit).offset(q.offset)
-            ).all()
-        return InstanceRows(int(total), [instance_json(r) for r in rows])
+            # The page's keys from the index alone (however deep the offset), then those rows.
+            keys = conn.execute(
+                sa.select(instances.c.machine_id).where(*conditions).order_by(*order).limit(q.limit).offset(q.offset)
+            ).scalars().all()
+            rows = conn.execute(sa.select(instances).where(
+                instances.c.group_id == q.group_id, instances.c.machine_id.in_(keys))).all() if keys else []
+        by_key = {r.machine_id: r for r in rows}
+        return InstanceRows(int(total), [instance_json(by_key[k]) for k in keys if k in by_key])
 
     def instance_grants(self, app_id: str, machine_id: str, limit: int = 100) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

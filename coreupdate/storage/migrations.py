@@ -89,9 +89,25 @@ def _step_2_dashboard(conn: Connection) -> None:
                 index.create(conn, checkfirst=True)
 
 
+_STEP_3_DROPPED = ("instances_group_versions", "instances_group_last_check")
+_STEP_3_INDEXES = (
+    "instances_group_version_order", "instances_group_check_order", "instances_group_status_order",
+    "instances_group_machine",
+)
+
+
+def _step_3_instance_orders(conn: Connection) -> None:
+    for name in _STEP_3_DROPPED:  # step 2 made them on databases that had step 1 before this step existed
+        conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+    for index in schema.instances.indexes:
+        if index.name in _STEP_3_INDEXES:
+            index.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "tables, the CoreOS application, channels and groups stable/beta/alpha", _step_1_initial),
     (2, "grants history, dashboard users and sessions, indexes for the dashboard's aggregates", _step_2_dashboard),
+    (3, "instance indexes ending with machine_id: dashboard pages from the index alone", _step_3_instance_orders),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -16,8 +16,9 @@ Conventions, for everything that reads these tables (the API, the dashboard):
   self-describing scrypt text of ``coreupdate/accounts.py``) and ``web_sessions`` their signed-in browsers (only the
   SHA-256 of the session cookie is stored, with the session's CSRF token and its expiry).
 
-Indexes serve the dashboard's aggregates (see ``storage/dashboard.py``): ``instances_group_versions`` covers the
-per-group counts by version and status and the "seen in the last day" sums without reading the table.
+Indexes serve the dashboard's aggregates (see ``storage/dashboard.py``): ``instances_group_version_order`` covers
+the per-group counts by version and status and the "seen in the last day" sums without reading the table, and
+with the other ``instances_group_*_order`` indexes gives the instance table's pages from the index alone.
 
 Migrations (``migrations.py``) create and change these tables; a change here comes with a migration there.
 """
@@ -108,9 +109,12 @@ instances = sa.Table(
     sa.Index("instances_group_status", "group_id", "status"),
     sa.Index("instances_last_check", "last_check_at"),
     sa.Index("instances_status", "status"),
-    # Migration 2: the dashboard's aggregates and its instance table's sort orders.
-    sa.Index("instances_group_versions", "group_id", "version", "status", "last_check_at"),
-    sa.Index("instances_group_last_check", "group_id", "last_check_at"),
+    # Migration 3: the dashboard's aggregates and its instance table's sort orders, each ending with machine_id
+    # so a page is read from the index alone, in a total order, however deep (see storage/dashboard.py).
+    sa.Index("instances_group_version_order", "group_id", "version", "status", "last_check_at", "machine_id"),
+    sa.Index("instances_group_check_order", "group_id", "last_check_at", "machine_id"),
+    sa.Index("instances_group_status_order", "group_id", "status", "machine_id"),
+    sa.Index("instances_group_machine", "group_id", "machine_id"),
 )
 
 events = sa.Table(

@@ -8,6 +8,7 @@ checked (an unknown status or sort is a 400 page that says which value is wrong)
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,11 @@ from aiohttp import web
 
 from coreupdate import validation
 from coreupdate.model import Group, InstanceStatus
-from coreupdate.storage.dashboard import DAY, GroupCounts, InstanceQuery, InstanceSort
+from coreupdate.storage.dashboard import DAY, GroupCounts, InstanceQuery, InstanceRows, InstanceSort
 from coreupdate.storage.store import NotFound
 from coreupdate.validation import ValidationError
 from coreupdate.web import charts, forms, present
-from coreupdate.web.common import Ctx, Dashboard
+from coreupdate.web.common import Ctx, Dashboard, measured
 
 PAGE_SIZE = 50
 TIMELINE_DAYS = 7
@@ -98,9 +99,8 @@ class Pages:
     async def overview(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         catalog = self.server.catalog
         db, q = self.server.db, self.dash.queries
-        counts = await db(q.fleet_counts)
-        errors = await db(q.errors_since, q.clock() - DAY)
-        rollouts = await db(q.rollouts, list(catalog.groups))
+        counts, errors, rollouts = await asyncio.gather(
+            db(q.fleet_counts), db(q.errors_since, q.clock() - DAY), db(q.rollouts, list(catalog.groups)))
         sections = []
         for app in sorted(catalog.apps.values(), key=lambda a: (a.label.lower(), a.id)):
             section = AppSection(app.id, app.label)
@@ -144,17 +144,25 @@ class Pages:
             return self.dash.message(400, "Bad address", str(exc), ctx.session)
         db, q = self.server.db, self.dash.queries
         now = q.clock()
-        counts = (await db(q.fleet_counts, [group.id])).get(group.id)
-        errors = (await db(q.errors_since, now - DAY, [group.id])).get(group.id, 0)
-        rollouts = await db(q.rollouts, [group.id])
-        row = self.group_row(group, counts, errors, rollouts)
-        timeline = await db(self.server.store.version_timeline, group.id, now - TIMELINE_DAYS * DAY, now)
+
+        async def instance_rows() -> InstanceRows:
+            started = time.perf_counter()
+            rows = await db(q.instance_page, iq)
+            measured(request, "instances", started)
+            return rows
+
+        # Independent reads, side by side in the worker threads.
+        all_counts, all_errors, rollouts, timeline, instances, activity = await asyncio.gather(
+            db(q.fleet_counts, [group.id]), db(q.errors_since, now - DAY, [group.id]), db(q.rollouts, [group.id]),
+            db(self.server.store.version_timeline, group.id, now - TIMELINE_DAYS * DAY, now), instance_rows(),
+            db(self.server.store.list_activity, group.app_id, group.id, ACTIVITY_ROWS),
+        )
+        counts = all_counts.get(group.id)
+        row = self.group_row(group, counts, all_errors.get(group.id, 0), rollouts)
         points = _timeline_points(timeline)
         live = counts.versions_seen_hour() if counts else {}
         points.append(charts.TimePoint(now, live))
         series = charts.fold_versions(points)
-        instances = await db(q.instance_page, iq)
-        activity = await db(self.server.store.list_activity, group.app_id, group.id, ACTIVITY_ROWS)
         channels = sorted(name for (app, name) in self.server.catalog.channels if app == group.app_id)
         versions = sorted({r.version for r in counts.rows}) if counts else []
         pages = max(1, math.ceil(instances.total / PAGE_SIZE))
@@ -219,7 +227,3 @@ def _next_order(q: InstanceQuery, sort: str) -> str:
     if q.sort.value == sort:
         return "asc" if q.descending else "desc"
     return "desc" if sort == InstanceSort.LAST_CHECK.value else "asc"
-
-
-def now() -> float:
-    return time.time()
