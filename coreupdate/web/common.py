@@ -6,7 +6,8 @@ Rules, for every route that ``Dashboard.page`` wraps:
    POST is refused (303 to the sign-in page);
 2. a POST must carry the session's CSRF token in its ``csrf_token`` field (compared in constant time), else 403;
 3. a route that changes something (``change=True``) needs the ``admin`` role, else 403 with a page that says so;
-4. the database being away gives a 503 page that says to retry; nothing else shows a traceback.
+4. something that does not exist is a 404 page; the database being away a 503 page that says to retry; any
+   other failure a 500 page (the traceback goes to the journal, never to the browser).
 
 Every answer of a page says how long the server took in a ``Server-Timing`` header (``total``, and what the
 handler measured itself, such as ``instances``).  Every HTML answer carries a strict Content-Security-Policy
@@ -160,13 +161,21 @@ class Dashboard:
                 log.warning("%s %s refused for %s: %s", request.method, request.path,
                             session.user.name if session else "nobody", exc)
                 return self.message(403, "Not allowed", str(exc), session)
+            except web.HTTPNotFound:
+                return self.message(404, "Not found", "There is no such application, group, instance or channel "
+                                                      "(it may have been deleted).", session)
+            except web.HTTPException:
+                raise
             except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-                log.warning("%s %s: database unavailable (%s)", request.method, request.path,
-                            str(exc).splitlines()[0])
-                return self.message(503, "Database unavailable",
-                                    "The update server cannot reach its database. Reload the page in a moment.")
+                if is_unavailable(exc):
+                    log.warning("%s %s: database unavailable (%s)", request.method, request.path,
+                                str(exc).splitlines()[0])
+                    return self.message(503, "Database unavailable",
+                                        "The update server cannot reach its database. Reload the page in a moment.")
+                log.exception("%s %s failed", request.method, request.path)
+                return self.message(500, "Something went wrong",
+                                    f"The server could not show this page ({type(exc).__name__}); the server's "
+                                    "journal has the details.", session)
             total_ms = (time.perf_counter() - started) * 1000
             timings = {**request.get(TIMINGS, {}), "total": total_ms}
             response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items())

@@ -224,3 +224,58 @@ async def test_signing_out_ends_the_session_on_the_server(server: CoreUpdateServ
     async with aiohttp.ClientSession(cookies={"coreupdate_session": session_cookie}) as stranger, \
             stranger.get(server.url + "/", allow_redirects=False) as response:
         assert response.status == 303 and response.headers["Location"].startswith("/login")
+
+
+async def test_unknown_things_are_404_pages(server: CoreUpdateServer, browser: Browser) -> None:
+    await browser.sign_in(*VIEWER)
+    for path in (f"/apps/{COREOS_APP_ID}/groups/no-such-group", "/apps/no-such-app/packages",
+                 f"/apps/{COREOS_APP_ID}/instances/no-such-machine"):
+        page = await browser.get(path, 404)
+        assert "<h1>Not found</h1>" in page and "Traceback" not in page
+
+
+async def test_a_database_outage_is_a_503_page_and_the_dashboard_recovers(tmp_path: Path) -> None:
+    from sim.postgres import PostgresServer
+
+    with PostgresServer() as pg:  # its own server: this test stops it
+        url = pg.create_database("dashboard")
+        done = subprocess.run(coreupdate_command("user", "add", ADMIN[0], "--role", "admin", "--database", url),
+                              input=ADMIN[1] + "\n", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with start_coreupdate(tmp_path / "srv", database=url) as srv:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+                browser = Browser(srv, session)
+                await browser.sign_in(*ADMIN)
+                await browser.get("/")
+                pg.stop()
+                page = await browser.get("/", 503)
+                assert "cannot reach its database" in page and "Traceback" not in page
+                pg.start()
+                for _ in range(200):
+                    if srv.request("GET", "/health")[0] == 200:
+                        break
+                assert "canary" not in await browser.get("/") and srv.process.poll() is None
+
+
+async def test_behind_a_tls_proxy_cookies_are_secure_and_the_address_is_the_clients(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    add_user(data, *ADMIN, "admin")
+    with start_coreupdate(data, extra_args=("--behind-tls-proxy",)) as srv:
+        # The proxy speaks TLS to the browser, which sends Secure cookies back; this client plays both.
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                         headers={"X-Forwarded-For": "203.0.113.7"}) as session:
+            async with session.get(srv.url + "/login") as response:
+                form = await response.text()
+                login_cookie = response.headers["Set-Cookie"]
+            assert "Secure" in login_cookie
+            token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+            assert token is not None
+            async with session.post(srv.url + "/login", allow_redirects=False,
+                                    headers={"Cookie": login_cookie.split(";")[0]},
+                                    data={"csrf_token": token.group(1), "name": ADMIN[0], "password": ADMIN[1],
+                                          "next": "/"}) as response:
+                assert response.status == 303
+                cookie = response.headers.getall("Set-Cookie")
+        session_cookie = next(c for c in cookie if c.startswith("coreupdate_session="))
+        assert "Secure" in session_cookie and "HttpOnly" in session_cookie and "SameSite=Strict" in session_cookie
+        srv.wait_for_log("User alice (admin) signed in from 203.0.113.7")
