@@ -67,6 +67,11 @@ class GroupCounts:
             counts[r.status] += r.instances
         return dict(counts)
 
+    def matching(self, version: str | None, status: InstanceStatus | None) -> int:
+        """How many instances have this version and status (None: any)."""
+        return sum(r.instances for r in self.rows
+                   if (version is None or r.version == version) and (status is None or r.status == status))
+
     def versions_seen_hour(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
         for r in self.rows:
@@ -157,7 +162,9 @@ class DashboardQueries:
             for r in rows
         }
 
-    def instance_page(self, q: InstanceQuery) -> InstanceRows:
+    def instance_page(self, q: InstanceQuery, *, count: bool = True) -> InstanceRows:
+        """A page of instances; ``count=False``: leave ``total`` at -1 (the caller knows it from ``fleet_counts``
+        and saves a second pass over the group)."""
         conditions = [instances.c.group_id == q.group_id]
         if q.version is not None:
             conditions.append(instances.c.version == q.version)
@@ -165,7 +172,10 @@ class DashboardQueries:
             conditions.append(instances.c.status == int(q.status))
         order = [c.desc() if q.descending else c.asc() for c in _SORT_COLUMNS[q.sort]]
         with self.engine.connect() as conn:
-            total = conn.execute(sa.select(sa.func.count()).select_from(instances).where(*conditions)).scalar_one()
+            total = -1
+            if count:
+                total = conn.execute(sa.select(sa.func.count()).select_from(instances).where(*conditions)
+                                     ).scalar_one()
             # The page's keys from the index alone (however deep the offset), then those rows.
             keys = conn.execute(
                 sa.select(instances.c.machine_id).where(*conditions).order_by(*order).limit(q.limit).offset(q.offset)

@@ -32,7 +32,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from coreupdate.storage.accounts import AccountStore, Session
-from coreupdate.storage.dashboard import DashboardQueries
+from coreupdate.storage.dashboard import DashboardQueries, GroupCounts
 from coreupdate.storage.engine import is_unavailable
 from coreupdate.web import present
 
@@ -97,7 +97,24 @@ class Dashboard:
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
             trim_blocks=True, lstrip_blocks=True,
         )
+        self._counts_cache: dict[tuple[str, ...] | None, tuple[float, dict[str, GroupCounts]]] = {}
         self.templates.globals.update(time=_time, error_name=present.error_name, refresh_s=LIVE_REFRESH_S)
+
+    # -- shared reads ------------------------------------------------------------------------------------
+
+    async def fleet_counts(self, request: web.Request, group_ids: list[str] | None) -> dict[str, GroupCounts]:
+        """``DashboardQueries.fleet_counts``; a page's live refresh (``X-Live-Refresh: 1``) may share a result
+        younger than ``LIVE_REFRESH_S`` with the other viewers' refreshes, a page load always asks the database."""
+        key = None if group_ids is None else tuple(sorted(group_ids))
+        live = request.headers.get("X-Live-Refresh") == "1"
+        cached = self._counts_cache.get(key)
+        if live and cached is not None and time.monotonic() - cached[0] < LIVE_REFRESH_S:
+            return cached[1]
+        counts = await self.server.db(self.queries.fleet_counts, group_ids)
+        if len(self._counts_cache) > 1000:
+            self._counts_cache.clear()
+        self._counts_cache[key] = (time.monotonic(), counts)
+        return counts
 
     # -- answers -----------------------------------------------------------------------------------------
 

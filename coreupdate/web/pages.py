@@ -100,7 +100,8 @@ class Pages:
         catalog = self.server.catalog
         db, q = self.server.db, self.dash.queries
         counts, errors, rollouts = await asyncio.gather(
-            db(q.fleet_counts), db(q.errors_since, q.clock() - DAY), db(q.rollouts, list(catalog.groups)))
+            self.dash.fleet_counts(request, None), db(q.errors_since, q.clock() - DAY),
+            db(q.rollouts, list(catalog.groups)))
         sections = []
         for app in sorted(catalog.apps.values(), key=lambda a: (a.label.lower(), a.id)):
             section = AppSection(app.id, app.label)
@@ -147,17 +148,19 @@ class Pages:
 
         async def instance_rows() -> InstanceRows:
             started = time.perf_counter()
-            rows = await db(q.instance_page, iq)
+            rows = await db(q.instance_page, iq, count=False)  # the total comes from the counts
             measured(request, "instances", started)
             return rows
 
         # Independent reads, side by side in the worker threads.
-        all_counts, all_errors, rollouts, timeline, instances, activity = await asyncio.gather(
-            db(q.fleet_counts, [group.id]), db(q.errors_since, now - DAY, [group.id]), db(q.rollouts, [group.id]),
+        all_counts, all_errors, rollouts, timeline, page_rows, activity = await asyncio.gather(
+            self.dash.fleet_counts(request, [group.id]), db(q.errors_since, now - DAY, [group.id]),
+            db(q.rollouts, [group.id]),
             db(self.server.store.version_timeline, group.id, now - TIMELINE_DAYS * DAY, now), instance_rows(),
             db(self.server.store.list_activity, group.app_id, group.id, ACTIVITY_ROWS),
         )
         counts = all_counts.get(group.id)
+        instances = InstanceRows(counts.matching(iq.version, iq.status) if counts else 0, page_rows.rows)
         row = self.group_row(group, counts, all_errors.get(group.id, 0), rollouts)
         points = _timeline_points(timeline)
         live = counts.versions_seen_hour() if counts else {}
