@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from sim.browser import HeadlessChromium
@@ -83,7 +82,9 @@ class Ui:
         assert errors == [], f"JavaScript console errors on {self.d.current_url}: {errors}"
 
     def wait(self, condition: Callable[[WebDriver], object], what: str, timeout: float = WAIT_S) -> None:
-        WebDriverWait(self.d, timeout, poll_frequency=0.2).until(condition, message=f"waiting for {what}")
+        # A document being replaced (a navigation, the live refresh) can fail a probe: probe again.
+        WebDriverWait(self.d, timeout, poll_frequency=0.2, ignored_exceptions=(WebDriverException,)).until(
+            condition, message=f"waiting for {what}")
 
     def text(self) -> str:
         return str(self.d.find_element(By.TAG_NAME, "body").text)
@@ -101,10 +102,17 @@ class Ui:
         self.follow(self.d.find_element(By.ID, element_id))
 
     def follow(self, element: WebElement) -> None:
-        old = self.d.find_element(By.TAG_NAME, "html")
+        """Click, then wait for a new document (the old one's window mark is gone) that has loaded."""
+        self.d.execute_script("window.beforeFollow = true;")
+
+        def loaded(d: WebDriver) -> bool:
+            try:
+                return bool(d.execute_script("return !window.beforeFollow && document.readyState === 'complete';"))
+            except WebDriverException:  # asked while the documents change over
+                return False
+
         element.click()
-        self.wait(expected_conditions.staleness_of(old), "the next page")
-        self.wait(lambda d: d.execute_script("return document.readyState") == "complete", "the page to load")
+        self.wait(loaded, "the next page")
         self.clean()
 
     def sign_in(self, name: str, password: str) -> None:
