@@ -5,7 +5,8 @@ and group it belongs to (``track`` is a group id or name), the package on offer,
 record, and — when the catalog alone can tell — the answer: unknown application or group, no package, up to
 date, paused, outside office hours, or a group-wide refusal the server remembered a moment ago.  Only an
 instance that may get an update costs a database transaction (``Store.try_grant``), which decides under the
-group's lock.  Check-ins and events go to the write-behind queue; the answer does not wait for them.
+group's lock.  Check-ins and events go to the write-behind queue; the answer does not wait for them.  An
+instance a remembered limit held back is marked OnHold by that write, as one refused in the database is at once.
 
 Unknown applications and groups get ``noupdate`` and a warning (once per application and track every ten
 minutes), never an error.  A malformed or oversized body gets HTTP 400 or 413 and is counted; the database
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from coreupdate.catalog import Catalog
@@ -156,8 +157,9 @@ class OmahaService:
                 # A failed attempt ends the grant: the rules decide afresh, not the memory of the grant.
                 self._recent_grants.pop((plan.checkin.app_id, plan.checkin.machine_id), None)
             update: omaha.PayloadOffer | str | None = None
+            checkin = plan.checkin
             if app.update_check:
-                decision = await self._decide(plan)
+                decision, remembered = await self._decide(plan)
                 self._metrics.update_checks.labels(
                     "grant" if isinstance(decision, Grant) else decision.reason.value
                 ).inc()
@@ -165,12 +167,15 @@ class OmahaService:
                     update = payload_offer(plan.package, base_url)
                 else:
                     update = omaha.NOUPDATE
+                    held = remembered and isinstance(decision, Refuse) and decision.on_hold
+                    if held and checkin is not None and plan.package is not None:
+                        checkin = replace(checkin, held_back_from=plan.package.version)
             for record in plan.events:
                 if record.event.result == omaha.EventResult.ERROR:
                     self._metrics.errors.labels(str(record.event.error_code)).inc()
             if plan.checkin is not None or plan.events:
                 await self._writer.wait_room()
-                self._writer.add(plan.checkin if app.update_check or app.ping else None, plan.events)
+                self._writer.add(checkin if app.update_check or app.ping else None, plan.events)
             responses.append(omaha.AppResponse(
                 app_id=app.app_id, ping=app.ping, events=len(app.events), updatecheck=update,
             ))
@@ -184,15 +189,16 @@ class OmahaService:
             self._responses[key] = answer
         return answer
 
-    async def _decide(self, plan: AppPlan) -> Decision:
+    async def _decide(self, plan: AppPlan) -> tuple[Decision, bool]:
+        """The decision, and whether it is a group-wide refusal remembered (the database was not asked)."""
         if plan.unknown:
             self._warn_unknown(plan)
         if plan.answer is not None:
             if plan.answer.reason in (Refusal.PAUSED, Refusal.OUTSIDE_OFFICE_HOURS):
                 regrant = self._regrant(plan)
                 if regrant is not None:
-                    return regrant
-            return plan.answer
+                    return regrant, False
+            return plan.answer, False
         assert plan.group is not None and plan.checkin is not None and plan.package is not None
         group_id = plan.group.id
         remembered = self._refusals.get(group_id)
@@ -200,7 +206,8 @@ class OmahaService:
             refusal, expiry, asking = remembered
             if expiry > time.monotonic() or asking:
                 # Still fresh, or one request is already asking the database: the others keep the answer.
-                return self._regrant(plan) or refusal
+                regrant = self._regrant(plan)
+                return (regrant, False) if regrant is not None else (refusal, True)
             self._refusals[group_id] = (refusal, expiry, True)
         try:
             outcome = await self._grant(plan.checkin, group_id)
@@ -222,7 +229,7 @@ class OmahaService:
             if len(self._recent_grants) >= MAX_RECENT_GRANTS:
                 self._recent_grants.pop(next(iter(self._recent_grants)))
             self._recent_grants[(plan.checkin.app_id, machine)] = decision.version
-            return decision
+            return decision, False
         if decision.reason in GROUP_WIDE_REFUSALS:
             if plan.group.id not in self._refusals:
                 log.info("Group %s: no update for %s (%s): %s %s", plan.group.name, machine, plan.checkin.version,
@@ -231,7 +238,7 @@ class OmahaService:
         if outcome.paused_group:
             log.warning("Group %s paused automatically: %s", plan.group.name, decision.pause_reason)
             self._on_group_paused()
-        return decision
+        return decision, False
 
     def _regrant(self, plan: AppPlan) -> Grant | None:
         if plan.checkin is None or plan.package is None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from coreupdate.model import GroupPolicy, InstanceStatus
+from coreupdate.model import IN_FLIGHT_STATUSES, GroupPolicy, InstanceStatus
 from update_engine.omaha import version_less
 
 _REGRANTABLE = frozenset(
@@ -120,6 +120,15 @@ class Refuse:
 
 
 Decision = Grant | Refuse
+
+
+def marks_on_hold(instance: InstanceView, target_version: str) -> bool:
+    """Whether a refusal that holds instances back (``Refuse.on_hold``) makes this instance OnHold: not while an
+    update is in flight, and not when it rolled back from that very version (rule 3 refuses it for that reason,
+    which a group-wide refusal remembered by the server must not hide)."""
+    if instance.status in IN_FLIGHT_STATUSES or instance.status == InstanceStatus.ON_HOLD:
+        return False
+    return not (instance.status == InstanceStatus.ROLLED_BACK and instance.granted_version == target_version)
 
 
 def failure_pause_reason(policy: GroupPolicy, version: str, counters: RolloutCounters) -> str | None:

@@ -86,6 +86,9 @@ class CheckIn:
     ip: str = ""
     oem: str = ""
     board: str = ""
+    # A limit the server remembered (without asking the database) held the instance back from this version: it
+    # becomes OnHold when it is written, as a refusal decided in the database makes it at once.
+    held_back_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -578,7 +581,7 @@ class Store:
                             version=decision.version, at=now,
                         )
                 return GrantOutcome(decision)
-            if decision.on_hold and view.status not in IN_FLIGHT_STATUSES and view.status != InstanceStatus.ON_HOLD:
+            if decision.on_hold and target and policy.marks_on_hold(view, target):
                 self._upsert_instance(conn, checkin, status=InstanceStatus.ON_HOLD)
             if decision.pause_reason is not None and not group.policy.updates_paused:
                 conn.execute(
@@ -653,11 +656,26 @@ class Store:
                     ),
                     rows,
                 )
+            for checkin in checkins:
+                if checkin.held_back_from is not None:
+                    self._hold(conn, checkin, checkin.held_back_from)
             for rec in reported:
                 completions += self._apply_event(conn, rec, failures)
             completions += self._complete_checked_in(conn, now)
             paused = self._failure_pauses(conn, failures, now)
         return RecordOutcome(paused_groups=tuple(paused), failures=sum(failures.values()), completions=completions)
+
+    def _hold(self, conn: Connection, checkin: CheckIn, target: str) -> None:
+        """OnHold for an instance a remembered limit held back from ``target`` (``policy.marks_on_hold``)."""
+        key = (instances.c.app_id == checkin.app_id, instances.c.machine_id == checkin.machine_id)
+        inst = conn.execute(sa.select(instances.c.status, instances.c.granted_version).where(*key)).first()
+        if inst is None:
+            return
+        view = policy.InstanceView(checkin.version, InstanceStatus(inst.status), inst.granted_version)
+        if policy.marks_on_hold(view, target):
+            conn.execute(
+                sa.update(instances).where(*key).values(status=int(InstanceStatus.ON_HOLD), status_at=checkin.at)
+            )
 
     def _apply_event(self, conn: Connection, rec: EventRecord, failures: dict[tuple[str, str], int]) -> int:
         change = status_after_event(rec.event)

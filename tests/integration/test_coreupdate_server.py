@@ -8,8 +8,9 @@ import asyncio
 import base64
 import hashlib
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -60,6 +61,14 @@ def release(server: CoreUpdateServer, version: str = "2.0.0", channel: str = "st
     server.api("POST", f"{APP}/packages", {"version": version, "url": f"https://mirror.example/{version}/update.gz",
                                            "size": len(PAYLOAD_BYTES), "sha256": SHA256, "sha1": SHA1})
     server.api("PUT", f"{APP}/channels/{channel}", {"version": version})
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
 
 
 def metric(server: CoreUpdateServer, name: str, **labels: str) -> float:
@@ -161,6 +170,21 @@ def test_240_concurrent_check_ins_never_exceed_the_period_count(server: CoreUpda
     assert sum(b'<updatecheck status="ok">' in body for _, body in answers) == 5
     page = server.api("GET", f"{APP}/instances?status=UpdateGranted")
     assert page["total"] == 5
+
+
+def test_a_remembered_limit_holds_instances_back_but_keeps_a_rollback(server: CoreUpdateServer) -> None:
+    release(server)
+    server.api("PATCH", f"{APP}/groups/stable", {"update_count": 1, "update_interval": 3600})
+    assert b'status="ok"' in server.omaha(cpp_request("r1"))[1]
+    server.omaha(event_request("r1", "stable", '<event eventtype="3" eventresult="0" errorcode="44"></event>'))
+    wait_for(lambda: server.api("GET", f"{APP}/instances/r1")["status"] == "RolledBack", "r1 RolledBack")
+    # r2 is refused by the database (the period's one grant is used), which the server then remembers a moment:
+    # r1 and r3 are answered from that memory.
+    for machine in ("r2", "r1", "r3"):
+        assert b"noupdate" in server.omaha(cpp_request(machine))[1], machine
+    wait_for(lambda: server.request("GET", f"/api/v1{APP}/instances/r3")[1].get("status") == "OnHold", "r3 OnHold")
+    assert server.api("GET", f"{APP}/instances/r2")["status"] == "OnHold"
+    assert server.api("GET", f"{APP}/instances/r1")["status"] == "RolledBack"
 
 
 def test_two_servers_on_one_postgresql_share_the_limit(tmp_path: Path, postgres_server: Any) -> None:

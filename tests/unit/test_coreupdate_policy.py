@@ -17,6 +17,7 @@ from coreupdate.policy import (
     RolloutCounters,
     decide_grant,
     failure_pause_reason,
+    marks_on_hold,
 )
 from update_engine.omaha import RequestEvent
 
@@ -68,6 +69,22 @@ def test_a_version_an_instance_rolled_back_from_is_not_granted_to_it_again() -> 
     assert isinstance(decide(target="2.1.0", instance=rolled_back), Grant)
     failed = InstanceView("1.0.0", InstanceStatus.ERROR, "2.0.0")  # a failed download may be tried again
     assert isinstance(decide(instance=failed), Grant)
+
+
+@pytest.mark.parametrize(
+    ("instance", "held"),
+    [
+        (InstanceView("1.0.0"), True),
+        (InstanceView("1.0.0", InstanceStatus.COMPLETE, "1.0.0"), True),
+        (InstanceView("1.0.0", InstanceStatus.ERROR, "2.0.0"), True),
+        (InstanceView("1.0.0", InstanceStatus.ROLLED_BACK, "1.5.0"), True),
+        (InstanceView("1.0.0", InstanceStatus.ROLLED_BACK, "2.0.0"), False),
+        (InstanceView("1.0.0", InstanceStatus.DOWNLOADING, "2.0.0"), False),
+        (InstanceView("1.0.0", InstanceStatus.ON_HOLD), False),
+    ],
+)
+def test_which_instances_a_limit_marks_on_hold(instance: InstanceView, held: bool) -> None:
+    assert marks_on_hold(instance, "2.0.0") is held
 
 
 def test_period_limit_then_in_progress_limit_put_the_instance_on_hold() -> None:
