@@ -18,7 +18,7 @@ good, and its post-install hook the same way. Rules of this file:
 * **Output.** Every line goes to the journal prefixed with the hook's name, up to ``MAX_LOGGED_LINES`` lines and
   ``MAX_LOGGED_BYTES`` bytes per hook (lines cut at ``MAX_LINE_BYTES``); the rest is read and counted, never
   buffered, so a hook printing megabytes neither blocks nor floods. The last lines are kept for the caller's
-  error message.
+  error message, each shortened there to ``TAIL_LINE_CHARS``.
 * **Environment.** The daemon's own, minus variables whose names contain ``PASSWORD``, ``SECRET`` or ``TOKEN``,
   plus the context the caller gives (strategy, group, versions, machine id…), which wins over inherited names.
 
@@ -45,6 +45,7 @@ MAX_LOGGED_LINES = 200
 MAX_LOGGED_BYTES = 64 * 1024
 MAX_LINE_BYTES = 4096
 TAIL_LINES = 5
+TAIL_LINE_CHARS = 300
 KILL_GRACE_S = 5.0
 _IGNORED_SUFFIXES = (
     "~", ".dpkg-old", ".dpkg-new", ".dpkg-dist", ".dpkg-tmp", ".rpmnew", ".rpmsave", ".swp",
@@ -191,8 +192,13 @@ class RunResult:
         if self.detail:
             text += f" ({self.detail})"
         if self.tail:
-            text += "; last output: " + " | ".join(self.tail)
+            text += "; last output: " + " | ".join(_shortened(line) for line in self.tail)
         return text
+
+
+def _shortened(line: str) -> str:
+    """A line of a hook's output as the one-line summary shows it (the journal has the lines themselves)."""
+    return line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + f"… ({len(line)} characters)"
 
 
 def hook_environment(context: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:

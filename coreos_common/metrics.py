@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coreos_common.files import replace_file
+
 log = logging.getLogger(__name__)
 
 METRICS_GROUP = "metrics"
@@ -275,20 +277,9 @@ class TextfileWriter:
 
     def write(self, text: str) -> None:
         """Replace the file; :class:`MetricsError` naming the path when it cannot be written."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                data = text.encode()
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            replace_file(self.path, text.encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise MetricsError(f"cannot write the metrics textfile {self.path}: {exc.strerror}") from exc
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -73,8 +73,9 @@ def show_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S %z %Z").rstrip()
 
 
-def show_delay(seconds: float) -> str:
-    return format_go_duration(seconds)
+def show_delay(delay: timedelta | float) -> str:
+    """A delay as a Go duration (``1m30s``), as locksmith logged its waits."""
+    return format_go_duration(delay)
 
 
 async def sleep_until(clock: Clock, when: datetime) -> None:

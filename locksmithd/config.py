@@ -38,6 +38,7 @@ from coreos_common.updateconf import SettingsFileError, load_update_conf
 from coreos_common.window import WindowError, WindowList, parse_reboot_window, parse_window_list, zone_named
 from locksmithd import strategies
 from locksmithd.backends.etcd_settings import EtcdSettings, parse_endpoints
+from locksmithd.reboot_path import PathSettings, PreRebootFailure
 
 ENV_PREFIX = "LOCKSMITHD_"
 DEFAULT_SOURCE = "default"
@@ -94,6 +95,21 @@ def _duration(*, allow_zero: bool) -> Parser:
         return parsed
 
     return parse
+
+
+def _positive_count(value: str, source: str) -> int:
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise SettingsError(f"{source}: {value!r} is not a whole number of 1 or more")
+    return int(text)
+
+
+def _pre_reboot_failure(value: str, source: str) -> PreRebootFailure:
+    try:
+        return PreRebootFailure(value.strip())
+    except ValueError:
+        valid = ", ".join(choice.value for choice in PreRebootFailure)
+        raise SettingsError(f"{source}: {value!r} is not one of {valid}") from None
 
 
 def _strategy(value: str, source: str) -> str:
@@ -199,6 +215,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("session-grace", "delay before rebooting when users are logged in", _duration(allow_zero=True), "5m"),
     Flag("reboot-retry-interval", "ask logind again if still running this long after a reboot",
          _duration(allow_zero=False), "1h"),
+    Flag("reboot-attempts", "logind refusals in a row before the lock is given back (taken again once logind "
+         "can reboot)", _positive_count, "5"),
+    Flag("pre-reboot-hooks", "directory of executables run before the reboot, lock held (drain the node)", _path,
+         "/etc/locksmithd/pre-reboot.d", under_root=True),
+    Flag("post-reboot-hooks", "directory of executables run once the node is back and steady, before the lock is "
+         "released (uncordon, health checks)", _path, "/etc/locksmithd/post-reboot.d", under_root=True),
+    Flag("hook-timeout", "time limit of each hook", _duration(allow_zero=False), "10m"),
+    Flag("pre-reboot-failure", "what a failing pre-reboot hook does to the lock: release-lock (after the "
+         "post-reboot hooks passed) or keep-lock", _pre_reboot_failure, "release-lock"),
     Flag("config-root", "root directory for update.conf, machine-id, utmp and /run", _path, "/",
          in_update_conf=False),
     Flag("bus-address", "D-Bus address of the system bus (default: the system bus)", _raw, in_update_conf=False),
@@ -230,6 +255,11 @@ class DaemonSettings:
     backoff_max: timedelta = timedelta(minutes=5)
     session_grace: timedelta = timedelta(minutes=5)
     reboot_retry_interval: timedelta = timedelta(hours=1)
+    reboot_attempts: int = 5
+    pre_reboot_hooks: Path = Path("/etc/locksmithd/pre-reboot.d")
+    post_reboot_hooks: Path = Path("/etc/locksmithd/post-reboot.d")
+    hook_timeout: timedelta = timedelta(minutes=10)
+    pre_reboot_failure: PreRebootFailure = PreRebootFailure.RELEASE_LOCK
     config_root: Path = Path("/")
     bus_address: str | None = None
     # Derived: the reboot windows (None: reboot at any time), and the machine id read under the config root.
@@ -254,6 +284,19 @@ class DaemonSettings:
     def backoff(self) -> BackoffPolicy:
         """The one retry policy: ``backoff-initial`` doubling up to ``backoff-max``."""
         return BackoffPolicy(self.backoff_initial.total_seconds(), self.backoff_max.total_seconds())
+
+    @property
+    def path(self) -> PathSettings:
+        """What the reboot path's machine needs."""
+        return PathSettings(
+            windows=self.windows,
+            windows_description=self.describe_windows(),
+            backoff=self.backoff,
+            session_grace=self.session_grace,
+            reboot_retry_interval=self.reboot_retry_interval,
+            reboot_attempts=self.reboot_attempts,
+            pre_reboot_failure=self.pre_reboot_failure,
+        )
 
     def describe_windows(self) -> str:
         """The windows as the operator wrote them, for log lines (locksmith's line for its pair)."""

@@ -406,6 +406,20 @@ def _own_id_or_none(opts: Options) -> str | None:
         return None
 
 
+def _local_state(opts: Options) -> dict[str, object] | None:
+    """This node's locksmithd state (``locksmithd.state``), None when it is not running; a bad file is named on
+    stderr and shown as None."""
+    from pathlib import Path
+
+    from locksmithd.state import StateFileError, read_state
+
+    try:
+        return read_state(Path(opts.get("config-root")))
+    except StateFileError as exc:
+        _err(f"Cannot show this node's locksmithd state: {exc}")
+        return None
+
+
 def _show_age(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -457,6 +471,7 @@ def cmd_status(opts: Options, local: dict[str, str], args: list[str]) -> int:
         }
         if old is not None:
             doc["v2"] = {"semaphore": old.semaphore, "max": old.max, "holders": list(old.holders)}
+        doc["local"] = _local_state(opts)
         _out(json.dumps(doc))
         return 0
     _out(f"Available: {sem.semaphore}")

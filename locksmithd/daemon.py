@@ -1,15 +1,14 @@
 """locksmithd: once update-engine has installed an update, reboot the node when the strategy allows it.
 
 Theory of operation: check every setting, take the coordinator file, connect to the system bus and ask
-update-engine for its status (``READY=1`` is sent after that first answer).  Meanwhile, in the background, the
-strategy releases a reboot lock this node may still hold from before its last reboot, once the node is steady
-(update-engine idle and, where the system has it, ``boot-complete.target`` active).  When the status is, or
-becomes, ``UPDATE_STATUS_UPDATED_NEED_REBOOT``, that background release is cancelled and the reboot path runs:
-reboot window → permission (lock) → window re-checked → logged-in users warned and given a grace period →
-logind ``Reboot(false)``, retried until logind accepts.  The grace period for logged-in users comes after the
-last window check, as in the original: users were told the reboot comes in five minutes, and it does.  The
-daemon then waits for the reboot and never exits on its own; if it is still alive after
-``--reboot-retry-interval`` it asks again.
+update-engine for its status (``READY=1`` is sent after that first answer). From there the reboot path's state
+machine (``locksmithd.reboot_path``) decides every step and this module performs it: wait until the node is
+steady and release the lock it may hold from before its reboot (after the post-reboot hooks), wait for an
+update, wait for the window, take the lock, check the window again, warn logged-in users, run the pre-reboot
+hooks, ask logind to reboot. Each new phase is published at once: the STATUS= line of ``systemctl status``,
+``STATE=`` in ``/run/update-engine/coordinator.conf`` (the original's values) and ``/run/locksmithd/state.json``
+(what ``locksmithctl status --json`` shows for this node). The daemon never exits on its own after asking for
+the reboot.
 
 SIGTERM/SIGINT end the daemon with status 0 at any point, leaving the lock as it is: a node stopped half-way
 through a reboot keeps its slot, and the next start releases it once the node is steady.
@@ -28,59 +27,109 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
+from coreos_common.dbus import DBusCallError
+from coreos_common.hooks import run_hooks
 from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot
 from coreos_common.systemd import wait_for_boot_complete
 from locksmithd import __version__
-from locksmithd.backends import LockBackendError
-from locksmithd.clock import Clock, SystemClock, local_timezone, show_delay, show_time
+from locksmithd.backends import LockBackendError, LockProgress
+from locksmithd.clock import Clock, SystemClock, local_timezone, show_delay, show_time, sleep_until
 from locksmithd.config import DaemonSettings, SettingsError, build_parser, flags_from_args, load_settings
-from locksmithd.coordinator import Coordinator, CoordinatorError, CoordinatorState
-from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_until_accepted, wall_message
-from locksmithd.reboot_path import clear_to_reboot
-from locksmithd.strategies import STRATEGIES, NullObserver, RebootStrategy, StrategyContext
+from locksmithd.coordinator import Coordinator, CoordinatorError
+from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_problem, request_reboot, wall_message
+from locksmithd.reboot_path import (
+    Action,
+    AskLogind,
+    AwaitNeedReboot,
+    Event,
+    HookKind,
+    HooksDone,
+    LockReleased,
+    LockTaken,
+    LogindProbed,
+    NeedReboot,
+    Phase,
+    PhaseName,
+    ProbeLogind,
+    RebootAccepted,
+    RebootPath,
+    RebootRefused,
+    ReleaseLock,
+    RunHooks,
+    SleepUntil,
+    Started,
+    Steady,
+    TakeLock,
+    TimeReached,
+    UsersWarned,
+    WaitUntilSteady,
+    WarnUsers,
+    phase_document,
+)
+from locksmithd.state import remove_state, state_path, write_state
+from locksmithd.strategies import STRATEGIES, NullObserver, RebootStrategy, StrategyContext, StrategyObserver
 from locksmithd.updateengine import UpdateEngineWatcher, is_idle, is_need_reboot
 
 log = logging.getLogger("locksmithd")
 
 
-def build_strategy(settings: DaemonSettings, clock: Clock) -> RebootStrategy | None:
+def build_strategy(
+    settings: DaemonSettings, clock: Clock, observer: StrategyObserver | None = None
+) -> RebootStrategy | None:
     """The strategy the settings name, None when it leaves nothing to do (``off``); LockBackendError when its
     backend cannot be set up."""
     spec = STRATEGIES[settings.strategy]
     if spec.build is None:
         return None
-    return spec.build(StrategyContext(settings, clock, NullObserver()))
+    return spec.build(StrategyContext(settings, clock, observer or NullObserver()))
 
 
 class Daemon:
+    """The shell around the reboot path: performs its actions, feeds back events, publishes its phases.
+
+    It is also the strategy's observer: where the lock request stands goes into the current phase.
+    """
+
     def __init__(
-        self,
-        settings: DaemonSettings,
-        strategy: RebootStrategy,
-        coordinator: Coordinator,
-        notifier: SystemdNotifier,
-        clock: Clock,
+        self, settings: DaemonSettings, coordinator: Coordinator, notifier: SystemdNotifier, clock: Clock
     ) -> None:
         self.settings = settings
-        self.strategy = strategy
         self.coordinator = coordinator
         self.notifier = notifier
         self.clock = clock
+        strategy = build_strategy(settings, clock, self)
+        assert strategy is not None, "the daemon runs only for strategies that do something"
+        self.strategy = strategy
+        self.path = RebootPath(settings.path, clock.now())
+        self.state_file = state_path(settings.config_root)
         self.bus: MessageBus | None = None
         self.watcher: UpdateEngineWatcher | None = None
+        self._published: Phase | None = None
+        self._state_file_failing = False
 
-    def _set_state(self, state: CoordinatorState, status: str) -> None:
-        self.coordinator.set_state(state)
-        self.notifier.status(status)
+    # -- StrategyObserver ------------------------------------------------------------------------------------
+
+    def lock_progress(self, progress: LockProgress) -> None:
+        if self.path.lock_progress(progress):
+            self._publish()
+
+    def lock_held(self, held: bool) -> None:
+        log.debug("reboot lock %s", "held" if held else "not held")
+
+    def backend_failed(self, operation: str, error: LockBackendError) -> None:
+        log.debug("lock backend failed during %s: %s", operation, error)
+
+    # -- running ---------------------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Connect and follow the flow; returns the exit status (1 when the bus connection is lost)."""
+        """Connect and follow the reboot path; returns the exit status (1 when the bus connection is lost)."""
         try:
             bus = await MessageBus(bus_address=self.settings.bus_address, bus_type=BusType.SYSTEM).connect()
         except Exception as exc:  # dbus-fast reports connection failures with several exception types
@@ -106,6 +155,7 @@ class Daemon:
                 self.watcher.close()
             with contextlib.suppress(Exception):
                 await self.strategy.close()
+            remove_state(self.state_file)
             bus.disconnect()
 
     async def _flow(self, bus: MessageBus) -> int:
@@ -114,6 +164,7 @@ class Daemon:
         )
         self.watcher = watcher
         watcher.add_listener(self._on_status)
+        self._publish()
         status = await watcher.start()
         log.info(
             'locksmithd starting currentOperation="%s" strategy="%s"',
@@ -121,36 +172,144 @@ class Daemon:
             self.strategy.label,
         )
         self._log_windows()
-        self.coordinator.set_state(CoordinatorState.RUNNING)
+        action = self._handle(Started(is_need_reboot(status), status.new_version))
         self.notifier.ready()
-        self._on_status(status)
-
-        steady = asyncio.create_task(self._report_steady())
-        await watcher.wait_for(is_need_reboot)
-        if not steady.done():
-            log.debug("An update needs a reboot: no longer waiting to release an earlier reboot lock")
-            steady.cancel()
-        results = await asyncio.gather(steady, return_exceptions=True)
-        if isinstance(results[0], Exception):
-            log.error("Releasing an earlier reboot lock failed: %s", results[0])
-
-        self._set_state(
-            CoordinatorState.REBOOT_PLANNED, "Reboot planned: waiting for the window and permission"
-        )
-        need_reboot = watcher.latest
-        version = need_reboot.new_version if need_reboot is not None else ""
-        settings = self.settings
-        await clear_to_reboot(self.strategy, settings.windows, settings.describe_windows(), self.clock, version)
-        await self._warn_logged_in_users()
-        await self._reboot()
-        self._set_state(CoordinatorState.REBOOTING, "Rebooting")
-        retry = self.settings.reboot_retry_interval.total_seconds()
         while True:
-            await self.clock.sleep(retry)
-            log.error(
-                "Tried to reboot but did not! Still running %s later; asking logind again", show_delay(retry)
-            )
-            await self._reboot()
+            action = self._handle(await self._perform(action))
+
+    def _handle(self, event: Event) -> Action:
+        action = self.path.handle(event, self.clock.now())
+        self._publish()
+        for level, text in self.path.take_notes():
+            log.log(level, "%s", text)
+        return action
+
+    async def _perform(self, action: Action) -> Event:
+        """Do ``action``; an interruptible one ends early (cancelled) when an update needs a reboot."""
+        if not action.interruptible:
+            return await self._do(action)
+        assert self.watcher is not None
+        work = asyncio.ensure_future(self._do(action))
+        update = asyncio.ensure_future(self.watcher.wait_for(is_need_reboot))
+        try:
+            done, _ = await asyncio.wait({work, update}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, update):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(work, update, return_exceptions=True)
+        if work in done and not work.cancelled():
+            return work.result()
+        status = update.result()
+        log.info("An update to %s needs a reboot: %s no longer", status.new_version,
+                 self.path.phase.describe().lower())
+        return NeedReboot(status.new_version)
+
+    async def _do(self, action: Action) -> Event:
+        assert self.bus is not None and self.watcher is not None
+        match action:
+            case AwaitNeedReboot():
+                return NeedReboot((await self.watcher.wait_for(is_need_reboot)).new_version)
+            case WaitUntilSteady():
+                await self.watcher.wait_for(is_idle)
+                await wait_for_boot_complete(
+                    self.bus, delays=self.settings.backoff.delays(), sleep=self.clock.sleep,
+                    purpose="before releasing the reboot lock",
+                )
+                return Steady()
+            case RunHooks(kind=kind, reason=reason):
+                return await self._run_hooks(kind, reason)
+            case ReleaseLock(after_boot=after_boot):
+                await (self.strategy.report_steady() if after_boot else self.strategy.abandon())
+                return LockReleased()
+            case SleepUntil(when=when):
+                await sleep_until(self.clock, when)
+                return TimeReached()
+            case TakeLock(version=version):
+                await self.strategy.can_finalize(version)
+                return LockTaken()
+            case WarnUsers(grace=grace):
+                return UsersWarned(self._warn_logged_in_users(grace))
+            case AskLogind():
+                try:
+                    await request_reboot(self.bus)
+                except (DBusCallError, OSError, EOFError) as exc:
+                    return RebootRefused(str(exc))
+                return RebootAccepted()
+            case ProbeLogind():
+                return LogindProbed(await reboot_problem(self.bus))
+        raise AssertionError(f"no way to perform {action}")
+
+    async def _run_hooks(self, kind: HookKind, reason: str) -> HooksDone:
+        settings = self.settings
+        directory = settings.pre_reboot_hooks if kind is HookKind.PRE_REBOOT else settings.post_reboot_hooks
+        context = {
+            "LOCKSMITHD_HOOK": kind.value,
+            "LOCKSMITHD_HOOK_REASON": reason,
+            "LOCKSMITHD_HOOK_STRATEGY": self.strategy.label,
+            "LOCKSMITHD_HOOK_GROUP": self.strategy.group,
+            "LOCKSMITHD_HOOK_NEW_VERSION": self.path.version,
+            "LOCKSMITHD_HOOK_MACHINE_ID": settings.machine_id,
+        }
+        result = await run_hooks(directory, context=context, timeout=settings.hook_timeout.total_seconds())
+        log.log(logging.INFO if result.passed else logging.ERROR, "%s hooks in %s: %s", kind.value, directory,
+                result.describe())
+        return HooksDone(result.passed, result.describe())
+
+    def _warn_logged_in_users(self, grace: timedelta) -> tuple[str, ...]:
+        lines = logged_in_ttys(self.settings.config_root)
+        if not lines:
+            return ()
+        reached = notify_sessions(self.settings.config_root, lines, wall_message(self.clock.now(), grace))
+        if reached:
+            log.info("Logins detected on %s, delaying reboot for %s.", ", ".join(reached), show_delay(grace))
+        return tuple(reached)
+
+    # -- publishing ------------------------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Publish the current phase where operators look (only what changed)."""
+        phase = self.path.phase
+        if phase is self._published:
+            return
+        previous, self._published = self._published, phase
+        if previous is None or previous.name is not phase.name:
+            log.debug("phase %s", phase.name.value)
+        if phase.coordinator is not self.coordinator.state:
+            self.coordinator.set_state(phase.coordinator)
+        self.notifier.status(self._status_line())
+        self._write_state_file()
+
+    def _status_line(self) -> str:
+        line = self.path.phase.describe()
+        latest = self.watcher.latest if self.watcher is not None else None
+        if latest is not None and self.path.phase.name in (PhaseName.IDLE, PhaseName.AFTER_BOOT):
+            line += f" (update-engine: {latest.current_operation})"
+        return line
+
+    def _write_state_file(self) -> None:
+        document = phase_document(self.path.phase)
+        latest = self.watcher.latest if self.watcher is not None else None
+        document.update(
+            strategy=self.strategy.label,
+            group=self.strategy.group,
+            machine_id=self.settings.machine_id,
+            version=self.path.version or None,
+            update_engine=latest.current_operation if latest is not None else None,
+        )
+        try:
+            write_state(self.state_file, document)
+        except OSError as exc:
+            if not self._state_file_failing:  # once per outage
+                log.error("Cannot write the state file %s: %s; locksmithctl status cannot show this node's state",
+                          self.state_file, exc.strerror or exc)
+            self._state_file_failing = True
+        else:
+            self._state_file_failing = False
+
+    def _on_status(self, status: StatusSnapshot) -> None:
+        self._published = None  # the status line shows update-engine's status in some phases
+        self._publish()
 
     def _log_windows(self) -> None:
         """The reboot windows and when the next one opens, once at start-up."""
@@ -166,50 +325,6 @@ class Daemon:
         opening = windows.next_opening(now)
         assert opening is not None
         log.info("%s; the next one opens at %s", self.settings.describe_windows(), show_time(opening[0]))
-
-    def _on_status(self, status: StatusSnapshot) -> None:
-        if self.coordinator.state is CoordinatorState.RUNNING:
-            self.notifier.status(
-                f"Waiting for an update to be installed (update-engine: {status.current_operation})"
-            )
-
-    async def _reboot(self) -> None:
-        assert self.bus is not None
-        await reboot_until_accepted(self.bus, backoff=self.settings.backoff, sleep=self.clock.sleep)
-
-    async def _warn_logged_in_users(self) -> None:
-        grace = self.settings.session_grace
-        lines = logged_in_ttys(self.settings.config_root)
-        if not lines:
-            return
-        reached = notify_sessions(self.settings.config_root, lines, wall_message(self.clock.now(), grace))
-        if reached:
-            self.notifier.status(f"Rebooting in {show_delay(grace.total_seconds())}: users are logged in")
-            log.info(
-                "Logins detected on %s, delaying reboot for %s.",
-                ", ".join(reached),
-                show_delay(grace.total_seconds()),
-            )
-            await self.clock.sleep(grace.total_seconds())
-
-    async def _report_steady(self) -> None:
-        await self._wait_until_steady()
-        await self.strategy.report_steady()
-
-    async def _wait_until_steady(self) -> None:
-        """The node is back and steady: update-engine idle since start-up, boot-complete.target reached."""
-        assert self.watcher is not None
-        await self.watcher.wait_for(is_idle)
-        await self._wait_for_boot_complete()
-
-    async def _wait_for_boot_complete(self) -> None:
-        assert self.bus is not None
-        await wait_for_boot_complete(
-            self.bus,
-            delays=self.settings.backoff.delays(),
-            sleep=self.clock.sleep,
-            purpose="before releasing the reboot lock",
-        )
 
 
 async def _run_daemon(daemon: Daemon) -> int:
@@ -249,25 +364,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         log.critical("Invalid configuration: %s", exc)
         return 1
-    clock = SystemClock()
-    try:
-        strategy = build_strategy(settings, clock)
-    except LockBackendError as exc:
-        log.critical("Invalid configuration for the %s strategy: %s", settings.strategy, exc)
-        return 1
-    if strategy is None:
+    if not STRATEGIES[settings.strategy].runs:
         log.info('Reboot strategy is "%s" - locksmithd is exiting.', settings.strategy)
         # Under Type=notify a clean exit before READY=1 counts as a failure and Restart= would loop.
         SystemdNotifier().ready(f"Reboot strategy is {settings.strategy}")
         return 0
-    coordinator = Coordinator(settings.config_root, strategy.label)
+    coordinator = Coordinator(settings.config_root, settings.strategy)
     try:
         coordinator.acquire()
     except CoordinatorError as exc:
         log.critical("%s", exc)
         return 1
     try:
-        daemon = Daemon(settings, strategy, coordinator, SystemdNotifier(), clock)
+        try:
+            daemon = Daemon(settings, coordinator, SystemdNotifier(), SystemClock())
+        except LockBackendError as exc:
+            log.critical("Invalid configuration for the %s strategy: %s", settings.strategy, exc)
+            return 1
         return asyncio.run(_run_daemon(daemon))
     except Exception:
         log.exception("locksmithd failed unexpectedly")

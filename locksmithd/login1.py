@@ -1,7 +1,9 @@
 """Talking to logind on the bus, and to the people logged in, before a reboot.
 
-* logind ``org.freedesktop.login1.Manager.Reboot(false)``: the reply is checked and a refusal is retried with
-  a doubling delay (the original ignored the reply, so a refused reboot left the node waiting for a week).
+* logind ``org.freedesktop.login1.Manager.Reboot(false)``: one call, whose reply is checked (the original ignored
+  it, so a refused reboot left the node waiting for a week); the reboot path decides when to ask again.
+* whether logind could reboot now, without rebooting: someone owns ``org.freedesktop.login1`` and its
+  ``CanReboot()`` answers ``yes`` or ``challenge`` (a logind without that method counts as able).
 * interactive sessions from utmp: each gets a wall-style notice on its terminal, and the caller waits a grace
   period (with the lock held) so people can save their work.
 
@@ -10,12 +12,10 @@ Paths are under a configurable root (``/`` on a node) so tests can provide their
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -23,9 +23,7 @@ from pathlib import Path, PurePosixPath
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from coreos_common.backoff import BackoffPolicy
-from coreos_common.dbus import DBusCallError, call
-from coreos_common.goduration import format_go_duration
+from coreos_common.dbus import DBusCallError, call, get_name_owner
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +37,7 @@ USER_PROCESS = 7
 UTMP_RECORD = struct.Struct("=h2xi32s4s32s256shhi2i4i20s")
 assert UTMP_RECORD.size == 384
 
-Sleep = Callable[[float], Awaitable[None]]
-LOCKSMITH_BACKOFF = BackoffPolicy()  # 10 s doubling to 5 min
+ERROR_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 
 
 async def request_reboot(bus: MessageBus) -> None:
@@ -58,28 +55,24 @@ async def request_reboot(bus: MessageBus) -> None:
     )
 
 
-async def reboot_until_accepted(
-    bus: MessageBus,
-    *,
-    backoff: BackoffPolicy = LOCKSMITH_BACKOFF,
-    sleep: Sleep = asyncio.sleep,
-) -> None:
-    """Ask logind to reboot until it accepts, logging each refusal and waiting longer each time."""
-    delays = backoff.delays()
-    while True:
-        try:
-            await request_reboot(bus)
-        except (DBusCallError, OSError, EOFError) as exc:
-            delay = next(delays)
-            log.error(
-                "logind refused to reboot: %s. Retrying in %s.",
-                exc,
-                format_go_duration(delay),
-            )
-            await sleep(delay)
-            continue
-        log.info("Reboot sent. Going to sleep.")
-        return
+async def reboot_problem(bus: MessageBus) -> str | None:
+    """Why logind could not reboot now (absent, or ``CanReboot`` says no), or None when it could."""
+    try:
+        if await get_name_owner(bus, LOGIN1_NAME) is None:
+            return f"{LOGIN1_NAME} is not on the bus"
+        reply = await call(
+            bus,
+            Message(destination=LOGIN1_NAME, path=LOGIN1_PATH, interface=LOGIN1_MANAGER, member="CanReboot"),
+            signature="s",
+        )
+    except DBusCallError as exc:
+        if exc.name == ERROR_UNKNOWN_METHOD:
+            return None
+        return str(exc)
+    except (OSError, EOFError) as exc:
+        return f"the bus connection failed: {exc}"
+    answer = reply.body[0]
+    return None if answer in ("yes", "challenge") else f"logind's CanReboot answers {answer!r}"
 
 
 @dataclass(frozen=True)

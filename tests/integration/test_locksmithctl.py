@@ -145,12 +145,27 @@ def test_status_json(capsys: pytest.CaptureFixture[str], base: list[str]) -> Non
         "semaphore": 0,
         "max": 2,
         "holders": ["a", "b"],
+        "local": None,  # no locksmithd runs under this root
     }
     assert [d["id"] for d in details] == ["a", "b"]
     for detail in details:
         assert detail["group"] == group_of(base) and detail["hostname"] == "" and detail["version"] == ""
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", detail["since"])
         assert 0 <= detail["age_seconds"] < 600
+
+
+def test_status_json_shows_the_local_locksmithds_state(
+    capsys: pytest.CaptureFixture[str], base: list[str], root: Path
+) -> None:
+    state = {"format": 1, "phase": "waiting-for-lock", "since": "2024-05-02T12:00:00+00:00", "position": 2}
+    (root / "run/locksmithd").mkdir(parents=True)
+    (root / "run/locksmithd/state.json").write_text(json.dumps(state))
+    code, out, err = run(capsys, *base, "status", "--json")
+    assert (code, err) == (0, "") and json.loads(out)["local"] == state
+    (root / "run/locksmithd/state.json").write_text("{half")
+    code, out, err = run(capsys, *base, "status", "--json")
+    assert code == 0 and json.loads(out)["local"] is None
+    assert err.startswith(f"Cannot show this node's locksmithd state: {root}/run/locksmithd/state.json is not JSON")
 
 
 def test_group_after_the_subcommand_and_from_env(

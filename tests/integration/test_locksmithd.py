@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
+from locksmithd import ctl
 from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
 from sim.bus import PrivateBus, start_private_bus
 from sim.etcd import EtcdCluster
@@ -562,5 +563,221 @@ async def test_update_engine_appearing_later_and_restarting(nodes: dict[str, Nod
     # update-engine restarts already in NEED_REBOOT and says nothing: locksmithd asks it.
     await node.update_engine.stop()
     node.update_engine = await UpdateEngineStandIn(node.bus.address, NEED_REBOOT).start()
+    await node.wait_for_reboot()
+    assert node.reboots == [False]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reboot path, visible: STATUS=, the state file, locksmithctl status --json
+
+
+def state_of(node: Node) -> dict[str, object] | None:
+    path = node.root / "run/locksmithd/state.json"
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # absent, or (never, being renamed into place) half-read
+        return None
+    assert isinstance(value, dict)
+    return value
+
+
+async def wait_for_state(node: Node, phase: str, timeout: float = WAIT) -> dict[str, object]:
+    found: dict[str, object] = {}
+
+    def reached() -> bool:
+        nonlocal found
+        found = state_of(node) or {}
+        return found.get("phase") == phase
+
+    await wait_until(reached, f"the state file says {phase} (last: {found})", timeout)
+    return found
+
+
+async def test_waiting_for_the_lock_is_visible_in_status_the_state_file_and_locksmithctl(
+    nodes: dict[str, Node], etcd: EtcdCluster, notify_socket: socket.socket, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = "cccccccccccccccccccccccccccccccc"
+    etcd.put(SEMAPHORE_KEY, json.dumps({"semaphore": 0, "max": 1, "holders": [other]}, separators=(",", ":")))
+    node = await nodes["b"].setup(status=NEED_REBOOT)
+    await node.locksmithd(
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0), NOTIFY_SOCKET=str(tmp_path / "notify.sock")
+    )
+    state = await wait_for_state(node, "waiting-for-lock")
+    await wait_until(lambda: (state_of(node) or {}).get("position") == 1, "the state file shows the place in line")
+    state = state_of(node) or {}
+    assert state["holders"] == [other] and state["state"] == "reboot-planned" and state["strategy"] == "etcd-lock"
+    assert state["version"] == "3975.2.1" and state["machine_id"] == node.machine_id
+    since = datetime.fromisoformat(str(state["since"]))
+    assert abs((datetime.now(UTC) - since).total_seconds()) < WAIT
+    assert "STATE=reboot-planned" in node.coordinator_state()
+
+    loop = asyncio.get_running_loop()
+    status = ""
+    while "1st in line" not in status:
+        message = (await asyncio.wait_for(loop.sock_recv(notify_socket, 4096), WAIT)).decode()
+        status = next((line for line in message.splitlines() if line.startswith("STATUS=")), status)
+    assert status.startswith("STATUS=Reboot planned: waiting for the reboot lock since ")
+    assert status.endswith(f"1st in line (1 waiting); held by {other}")
+
+    code = ctl.main(["-endpoint", etcd.endpoint(0), "-config-root", str(node.root), "status", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    local = json.loads(out)["local"]
+    assert local["phase"] == "waiting-for-lock" and local["position"] == 1 and local["holders"] == [other]
+
+    assert ctl.main(["-endpoint", etcd.endpoint(0), "unlock", other]) == 0
+    await node.wait_for_reboot()
+    await wait_until(lambda: (state_of(node) or {}).get("state") == "rebooting", "logind's acceptance is published")
+    state = state_of(node) or {}
+    assert state["phase"] == "rebooting" and state["accepted_at"]
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+
+
+async def test_a_node_whose_logind_is_gone_gives_its_slot_back_and_takes_it_again_when_logind_returns(
+    nodes: dict[str, Node], etcd: EtcdCluster
+) -> None:
+    node = await nodes["a"].setup()
+    assert node.logind is not None and node.bus is not None and node.update_engine is not None
+    node.logind.stop()
+    await asyncio.wait_for(node.logind.bus.wait_for_disconnect(), WAIT)  # type: ignore[no-untyped-call]
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0), LOCKSMITHD_REBOOT_ATTEMPTS="2"
+    )
+    await daemon.wait_for_log("holds no reboot lock: nothing to release")
+    await node.update_engine.set_status(NEED_REBOOT)
+    await daemon.wait_for_log("logind refused to reboot: org.freedesktop.DBus.Error.ServiceUnknown")
+    line = await daemon.wait_for_log("Gave the lock back: logind kept refusing to reboot.")
+    assert "then taking the lock again" in line
+    state = await wait_for_state(node, "waiting-for-logind-without-lock")
+    assert semaphore(etcd)["holders"] == []  # no slot of the fleet held while logind cannot reboot
+    await daemon.wait_for_log("logind cannot reboot yet: org.freedesktop.login1 is not on the bus")
+    assert state["state"] == "reboot-planned"
+
+    node.logind = await start_login1(node.bus.address)
+    await node.wait_for_reboot()
+    await daemon.wait_for_log("logind can reboot again: taking the reboot path from the window")
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+    assert node.reboots == [False]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# hooks around the reboot
+
+
+def write_hook(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(mode)
+    return path
+
+
+def hook_dirs(node: Node) -> tuple[Path, Path]:
+    return node.root / "etc/locksmithd/pre-reboot.d", node.root / "etc/locksmithd/post-reboot.d"
+
+
+async def test_pre_reboot_hooks_run_with_the_lock_held_and_their_context(
+    nodes: dict[str, Node], etcd: EtcdCluster
+) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    pre, _ = hook_dirs(node)
+    out = node.workdir / "hook-out"
+    out.mkdir()
+    write_hook(pre, "10-drain", f'env | grep ^LOCKSMITHD_HOOK | sort > {out}/env\necho "draining $(hostname)"\n')
+    write_hook(pre, "20-record", f"cat {out}/env > /dev/null && echo second > {out}/order\n")
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0), LOCKSMITHD_GROUP="workers",
+        LOCKSMITHD_ETCD_PASSWORD="not-for-hooks", LOCKSMITHD_ETCD_USERNAME="root",
+    )
+    await node.wait_for_reboot()
+    env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines())
+    assert env == {
+        "LOCKSMITHD_HOOK": "pre-reboot",
+        "LOCKSMITHD_HOOK_REASON": "reboot",
+        "LOCKSMITHD_HOOK_STRATEGY": "etcd-lock",
+        "LOCKSMITHD_HOOK_GROUP": "workers",
+        "LOCKSMITHD_HOOK_NEW_VERSION": "3975.2.1",
+        "LOCKSMITHD_HOOK_MACHINE_ID": node.machine_id,
+    }
+    assert (out / "order").read_text() == "second\n"
+    assert f"[10-drain] draining {socket.gethostname()}" in daemon.log
+    assert "pre-reboot hooks in" in daemon.log and "2 hook(s) passed" in daemon.log
+    group_key = "coreos.com/updateengine/rebootlock/groups/workers/semaphore"
+    raw = etcd.get(group_key)
+    assert raw is not None and json.loads(raw)["holders"] == [node.machine_id]
+
+
+async def test_a_failing_pre_reboot_hook_means_no_reboot_and_the_lock_back_after_the_post_reboot_hooks(
+    nodes: dict[str, Node], etcd: EtcdCluster
+) -> None:
+    node = await nodes["a"].setup()
+    assert node.update_engine is not None
+    pre, post = hook_dirs(node)
+    out = node.workdir / "hook-out"
+    out.mkdir()
+    write_hook(pre, "10-drain", 'echo "cannot evict pod web-1: disruption budget"; exit 3\n')
+    write_hook(post, "10-uncordon", f'echo "$LOCKSMITHD_HOOK_REASON" >> {out}/post\n')
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0),
+        LOCKSMITHD_BACKOFF_INITIAL="2s", LOCKSMITHD_BACKOFF_MAX="2s",  # a postponement long enough to look at
+    )
+    await daemon.wait_for_log("holds no reboot lock: nothing to release")
+    assert (out / "post").read_text() == "boot\n"  # after every start, before the release
+    await node.update_engine.set_status(NEED_REBOOT)
+    line = await daemon.wait_for_log("Not rebooting now: a pre-reboot hook failed")
+    assert "10-drain failed (exit status 3); last output: cannot evict pod web-1: disruption budget" in line
+    state = await wait_for_state(node, "postponed")
+    assert state["lock_held"] is False
+    assert semaphore(etcd)["holders"] == []
+    assert (out / "post").read_text() == "boot\npostponed\n"
+    assert node.reboots == []
+
+    write_hook(pre, "10-drain", "exit 0\n")  # the operator fixed what blocked the drain
+    await node.wait_for_reboot()
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+
+
+async def test_after_a_boot_the_lock_is_released_only_once_the_post_reboot_hooks_pass(
+    nodes: dict[str, Node], etcd: EtcdCluster
+) -> None:
+    node = await nodes["a"].setup()
+    etcd.put(SEMAPHORE_KEY, json.dumps({"semaphore": 0, "max": 1, "holders": [node.machine_id]},
+                                       separators=(",", ":")))
+    _, post = hook_dirs(node)
+    write_hook(post, "50-health", 'echo "kubelet not ready"; exit 1\n')
+    daemon = await node.locksmithd(REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0))
+    line = await daemon.wait_for_log("Post-reboot hooks failed")
+    assert "kubelet not ready" in line and "Keeping the reboot lock" in line
+    state = await wait_for_state(node, "releasing-after-boot")
+    assert state["state"] == "running"
+    assert semaphore(etcd)["holders"] == [node.machine_id]  # still counted against max while unhealthy
+
+    write_hook(post, "50-health", "exit 0\n")
+    await wait_until(lambda: semaphore(etcd)["holders"] == [], "the lock is released once the hooks pass")
+    await wait_for_state(node, "waiting-for-update")
+
+
+async def test_bad_hooks_are_bounded_or_refused_and_named(nodes: dict[str, Node]) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    pre, _ = hook_dirs(node)
+    hanging = write_hook(pre, "10-hang", "sleep 600\n")
+    daemon = await node.locksmithd(REBOOT_STRATEGY="reboot", LOCKSMITHD_HOOK_TIMEOUT="300ms")
+    line = await daemon.wait_for_log(f"hook {hanging} timed out (after 0.3 s)")
+    assert node.reboots == []
+
+    hanging.unlink()
+    noisy = write_hook(pre, "20-noisy", "head -c 3000000 /dev/zero | tr '\\0' 'x'; echo; exit 1\n")
+    line = await daemon.wait_for_log("bytes of output not logged")
+    assert "[20-noisy]" in line
+    assert max(len(line) for line in daemon.lines) < 10_000  # the journal never gets the megabytes
+
+    noisy.unlink()
+    writable = write_hook(pre, "30-writable", "exit 0\n", mode=0o777)
+    line = await daemon.wait_for_log(f"Hook {writable} is writable by group or others (mode 0777): refused")
+    assert node.reboots == []
+
+    writable.chmod(0o755)
     await node.wait_for_reboot()
     assert node.reboots == [False]

@@ -20,6 +20,7 @@ import pytest
 from coreos_common import updateconf
 from locksmithd import config as locksmithd_config
 from locksmithd.coordinator import COORDINATOR_DIR
+from locksmithd.state import STATE_FILE
 from tests.conftest import require_tool
 from update_engine import config as ue_config
 from update_engine import daemon as ue_daemon
@@ -169,11 +170,13 @@ def test_update_engine_flags_are_accepted_and_match_its_directories() -> None:
     assert unit.value("Service", "BusName") == "com.coreos.update1"
 
 
-def test_locksmithd_runtime_directory_is_the_coordinator_directory_and_not_update_engines() -> None:
-    locksmithd = service("locksmithd.service").value("Service", "RuntimeDirectory")
+def test_locksmithd_runtime_directories_are_the_coordinator_and_state_directories_not_update_engines() -> None:
+    locksmithd = service("locksmithd.service").value("Service", "RuntimeDirectory").split()
     update_engine = service("update-engine.service").value("Service", "RuntimeDirectory")
-    assert "run/" + locksmithd == COORDINATOR_DIR
-    assert locksmithd != update_engine
+    assert sorted("run/" + name for name in locksmithd) == sorted(
+        [COORDINATOR_DIR, str(Path(STATE_FILE).parent)]
+    )
+    assert update_engine not in locksmithd
 
 
 def test_locksmithd_environment_files_let_etc_win_as_update_engine_does() -> None:

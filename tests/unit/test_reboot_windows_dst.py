@@ -3,30 +3,25 @@ window really opens, and a window's length is elapsed time."""
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from locksmithd.config import DaemonSettings, resolve_settings
-from locksmithd.reboot_path import clear_to_reboot
-from tests.unit.test_strategies import FakeBackend, FakeClock, etcd_lock
+from locksmithd.config import resolve_settings
+from locksmithd.reboot_path import PathSettings
+from tests.unit.reboot_fakes import BACKOFF, Driver, FakeBackend, FakeClock, etcd_lock
 
 
-class ZoneClock(FakeClock):
-    """The fake clock, answering in a zone as the system clock does."""
-
-    def __init__(self, now: datetime, zone: ZoneInfo) -> None:
-        super().__init__(now)
-        self.zone = zone
-
-    def now(self) -> datetime:
-        return self.current.astimezone(self.zone)
+def windows(text: str, zone: str) -> PathSettings:
+    path = resolve_settings({"reboot-windows": text, "reboot-window-timezone": zone}, {}, {}).path
+    return PathSettings(**{**path.__dict__, "backoff": BACKOFF, "session_grace": timedelta(0)})
 
 
-def windows(text: str, zone: str) -> DaemonSettings:
-    return resolve_settings({"reboot-windows": text, "reboot-window-timezone": zone}, {}, {})
+async def reboot(settings: PathSettings, clock: FakeClock, backend: FakeBackend) -> list[str]:
+    driver = Driver(settings, clock, etcd_lock(backend, clock))
+    await driver.run()
+    return driver.notes
 
 
 @pytest.mark.parametrize(
@@ -41,16 +36,14 @@ def windows(text: str, zone: str) -> DaemonSettings:
     ],
 )
 async def test_spring_forward_a_window_in_the_gap_opens_at_the_first_instant_after_it(
-    zone: str, saturday_noon_utc: datetime, opens_utc: datetime, shown: str, caplog: pytest.LogCaptureFixture
+    zone: str, saturday_noon_utc: datetime, opens_utc: datetime, shown: str
 ) -> None:
-    caplog.set_level(logging.INFO)
-    settings = windows("Sun 02:30 1h", zone)
-    clock = ZoneClock(saturday_noon_utc, ZoneInfo(zone))
+    clock = FakeClock(saturday_noon_utc, ZoneInfo(zone))
     backend = FakeBackend(clock)
-    await clear_to_reboot(etcd_lock(backend, clock), settings.windows, settings.describe_windows(), clock, "1.2.3")
+    notes = await reboot(windows("Sun 02:30 1h", zone), clock, backend)
     assert clock.current == opens_utc
     assert backend.calls == ["acquire"]
-    assert f"Next window begins at {shown} and ends at" in caplog.text
+    assert any(note.startswith(f"Next window begins at {shown} and ends at") for note in notes)
 
 
 @pytest.mark.parametrize(
@@ -66,18 +59,18 @@ async def test_fall_back_a_repeated_start_opens_at_its_first_occurrence_and_last
     zone: str, start: str, first_occurrence_utc: datetime
 ) -> None:
     settings = windows(f"Sun {start} 90m", zone)
-    clock = ZoneClock(first_occurrence_utc - timedelta(hours=6), ZoneInfo(zone))
+    clock = FakeClock(first_occurrence_utc - timedelta(hours=6), ZoneInfo(zone))
     backend = FakeBackend(clock)
     backend.acquire_plan = [89 * 60.0]  # granted 89 minutes into the window: still inside
-    await clear_to_reboot(etcd_lock(backend, clock), settings.windows, settings.describe_windows(), clock, "1.2.3")
+    await reboot(settings, clock, backend)
     assert backend.calls == ["acquire"]
     assert clock.current == first_occurrence_utc + timedelta(minutes=89)
 
     # Granted 91 minutes into it: the wall clock shows less than 90 minutes since the start (the hour was
     # repeated), but 91 minutes have passed: the lock is given back and the node waits a week.
-    clock = ZoneClock(first_occurrence_utc - timedelta(hours=6), ZoneInfo(zone))
+    clock = FakeClock(first_occurrence_utc - timedelta(hours=6), ZoneInfo(zone))
     backend = FakeBackend(clock)
     backend.acquire_plan = [91 * 60.0, 0.0]
-    await clear_to_reboot(etcd_lock(backend, clock), settings.windows, settings.describe_windows(), clock, "1.2.3")
+    await reboot(settings, clock, backend)
     assert backend.calls == ["acquire", "release", "acquire"]
     assert clock.current.astimezone(ZoneInfo(zone)).date() == (first_occurrence_utc + timedelta(days=7)).date()
