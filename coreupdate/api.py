@@ -34,6 +34,23 @@ MAX_LIST = 10_000
 _CHUNK = 1 << 20
 
 
+# Buckets of the versions-over-time roll-up, in seconds (the original's --resolution values).
+RESOLUTIONS = (3600, 86400)
+
+
+def roll_up(points: list[dict[str, Any]], resolution: int) -> list[dict[str, Any]]:
+    """Hourly snapshots to ``resolution``-second buckets: each bucket shows its latest hour's counts.  Pure."""
+    latest: dict[float, float] = {}
+    for point in points:
+        bucket = point["at"] - point["at"] % resolution
+        latest[bucket] = max(latest.get(bucket, point["at"]), point["at"])
+    return [
+        {"at": point["at"] - point["at"] % resolution, "version": point["version"], "instances": point["instances"]}
+        for point in points
+        if point["at"] == latest[point["at"] - point["at"] % resolution]
+    ]
+
+
 def error(status: int, message: str, field: str | None = None) -> web.Response:
     body: dict[str, Any] = {"error": message}
     if field is not None:
@@ -307,8 +324,12 @@ class Api:
         group = await self.server.db(self.store.get_group, app_id, request.match_info["group"])
         end = _float_query(request, "end", time.time())
         start = _float_query(request, "start", end - 7 * 86400)
+        resolution = _int_query(request, "resolution", 3600, 7 * 86400)
+        if resolution not in RESOLUTIONS:
+            raise ValidationError("resolution", f"{resolution} is not one of {', '.join(map(str, RESOLUTIONS))}")
         points = await self.server.db(self.store.version_timeline, group.id, start, end)
-        return web.json_response({"group_id": group.id, "start": start, "end": end, "points": points})
+        return web.json_response({"group_id": group.id, "start": start, "end": end, "resolution": resolution,
+                                  "points": roll_up(points, resolution)})
 
     # -- instances, versions, activity --------------------------------------------------------------------
 

@@ -276,7 +276,8 @@ def group_delete(c: Client, args: argparse.Namespace) -> None:
 
 
 def group_versions(c: Client, args: argparse.Namespace) -> None:
-    query = urllib.parse.urlencode({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
+    query = urllib.parse.urlencode({k: v for k, v in (("start", args.start), ("end", args.end),
+                                                      ("resolution", args.resolution)) if v is not None})
     data = c.call("GET", f"{app_path(args)}/groups/{quote(args.group_id)}/versions?{query}")
     emit(args, data, ("Time", "Version", "Instances"),
          [(when(p["at"]), p["version"], p["instances"]) for p in data["points"]])
@@ -515,10 +516,11 @@ def _parser() -> argparse.ArgumentParser:
     verb(gr, "unpause", group_unpause, "resume the group's updates").add_argument("--group-id", required=True)
     verb(gr, "list", group_list, "list groups")
     verb(gr, "delete", group_delete, "delete a group").add_argument("--group-id", required=True)
-    sp = verb(gr, "versions", group_versions, "instances per version over time (hourly)")
+    sp = verb(gr, "versions", group_versions, "instances per version over time")
     sp.add_argument("--group-id", required=True)
     sp.add_argument("--start", type=float, help="epoch seconds (default a week ago)")
     sp.add_argument("--end", type=float, help="epoch seconds (default now)")
+    sp.add_argument("--resolution", type=int, choices=(3600, 86400), help="seconds per row (default 3600)")
 
     ins = noun("instance", "instances")
     sp = verb(ins, "list", instance_list, "list instances")

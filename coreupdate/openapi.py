@@ -64,8 +64,10 @@ SCHEMAS: dict[str, Any] = {
     }),
     "InstancePage": _obj({"total": _INT, "instances": {"type": "array", "items": _ref("Instance")}}),
     "VersionCount": _obj({"group_id": _STR, "version": _STR, "status": _STR, "instances": _INT}),
-    "VersionTimeline": _obj({"group_id": _STR, "start": _NUM, "end": _NUM, "points": {"type": "array", "items": _obj(
-        {"at": _NUM, "version": _STR, "instances": _INT})}}),
+    "VersionTimeline": _obj({
+        "group_id": _STR, "start": _NUM, "end": _NUM, "resolution": _INT,
+        "points": {"type": "array", "items": _obj({"at": _NUM, "version": _STR, "instances": _INT})},
+    }),
     "Activity": _obj({"at": _NUM, "app_id": _STR, "group_id": _STR, "kind": _STR, "version": _STR,
                       "message": _STR}),
 }
@@ -95,7 +97,8 @@ OPERATIONS: list[tuple[str, str, str, str | None, str, int]] = [
     ("post", "/apps/{app_id}/groups/{group}/pause", "Pause the group's updates", "Pause", "Group", 200),
     ("post", "/apps/{app_id}/groups/{group}/unpause", "Resume the group's updates", None, "Group", 200),
     ("get", "/apps/{app_id}/groups/{group}/versions",
-     "Instances per version over time (hourly; query start, end in epoch seconds)", None, "VersionTimeline", 200),
+     "Instances per version over time (query start, end in epoch seconds; resolution 3600 or 86400)", None,
+     "VersionTimeline", 200),
     ("get", "/apps/{app_id}/instances", "List instances (query group, status, version, limit, offset)", None,
      "InstancePage", 200),
     ("get", "/apps/{app_id}/instances/{machine_id}", "Show an instance with its latest events", None, "Instance",

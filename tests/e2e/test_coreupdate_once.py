@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ def test_update_engine_once_is_granted_installs_and_completes(
                           raw=release.payload.read_bytes())
     assert uploaded["signature_verified"] is True and uploaded["size"] == release.payload.stat().st_size
     server.api("PUT", f"{APP}/channels/stable", {"version": "2.0.0"})
+    # The server's download URL is stable and serves ranges (update-engine resumes with Range).
+    request = urllib.request.Request(uploaded["url"], headers={"Range": "bytes=4-11"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 206 and response.read() == release.payload.read_bytes()[4:12]
     node = make_node_root(tmp_path / "root", version="1.0.0", server=server.omaha_url, group="stable")
     disk = make_usr_disk(tmp_path / "disk.img")
 

@@ -106,6 +106,8 @@ def test_a_rollout_driven_from_the_command_line(server: CoreUpdateServer, signed
     assert canary["updates_paused"] and canary["pause_reason"] == "freeze"
     assert canary["rollout"]["granted"] == 2 and canary["rollout"]["completed"] == 2
     ok(server, "group", "unpause", "--app-id", COREOS_APP_ID, "--group-id", "canary")
+    daily = ok(server, "group", "versions", "--app-id", COREOS_APP_ID, "--group-id", "canary", "--resolution", "86400")
+    assert daily.splitlines()[0].split() == ["Time", "Version", "Instances"]
     activity = ok(server, "activity", "list", "--app-id", COREOS_APP_ID)
     assert "group-unpaused" in activity and "group-paused" in activity and "rollout-started" in activity
 
