@@ -70,12 +70,13 @@ def _nice_top(value: int) -> int:
     return value
 
 
-def _time_label(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M")
+def _time_label(epoch: float, span: float) -> str:
+    """Month, day and minute; with seconds instead of the date when the chart spans less than two hours."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S" if span < 7200 else "%m-%d %H:%M")
 
 
 def _time_text(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,12 @@ def versions_chart(series: VersionSeries, *, width: int = 720, height: int = 240
                        f'fill="{series.colours[v]}"/>')
         out.append("</g>")
     ticks = sorted({0, len(points) // 2, len(points) - 1})
+    span = points[-1].at - points[0].at
     for i in ticks:
         x = left + i * slot + slot / 2
         anchor = "start" if i == 0 and len(points) > 1 else ("end" if i == len(points) - 1 and i else "middle")
         out.append(f'<text class="axis" x="{x:.1f}" y="{height - 10}" text-anchor="{anchor}">'
-                   f'{escape(_time_label(points[i].at))}</text>')
+                   f'{escape(_time_label(points[i].at, span))}</text>')
     out.append("</svg>")
     return Markup("".join(out))
 

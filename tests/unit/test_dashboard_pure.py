@@ -63,7 +63,10 @@ def test_charts_escape_text_stack_versions_and_fold_old_ones() -> None:
     svg = str(charts.versions_chart(series))
     assert "<script>" not in svg and "&lt;script&gt;" in svg
     assert svg.count('<g class="bar"') == 4 and 'role="img"' in svg
-    assert "1970-01-01 02:00 UTC: 1.9.0 10" in svg
+    assert "1970-01-01 02:00:00 UTC: 1.9.0 10" in svg and ">01-01 02:00<" in svg  # a span of hours: dates
+    seconds = [charts.TimePoint(10.0 * i, {"1.0.0": i}) for i in range(4)]
+    short = str(charts.versions_chart(charts.fold_versions(seconds)))
+    assert ">00:00:30<" in short  # a span of seconds: seconds
     status = str(charts.status_chart({InstanceStatus.COMPLETE: 3, InstanceStatus.ERROR: 1}, present.STATUS_ORDER))
     assert status.index("Complete") < status.index("Error") and "Instances by status: Complete 3, Error 1" in status
     assert "No check-ins" in str(charts.versions_chart(charts.fold_versions([])))
