@@ -3,9 +3,10 @@ and a quiet exit when the reader of stdout went away (``cmd | head -0``)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
+
+from coreos_common.stdout import reader_gone
 
 # Exit codes (documented in the README): scripts may rely on them.
 EXIT_OK = 0
@@ -33,9 +34,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
-        # The reader left: point stdout at /dev/null so the interpreter's final flush does not fail too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        reader_gone()
         return EXIT_OK
     except KeyboardInterrupt:
         return 130

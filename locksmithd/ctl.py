@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
+from coreos_common.stdout import reader_gone
 from locksmithd import __version__
 
 # ``typing`` alone costs a few milliseconds at start; the annotations below are only read by mypy.
@@ -788,10 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()
     except BrokenPipeError:
-        # The reader is gone: say nothing more, and keep the interpreter's final flush from failing too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        reader_gone()  # say nothing more, and keep the interpreter's final flush from failing too
         return EXIT_BROKEN_PIPE
     return code
 

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from sim.payload import key_pair
 from update_engine.payload.cli import main
+from update_engine.payload.format import MAX_OPERATIONS, parse_header, parse_manifest
 
 B = 4096
 REPO = Path(__file__).resolve().parents[2]
@@ -171,3 +173,77 @@ def test_installed_script(payload: Path, keys: tuple[Path, Path]) -> None:
         check=False,
     )
     assert run.returncode == 0 and json.loads(run.stdout)["version"] == 1
+
+
+def _generate(tmp_path: Path, keys: tuple[Path, Path], *extra: str) -> int:
+    return main(["generate", "--image", str(tmp_path / "usr.img"), "--private-key", str(keys[0]),
+                 "-o", str(tmp_path / "out.bin"), *extra])
+
+
+def test_the_operation_size_is_a_choice(
+    tmp_path: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "usr.img").write_bytes(os.urandom(40 * B))
+    assert _generate(tmp_path, keys, "--op-size", "16K") == 0
+    data = (tmp_path / "out.bin").read_bytes()
+    header = parse_header(data[:20])
+    ops = parse_manifest(data[20 : header.metadata_size]).partition_operations
+    assert [sum(e.num_blocks for e in op.dst_extents) for op in ops] == [4] * 10
+    capsys.readouterr()
+    for size, words in (("5000", "multiple of block size 4096"), ("16M", "more than update clients accept"),
+                        ("1.5M", "not a size")):
+        assert _generate(tmp_path, keys, "--op-size", size) != 0
+        assert words in capsys.readouterr().err
+
+
+def test_too_many_operations_for_the_clients_is_refused(
+    tmp_path: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(tmp_path / "usr.img", "wb") as image:
+        image.truncate((MAX_OPERATIONS + 1) * B)  # sparse
+    assert _generate(tmp_path, keys, "--op-size", "4K") == 1
+    assert "choose a larger operation size" in capsys.readouterr().err
+    assert not (tmp_path / "out.bin").exists()
+
+
+def _generate_with_stderr_on(tmp_path: Path, keys: tuple[Path, Path], stderr: int) -> None:
+    script = Path(sys.executable).parent / "update-payload"
+    subprocess.run(
+        [str(script), "generate", "--image", str(tmp_path / "usr.img"), "--private-key", str(keys[0]),
+         "-o", str(tmp_path / "out.bin"), "--op-size", "64K"],
+        stdout=subprocess.DEVNULL, stderr=stderr, timeout=120, check=True,
+    )
+
+
+def test_progress_is_shown_on_a_terminal_only(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    (tmp_path / "usr.img").write_bytes(os.urandom(64 * B) + bytes(64 * B))
+    leader, follower = pty.openpty()
+    try:
+        _generate_with_stderr_on(tmp_path, keys, follower)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and everything was read
+                break
+            if not piece:
+                break
+            shown += piece
+    finally:
+        os.close(leader)
+    assert b"\rgenerating: 0.5/0.5 MiB (100 %)" in shown and b"(50 %)" in shown and shown.endswith(b"\r\n")
+    with open(tmp_path / "stderr.txt", "wb") as file:
+        _generate_with_stderr_on(tmp_path, keys, file.fileno())
+    assert (tmp_path / "stderr.txt").read_bytes() == b""
+
+
+def test_a_reader_that_went_away_gets_no_traceback(payload: Path) -> None:
+    """``update-payload show PAYLOAD | head -0``: exit 141, as a shell reports SIGPIPE, and nothing on stderr."""
+    script = Path(sys.executable).parent / "update-payload"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as closed_pipe:
+        run = subprocess.run([str(script), "show", str(payload)], stdout=closed_pipe, stderr=subprocess.PIPE,
+                             timeout=60, check=False)
+    assert (run.returncode, run.stderr) == (141, b"")

@@ -1,7 +1,7 @@
 """``update-payload``: generate, verify, describe payloads and make signing keys.
 
 Exit status: 0 on success, 1 on any error (the message, and for payload errors the Omaha code and its name, go
-to stderr), 2 on a usage error.
+to stderr), 2 on a usage error, 141 when the reader of its output went away.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from coreos_common import logs
+from coreos_common.stdout import EXIT_READER_GONE, reader_gone
 from update_engine.errors import ErrorCode, UpdateEngineError
 from update_engine.payload.files import verify_payload_file
 from update_engine.payload.format import (
@@ -29,7 +31,7 @@ from update_engine.payload.format import (
     parse_signatures,
     summarize_manifest,
 )
-from update_engine.payload.generate import generate_full_payload, make_key_pair
+from update_engine.payload.generate import CHUNK_SIZE, generate_full_payload, make_key_pair
 from update_engine.payload.verify import VerifiedPayload
 
 PROG = "update-payload"
@@ -96,9 +98,45 @@ def _summary_lines(summary: ManifestSummary) -> list[str]:
     return lines
 
 
+class _ProgressLine:
+    """"generating: 300.0/1024.0 MiB (29 %)" rewritten in place on a terminal, once per percent."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = done * 100 // max(total, 1)
+        if percent == self._shown:
+            return
+        self._shown = percent
+        self._stream.write(f"\rgenerating: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({percent} %)")
+        self._stream.flush()
+
+    def end(self) -> None:
+        if self._shown >= 0:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _size(text: str) -> int:
+    """A byte count: a number, optionally followed by K or M (KiB, MiB)."""
+    match = re.fullmatch(r"(\d+)\s*(?:([KkMm])(?:i?[Bb])?)?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or a number with K or M)")
+    return int(match[1]) << {None: 0, "k": 10, "m": 20}[match[2] and match[2].lower()]
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     key = _read_key(args.private_key, "private key")
-    result = generate_full_payload(args.image, args.output, key, kernel=args.kernel)
+    progress = _ProgressLine(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        result = generate_full_payload(
+            args.image, args.output, key, kernel=args.kernel, chunk_size=args.op_size, on_progress=progress
+        )
+    finally:
+        if progress is not None:
+            progress.end()
     if args.json:
         print(json.dumps({"path": str(result.path), "size": result.size, "sha256": result.sha256_b64}))
     else:
@@ -227,6 +265,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernel", type=Path, help="a kernel image to ship with the update")
     gen.add_argument("--private-key", type=Path, required=True, help="RSA private key, PEM")
     gen.add_argument("-o", "--output", type=Path, required=True, help="where to write the payload")
+    gen.add_argument(
+        "--op-size", type=_size, default=CHUNK_SIZE, metavar="SIZE",
+        help="bytes of image per operation, a multiple of 4096 (default 1M, as Flatcar's generator; up to 8M)",
+    )
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.set_defaults(handler=_cmd_generate)
 
@@ -259,7 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        reader_gone()
+        return EXIT_READER_GONE
     except UpdateEngineError as exc:
         # Payload problems carry an Omaha code worth showing; tool errors (code ERROR) are just a message.
         text = exc.message if exc.code == ErrorCode.ERROR else str(exc)

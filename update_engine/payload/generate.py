@@ -1,11 +1,13 @@
 """Build and sign full CrAU payloads from a /usr image (and optionally a kernel).
 
-The image is cut into 1 MiB chunks; each becomes one operation writing the chunk's blocks, stored bzip2-compressed
-(REPLACE_BZ) when that is smaller and raw (REPLACE) otherwise, with the SHA-256 of its data blob. Chunks are
-encoded by a thread pool (bz2, zlib and hashlib release the GIL) with a bounded window, and blobs go to a
-temporary file, so memory stays flat whatever the image size. The payload is then assembled as header, manifest,
-blobs and signature blob, hashing as it is written; the manifest names the signature blob's offset and size, so
-the size comes from a placeholder signature of the key's length.
+The image is cut into chunks (1 MiB unless told otherwise, as mantle's generator does); each becomes one operation
+writing the chunk's blocks, stored bzip2-compressed (REPLACE_BZ) when that is smaller and raw (REPLACE) otherwise,
+with the SHA-256 of its data blob. Chunks are encoded by a thread pool, one thread per CPU this process may use
+(bz2, zlib and hashlib release the GIL, so it scales with them), with a bounded window, and blobs go to a temporary
+file, so memory stays flat whatever the image size. A chunk size the update clients would refuse (more than
+MAX_OPERATION_DATA per operation, more than MAX_OPERATIONS operations) is refused here. The payload is then
+assembled as header, manifest, blobs and signature blob, hashing as it is written; the manifest names the signature
+blob's offset and size, so the size comes from a placeholder signature of the key's length.
 
 The manifest also carries the signature pseudo-operation in ``noop_operations`` (a REPLACE whose data is the
 signature blob, written to a hole) for clients that predate signatures; current clients ignore that list.
@@ -21,6 +23,7 @@ import os
 import tempfile
 import zlib
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +37,15 @@ from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import (
     BLOCK_SIZE,
+    MAX_OPERATION_DATA,
+    MAX_OPERATIONS,
     SIGNATURE_VERSION,
     SPARSE_HOLE,
     PayloadError,
     encode_header,
     encode_signatures,
 )
+from update_engine.payload.pipeline import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +146,9 @@ class _BlobWriter:
         return op
 
 
+Progress = Callable[[int, int], None]
+
+
 def _encode_file(
     path: Path,
     pool: ThreadPoolExecutor,
@@ -147,8 +156,10 @@ def _encode_file(
     writer: _BlobWriter,
     chunk_size: int,
     block_size: int,
+    progress: Callable[[int], None],
 ) -> tuple[list[pb.InstallOperation], int, bytes]:
-    """Operations writing ``path`` from block 0, with the file's size and SHA-256."""
+    """Operations writing ``path`` from block 0, with the file's size and SHA-256; ``progress`` gets the bytes
+    of each chunk once it is encoded."""
     ops: list[pb.InstallOperation] = []
     digest = hashlib.sha256()
     window: deque[tuple[Future[tuple[int, bytes, bytes]], int, int]] = deque()
@@ -164,10 +175,19 @@ def _encode_file(
             if len(window) >= max_in_flight:
                 future, start, count = window.popleft()
                 ops.append(writer.add(future.result(), start, count))
+                progress(count * block_size)
         while window:
             future, start, count = window.popleft()
             ops.append(writer.add(future.result(), start, count))
+            progress(count * block_size)
     return ops, size, digest.digest()
+
+
+def _size_of(path: Path, what: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise PayloadError(ErrorCode.ERROR, f"cannot read {what} {path}: {exc}") from exc
 
 
 def _load_private_key(private_key_pem: bytes) -> rsa.RSAPrivateKey:
@@ -188,30 +208,52 @@ def generate_full_payload(
     kernel: Path | None = None,
     chunk_size: int = CHUNK_SIZE,
     block_size: int = BLOCK_SIZE,
+    jobs: int | None = None,
+    on_progress: Progress | None = None,
 ) -> GeneratedPayload:
     """Write a signed full payload for ``image`` (a whole number of blocks) to ``out``.
 
+    ``chunk_size`` is the operation size; ``jobs`` the compressing threads (default: the CPUs this process may
+    use); ``on_progress`` gets (bytes encoded, bytes in all) as the image and the kernel go through.
     ``block_size`` other than 4096 produces payloads that update clients refuse; it exists to test them.
     """
     key = _load_private_key(private_key_pem)
     if block_size <= 0 or block_size % 512 or chunk_size <= 0 or chunk_size % block_size:
         raise PayloadError(
             ErrorCode.ERROR,
-            f"chunk size {chunk_size} must be a multiple of block size {block_size}, itself a multiple of 512",
+            f"operation size {chunk_size} must be a multiple of block size {block_size}, itself a multiple of 512",
         )
-    try:
-        image_size = image.stat().st_size
-    except OSError as exc:
-        raise PayloadError(ErrorCode.ERROR, f"cannot read the image {image}: {exc}") from exc
+    if chunk_size > MAX_OPERATION_DATA:
+        raise PayloadError(
+            ErrorCode.ERROR,
+            f"operation size {chunk_size} is more than update clients accept ({MAX_OPERATION_DATA} bytes)",
+        )
+    image_size = _size_of(image, "the image")
+    kernel_size = _size_of(kernel, "the kernel") if kernel is not None else 0
     if image_size == 0 or image_size % block_size:
         raise PayloadError(
             ErrorCode.ERROR,
             f"image {image} is {image_size} bytes, not a positive whole number of {block_size}-byte blocks",
         )
+    operations = -(-image_size // chunk_size) + -(-kernel_size // chunk_size)
+    if operations > MAX_OPERATIONS:
+        raise PayloadError(
+            ErrorCode.ERROR,
+            f"{chunk_size}-byte operations would make {operations}, more than update clients accept "
+            f"({MAX_OPERATIONS}): choose a larger operation size",
+        )
     placeholder = encode_signatures([(SIGNATURE_VERSION, bytes((key.key_size + 7) // 8))])
+    total = image_size + kernel_size
+    done = 0
+
+    def progress(count: int) -> None:
+        nonlocal done
+        done = min(done + count, total)
+        if on_progress is not None:
+            on_progress(done, total)
 
     out_dir = out.resolve().parent
-    workers = max(1, os.cpu_count() or 1)
+    workers = max(1, jobs if jobs is not None else usable_cpus())
     try:
         with (
             tempfile.TemporaryFile(dir=out_dir, prefix=".payload-blobs-") as blobs,
@@ -219,7 +261,7 @@ def generate_full_payload(
         ):
             writer = _BlobWriter(blobs)
             partition_ops, partition_size, partition_hash = _encode_file(
-                image, pool, 2 * workers + 1, writer, chunk_size, block_size
+                image, pool, 2 * workers + 1, writer, chunk_size, block_size, progress
             )
             if partition_size != image_size:
                 raise PayloadError(ErrorCode.ERROR, f"image {image} changed size while being read")
@@ -230,7 +272,7 @@ def generate_full_payload(
             )
             if kernel is not None:
                 kernel_ops, kernel_size, kernel_hash = _encode_file(
-                    kernel, pool, 2 * workers + 1, writer, chunk_size, block_size
+                    kernel, pool, 2 * workers + 1, writer, chunk_size, block_size, progress
                 )
                 manifest.procedures.add(
                     type=pb.InstallProcedure.KERNEL,
