@@ -94,6 +94,24 @@ async def connection_unix_user(bus: MessageBus, connection: str) -> int:
     return int(reply.body[0])
 
 
+async def connection_unix_process_id(bus: MessageBus, connection: str) -> int:
+    """The pid of the process behind ``connection``, as the bus knows it."""
+    reply = await call(bus, bus_method("GetConnectionUnixProcessID", "s", [connection]), signature="u")
+    return int(reply.body[0])
+
+
+async def describe_connection(bus: MessageBus, connection: str) -> str:
+    """``uid 0 pid 1234 (:1.42)`` for log lines about a caller; what cannot be looked up is left out."""
+    parts: list[str] = []
+    for label, lookup in (("uid", connection_unix_user), ("pid", connection_unix_process_id)):
+        try:
+            parts.append(f"{label} {await lookup(bus, connection)}")
+        except (DBusCallError, OSError, EOFError):
+            continue
+    parts.append(f"({connection})")
+    return " ".join(parts)
+
+
 async def add_match(bus: MessageBus, rule: str) -> None:
     """Ask the bus to route the signals matching ``rule`` to this connection."""
     await call(bus, bus_method("AddMatch", "s", [rule]))

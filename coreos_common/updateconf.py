@@ -81,10 +81,15 @@ class MergedConfig:
 
     def first_of(self, *names: str) -> str | None:
         """Value of the first of ``names`` by file order; within one file the earlier name wins."""
+        key = self.first_key_of(*names)
+        return None if key is None else self.values[key]
+
+    def first_key_of(self, *names: str) -> str | None:
+        """Which of ``names`` decides (see ``first_of``), or None when no file names any of them."""
         candidates = [(self.ranks[name], i, name) for i, name in enumerate(names) if name in self.values]
         if not candidates:
             return None
-        return self.values[min(candidates)[2]]
+        return min(candidates)[2]
 
 
 def _describe_bad_key(key: str) -> str:

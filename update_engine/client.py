@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TextIO
@@ -33,30 +35,45 @@ from dbus_fast import AuthError, BusType, InvalidAddressError, Message, MessageT
 from dbus_fast.aio import MessageBus
 
 from coreos_common.boolean import parse_bool
+from coreos_common.cli import EXIT_BROKEN_PIPE, discard_stdout
 from coreos_common.dbus import ERROR_ACCESS_DENIED, DBusCallError, bus_method, call
-from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, STATUS_SIGNATURE, StatusSnapshot, UpdateStatus
+from coreos_common.logs import escape_control
+from coreos_common.status import (
+    BUS_NAME,
+    DETAILS_SIGNATURE,
+    INTERFACE,
+    OBJECT_PATH,
+    STATUS_SIGNATURE,
+    StatusDetails,
+    StatusSnapshot,
+    UpdateStatus,
+)
+from update_engine import __version__
 
 PROG = "update_engine_client"
 CALL_TIMEOUT_SECONDS = 25.0
 NOT_RUNNING = f"update-engine is not running on this bus ({BUS_NAME} has no owner)"
+# GetStatusDetails is ours: an older update-engine does not know it, an older bus policy may not allow it.
+_DETAILS_UNAVAILABLE = frozenset({"org.freedesktop.DBus.Error.UnknownMethod", ERROR_ACCESS_DENIED})
 # Polls that may still show IDLE before the attempt shows up; after that the request counts as ignored.
 MAX_POLLS_BEFORE_START = 3
 
 USAGE = f"""\
-usage: {PROG} [ACTION] [--json] [--bus-address ADDRESS] [--wait SECONDS]
+usage: {PROG} ACTION [--json] [--bus-address ADDRESS] [--wait SECONDS]
 
 actions (the first one in this list that is given runs):
-  -reset_status        go back to IDLE from UPDATED_NEED_REBOOT, abandoning the installed update
-  -status              print the current status
+  -reset_status        go back to IDLE from UPDATED_NEED_REBOOT, abandoning the installed update (or rollback)
+  -status              print the current status and the last attempt's error
   -rollback            boot the other /usr partition next time
   -check_for_update    start an update check and return
   -update              start an update check and follow it until it ends
-  -watch_for_updates   print every status change until interrupted
+  -watch_for_updates   print the status, then every change, until interrupted or update-engine stops
 
 options:
   --json               print status as JSON (-status, -update, -watch_for_updates)
   --bus-address ADDR   D-Bus address (default: $DBUS_SYSTEM_BUS_ADDRESS or the system bus)
   --wait SECONDS       wait up to SECONDS for update-engine to appear on the bus
+  --version            print the version and exit
 
 Flags take one or two dashes and an optional =true/=false; -noFLAG turns FLAG off.
 """
@@ -98,6 +115,7 @@ _BOOLEAN_FLAGS = (
     "rollback",
     "json",
     "help",
+    "version",
 )
 _VALUE_FLAGS = ("bus_address", "wait", "poll_interval")
 
@@ -114,6 +132,7 @@ class ClientOptions:
     rollback: bool = False
     json: bool = False
     help: bool = False
+    version: bool = False
     bus_address: str | None = None
     wait: float = 0.0
     poll_interval: float = 5.0
@@ -207,6 +226,40 @@ def format_status_json(snapshot: StatusSnapshot) -> str:
     return json.dumps({f.name: getattr(snapshot, f.name) for f in fields(snapshot)}) + "\n"
 
 
+def format_last_error(details: StatusDetails) -> str:
+    """The ``LAST_ERROR=`` line: empty unless the last attempt failed, else shell-quoted so ``eval`` reads it."""
+    if not details.last_error_code:
+        return "LAST_ERROR=\n"
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(details.last_attempt_time))
+    text = f"{details.last_error_code} {details.last_error_name} at {when}: {details.last_error_reason}"
+    return f"LAST_ERROR={shlex.quote(escape_control(text))}\n"
+
+
+def format_details(details: StatusDetails) -> str:
+    """-status: the original's block, then what it cannot say (the last attempt's error)."""
+    return format_status(details.status) + format_last_error(details)
+
+
+def format_details_json(details: StatusDetails) -> str:
+    """-status --json: the five D-Bus fields, the last attempt, what is pending, warnings and the settings used."""
+    values: dict[str, object] = {f.name: getattr(details.status, f.name) for f in fields(details.status)}
+    failed = bool(details.last_error_code)
+    values["last_attempt"] = None if not details.last_attempt_result else {
+        "result": details.last_attempt_result,
+        "time": details.last_attempt_time,
+        "error_code": details.last_error_code if failed else None,
+        "error_name": details.last_error_name if failed else None,
+        "reason": details.last_error_reason if failed else None,
+    }
+    values["pending_reboot"] = details.pending_reboot or None
+    values["warnings"] = list(details.warnings)
+    values["settings"] = {
+        "server": details.server, "group": details.group, "current_version": details.current_version,
+        "board": details.board, "app_id": details.app_id, "public_key": details.public_key,
+    }
+    return json.dumps(values) + "\n"
+
+
 def format_watch(snapshot: StatusSnapshot) -> str:
     """The original's -watch_for_updates log entry (progress as a C++ stream prints a double)."""
     return (
@@ -296,17 +349,20 @@ class ManagerClient:
     def __init__(self, bus: MessageBus) -> None:
         self.bus = bus
 
-    async def _call(self, message: Message, member: str) -> Message:
+    async def _call(self, message: Message, member: str, passed_on: frozenset[str] = frozenset()) -> Message:
+        """The reply; a ClientError saying what went wrong, except for D-Bus errors named in ``passed_on``."""
         try:
             return await asyncio.wait_for(call(self.bus, message), CALL_TIMEOUT_SECONDS)
         except TimeoutError:
             raise ClientError(f"{member}: no reply from update-engine within {CALL_TIMEOUT_SECONDS:g} s") from None
         except DBusCallError as exc:
+            if exc.name in passed_on:
+                raise
             raise _call_error(member, exc) from None
 
-    async def _manager_call(self, member: str) -> Message:
+    async def _manager_call(self, member: str, passed_on: frozenset[str] = frozenset()) -> Message:
         return await self._call(
-            Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member=member), member
+            Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member=member), member, passed_on
         )
 
     async def _bus_call(self, member: str, signature: str, body: list[object]) -> Message:
@@ -324,6 +380,40 @@ class ManagerClient:
             return StatusSnapshot.from_values(reply.body)
         except ValueError as exc:
             raise ClientError(f"GetStatus: {exc}") from exc
+
+    async def get_details(self) -> StatusDetails | None:
+        """GetStatusDetails, or None from an update-engine without it (or whose bus policy does not allow it)."""
+        try:
+            reply = await self._manager_call("GetStatusDetails", _DETAILS_UNAVAILABLE)
+        except DBusCallError:
+            return None
+        if reply.signature != DETAILS_SIGNATURE:
+            raise ClientError(f"GetStatusDetails: expected ({DETAILS_SIGNATURE}), got ({reply.signature})")
+        entries = reply.body[0] if reply.body and isinstance(reply.body[0], dict) else {}
+        try:
+            return StatusDetails.from_values({name: getattr(value, "value", value) for name, value in entries.items()})
+        except ValueError as exc:
+            raise ClientError(f"GetStatusDetails: {exc}") from exc
+
+    async def watch_owner(self, on_gone: Callable[[], None]) -> None:
+        """Call ``on_gone`` when com.coreos.update1 loses its owner (update-engine stopped or crashed)."""
+
+        def handler(message: Message) -> None:
+            if (
+                message.message_type is MessageType.SIGNAL
+                and message.member == "NameOwnerChanged"
+                and message.signature == "sss"
+                and message.body[0] == BUS_NAME
+                and not message.body[2]
+            ):
+                on_gone()
+
+        self.bus.add_message_handler(handler)
+        rule = (
+            "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+            f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
+        )
+        await self._bus_call("AddMatch", "s", [rule])
 
     async def attempt_update(self) -> None:
         await self._manager_call("AttemptUpdate")
@@ -390,10 +480,18 @@ def _write(stream: TextIO, text: str) -> None:
 
 
 class _Interrupted:
-    """Queue item standing for SIGINT/SIGTERM."""
+    """Queue item standing for SIGINT/SIGTERM, or (``_GONE``) for update-engine leaving the bus."""
 
 
 _INTERRUPTED = _Interrupted()
+_GONE = _Interrupted()
+
+
+def _drain(queue: asyncio.Queue[StatusSnapshot | _Interrupted]) -> list[StatusSnapshot | _Interrupted]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _queue_with_interrupts() -> asyncio.Queue[StatusSnapshot | _Interrupted]:
@@ -474,16 +572,46 @@ def _report_outcome(outcome: Outcome, last: StatusSnapshot, follower: UpdateFoll
 
 
 async def _run_watch(client: ManagerClient, options: ClientOptions, out: TextIO, err: TextIO) -> int:
+    """The status now, then every signal, until interrupted (0) or update-engine leaves the bus (1)."""
     queue = _queue_with_interrupts()
     await client.subscribe(queue.put_nowait)
+    await client.watch_owner(lambda: queue.put_nowait(_GONE))
+    current = await client.get_status()
+    # A bus delivers in order: signals queued before the reply are older than it, and it says all they say.
+    pending = [item for item in _drain(queue) if not isinstance(item, StatusSnapshot)]
+    queue.put_nowait(current)
+    for waiting in pending:
+        queue.put_nowait(waiting)
     while True:
         item = await queue.get()
+        if item is _GONE:
+            _write(err, f"update-engine left the bus ({BUS_NAME} has no owner any more): it stopped or crashed; "
+                        "see journalctl -u update-engine\n")
+            return 1
         if isinstance(item, _Interrupted):
             return 0
         if options.json:
             _write(out, format_status_json(item))
         else:
             _write(err, format_watch(item))
+
+
+async def _run_reset(client: ManagerClient, err: TextIO) -> int:
+    """ResetStatus, saying what it undid: an installed update, a rollback, or (when idle) held-back versions."""
+    details = await client.get_details()
+    before = details.status if details is not None else await client.get_status()
+    await client.reset_status()
+    if before.current_operation == UpdateStatus.IDLE.value:
+        _write(err, "Status is UPDATE_STATUS_IDLE; nothing was armed for the next boot. update-engine forgot any "
+                    "version held back after a failed boot and any backoff of a failing payload.\n")
+    elif details is not None and details.pending_reboot == "rollback":
+        _write(err, "Status reset to UPDATE_STATUS_IDLE. The rollback is cancelled: update-engine made the running "
+                    "/usr partition the next boot again; no cgpt command is needed.\n")
+    else:
+        _write(err, "Status reset to UPDATE_STATUS_IDLE. update-engine also disarmed the boot flags it had set for "
+                    "the installed update, so the next boot uses the running /usr partition; no cgpt command is "
+                    "needed.\n")
+    return 0
 
 
 async def _run_check(client: ManagerClient, err: TextIO) -> int:
@@ -503,8 +631,7 @@ async def run(options: ClientOptions, out: TextIO, err: TextIO) -> int:
     """Run the chosen action against the bus; returns the exit status."""
     action = options.action()
     if action is Action.NONE:
-        _write(err, "Done.\n")
-        return 0
+        raise UsageError("no action given")
     for flag in options.ignored_actions():
         _write(err, f"Ignoring -{flag}: only one action runs and -{action.value} takes precedence.\n")
     bus = await _connect(options)
@@ -512,18 +639,15 @@ async def run(options: ClientOptions, out: TextIO, err: TextIO) -> int:
         client = ManagerClient(bus)
         await _wait_until_running(client, options.wait)
         if action is Action.STATUS:
-            snapshot = await client.get_status()
-            _write(out, format_status_json(snapshot) if options.json else format_status(snapshot))
+            details = await client.get_details()
+            if details is None:  # an update-engine without GetStatusDetails
+                snapshot = await client.get_status()
+                _write(out, format_status_json(snapshot) if options.json else format_status(snapshot))
+            else:
+                _write(out, format_details_json(details) if options.json else format_details(details))
             return 0
         if action is Action.RESET_STATUS:
-            await client.reset_status()
-            _write(
-                err,
-                "Status reset to UPDATE_STATUS_IDLE. update-engine also disarmed the boot flags it had set for "
-                "the installed update, so the next boot uses the running /usr partition; no cgpt command is "
-                "needed.\n",
-            )
-            return 0
+            return await _run_reset(client, err)
         if action is Action.ROLLBACK:
             next_boot = await client.rollback()
             _write(out, f"Rollback armed; next boot: {next_boot}\n")
@@ -539,7 +663,16 @@ async def run(options: ClientOptions, out: TextIO, err: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``update_engine_client``."""
-    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(args: list[str]) -> int:
     try:
         options = parse_args(args)
     except UsageError as exc:
@@ -548,14 +681,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.help:
         sys.stdout.write(USAGE)
         return 0
+    if options.version:
+        sys.stdout.write(f"{PROG} {__version__}\n")
+        return 0
+    if options.action() is Action.NONE:
+        sys.stderr.write(f"{PROG}: no action given\n{USAGE}")
+        return 2
     try:
         return asyncio.run(run(options, sys.stdout, sys.stderr))
     except ClientError as exc:
-        sys.stderr.write(f"{exc}\n")
+        sys.stderr.write(f"{escape_control(str(exc))}\n")
         return 1
     except KeyboardInterrupt:
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,10 @@
-"""update-engine's settings from update.conf and the release files, and the OEM release.
+"""update-engine's settings from update.conf and the release files, the OEM release, and what a set-up lacks.
 
 The lookup order and the ``KEY=value`` parser are ``coreos_common.updateconf`` (locksmithd reads the same
 files); this module turns the merged keys into what one update check needs.  Defaults apply only when no file
-names a key: an empty value stays empty.  Everything here is pure except ``load_oem_release``.
+names a key: an empty value stays empty.  ``describe_setup`` says in one line what the daemon will use and warns
+about what is missing or defaulted and will bite later (no signing key, no update.conf, no release file).
+Everything here is pure except ``load_oem_release``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreos_common.updateconf import ConfigIssue, MergedConfig, SettingsFileError, load_key_value_files
+from coreos_common.updateconf import (
+    UPDATE_CONF_FILES,
+    ConfigIssue,
+    MergedConfig,
+    SettingsFileError,
+    load_key_value_files,
+)
 from update_engine.errors import ErrorCode, UpdateEngineError
 
 OEM_RELEASE_FILES: tuple[str, ...] = (
@@ -37,7 +45,11 @@ class ConfigError(UpdateEngineError):
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    """What one update check needs from the configuration, re-read before every check."""
+    """What one update check needs from the configuration, re-read before every check.
+
+    ``keys`` and ``files`` say, for each field an update.conf or release file set, which key name set it (for the
+    release keys, ``COREOS_RELEASE_*`` or ``FLATCAR_RELEASE_*``) and in which file; a default has neither.
+    """
 
     server: str = DEFAULT_SERVER
     group: str = DEFAULT_GROUP
@@ -47,7 +59,8 @@ class UpdateSettings:
     machine_alias: str = ""
     download_user: str = ""
     download_password: str = dataclasses.field(default="", repr=False)
-    pcr_policy_server: str = ""
+    keys: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def updates_disabled(self) -> bool:
@@ -58,6 +71,37 @@ class UpdateSettings:
         """True when SERVER is not the public one (Omaha error codes then carry the TestOmahaUrl flag)."""
         return self.server != DEFAULT_SERVER
 
+    def origin(self, name: str) -> str:
+        """Where field ``name`` came from, for log lines: ``KEY in FILE``, a command-line flag, or ``default``."""
+        key = self.keys.get(name)
+        if key is None:
+            return "default"
+        file = self.files.get(name)
+        return f"{key} in {file}" if file else key
+
+    def with_server_flag(self, server: str) -> UpdateSettings:
+        """These settings with SERVER replaced by ``--server``."""
+        return dataclasses.replace(self, server=server, keys={**self.keys, "server": "--server"},
+                                   files={**self.files, "server": ""})
+
+
+# Field → the key names that set it, in order of precedence within one file, and its default.
+_SETTING_KEYS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "server": (("SERVER",), DEFAULT_SERVER),
+    "group": (("GROUP",), DEFAULT_GROUP),
+    "app_id": (("COREOS_RELEASE_APPID", "FLATCAR_RELEASE_APPID"), DEFAULT_APP_ID),
+    "version": (("COREOS_RELEASE_VERSION", "FLATCAR_RELEASE_VERSION"), DEFAULT_VERSION),
+    "board": (("COREOS_RELEASE_BOARD", "FLATCAR_RELEASE_BOARD"), DEFAULT_BOARD),
+    "machine_alias": (("MACHINE_ALIAS",), ""),
+    "download_user": (("DOWNLOAD_USER",), ""),
+    "download_password": (("DOWNLOAD_PASSWORD",), ""),
+}
+_SECRET_SETTINGS = frozenset({"download_password"})
+# Keys the original reads that this implementation does not act on, and why (a start-up warning names them).
+UNSUPPORTED_KEYS: Mapping[str, str] = {
+    "PCR_POLICY_SERVER": "no TPM PCR policies are shipped with updates, so there is nothing to send",
+}
+
 
 def settings_from_config(cfg: MergedConfig) -> UpdateSettings:
     """Build the settings; defaults apply only when no file names the key (an empty value stays empty).
@@ -65,37 +109,16 @@ def settings_from_config(cfg: MergedConfig) -> UpdateSettings:
     Release keys exist as ``COREOS_RELEASE_*`` and ``FLATCAR_RELEASE_*``: the value comes from the earliest
     file in the lookup order that has either name, and within one file the COREOS_ name wins.
     """
-
-    def pick(default: str, *names: str) -> str:
-        value = cfg.first_of(*names)
-        return default if value is None else value
-
-    return UpdateSettings(
-        server=pick(DEFAULT_SERVER, "SERVER"),
-        group=pick(DEFAULT_GROUP, "GROUP"),
-        app_id=pick(DEFAULT_APP_ID, "COREOS_RELEASE_APPID", "FLATCAR_RELEASE_APPID"),
-        version=pick(DEFAULT_VERSION, "COREOS_RELEASE_VERSION", "FLATCAR_RELEASE_VERSION"),
-        board=pick(DEFAULT_BOARD, "COREOS_RELEASE_BOARD", "FLATCAR_RELEASE_BOARD"),
-        machine_alias=pick("", "MACHINE_ALIAS"),
-        download_user=pick("", "DOWNLOAD_USER"),
-        download_password=pick("", "DOWNLOAD_PASSWORD"),
-        pcr_policy_server=pick("", "PCR_POLICY_SERVER"),
-    )
-
-
-# Field → the name an operator writes in update.conf; secrets are reported as changed without their values.
-_SETTING_NAMES: Mapping[str, str] = {
-    "server": "SERVER",
-    "group": "GROUP",
-    "app_id": "FLATCAR_RELEASE_APPID",
-    "version": "FLATCAR_RELEASE_VERSION",
-    "board": "FLATCAR_RELEASE_BOARD",
-    "machine_alias": "MACHINE_ALIAS",
-    "download_user": "DOWNLOAD_USER",
-    "download_password": "DOWNLOAD_PASSWORD",
-    "pcr_policy_server": "PCR_POLICY_SERVER",
-}
-_SECRET_SETTINGS = frozenset({"download_password"})
+    values: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for name, (names, default) in _SETTING_KEYS.items():
+        key = cfg.first_key_of(*names)
+        if key is None:
+            values[name] = default
+            continue
+        values[name], keys[name], files[name] = cfg.values[key], key, cfg.sources[key]
+    return UpdateSettings(**values, keys=keys, files=files)
 
 
 def _show(value: str) -> str:
@@ -103,12 +126,17 @@ def _show(value: str) -> str:
 
 
 def diff_settings(old: UpdateSettings, new: UpdateSettings) -> list[str]:
-    """One line per changed setting, e.g. ``GROUP changed from stable to beta``, for the log at each check."""
+    """One line per changed setting, e.g. ``GROUP changed from stable to beta``, for the log at each check.
+
+    A setting is named as the files spell it (``COREOS_RELEASE_VERSION`` when that key set it); secrets are
+    reported as changed without their values.
+    """
     changes: list[str] = []
-    for name, label in _SETTING_NAMES.items():
+    for name, (names, _default) in _SETTING_KEYS.items():
         before, after = getattr(old, name), getattr(new, name)
         if before == after:
             continue
+        label = new.keys.get(name) or old.keys.get(name) or names[0]
         if name in _SECRET_SETTINGS:
             changes.append(f"{label} changed")
         else:
@@ -139,3 +167,65 @@ def startup_refusal(exc: SettingsFileError) -> str:
         f"Cannot read the update settings: {exc}. Not starting: acting on the defaults could undo what the file "
         "says (SERVER=disabled); fix or remove the file"
     )
+
+
+UPDATE_CONF_PATHS = tuple(path for path in UPDATE_CONF_FILES if path.endswith("update.conf"))
+RELEASE_PATHS = tuple(path for path in UPDATE_CONF_FILES if path.endswith("release"))
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    """What the daemon will use, in one line, and what is missing or defaulted, one warning each."""
+
+    line: str
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the shell found on the node for ``describe_setup``: files present and problems met."""
+
+    update_conf_found: bool
+    public_key: Path
+    public_key_problem: str | None = None  # None: the key file can be read
+    identity_problem: str | None = None
+
+
+def describe_setup(settings: UpdateSettings, cfg: MergedConfig, facts: NodeFacts, *, program: str) -> SetupReport:
+    """The start-up line (server, group, running version, board, app id, key) and the warnings. Pure."""
+    key_state = "" if facts.public_key_problem is None else " (missing)"
+    line = (
+        f"{program}: server {settings.server} ({settings.origin('server')}), group {settings.group} "
+        f"({settings.origin('group')}), running version {settings.version} ({settings.origin('version')}), "
+        f"board {settings.board} ({settings.origin('board')}), app id {settings.app_id} "
+        f"({settings.origin('app_id')}), payload key {facts.public_key}{key_state}"
+    )
+    warnings: list[str] = []
+    if facts.public_key_problem is not None:
+        warnings.append(
+            f"No payload signing key: {facts.public_key_problem}. Every offered update will be refused (error 18) "
+            "until the key is installed there or --public-key names it"
+        )
+    if not facts.update_conf_found and "server" not in settings.keys:
+        warnings.append(
+            f"No update.conf ({', '.join('/' + path for path in UPDATE_CONF_PATHS)}): SERVER is the default "
+            f"{settings.server} and GROUP {settings.group}"
+        )
+    if "version" not in settings.keys:
+        warnings.append(
+            f"No release file names COREOS_RELEASE_VERSION or FLATCAR_RELEASE_VERSION "
+            f"({', '.join('/' + path for path in RELEASE_PATHS)}): the running version is reported as "
+            f"{settings.version}, so the server may offer any version"
+        )
+    if settings.server == "":
+        warnings.append(
+            f"SERVER is empty ({settings.origin('server')}): no update check can be sent; remove the line for the "
+            f"default server, or write SERVER={SERVER_DISABLED} to turn checks off"
+        )
+    for key, reason in UNSUPPORTED_KEYS.items():
+        if key in cfg.values:
+            warnings.append(f"{key} in {cfg.sources[key]} is not supported and ignored: {reason}")
+    if facts.identity_problem is not None:
+        warnings.append(f"Cannot read this node's identity ({facts.identity_problem}): every update check fails "
+                        "until it is fixed")
+    return SetupReport(line, tuple(warnings))

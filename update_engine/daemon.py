@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 from coreos_common import logs
+from coreos_common.cli import discard_stdout
+from coreos_common.logs import escape_control
 from coreos_common.updateconf import SettingsFileError
+from update_engine import __version__
 from update_engine.config import startup_refusal
 from update_engine.engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
 from update_engine.http import HttpLimits
@@ -22,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="update_engine",
         description="Check an Omaha server, apply signed payloads to the passive USR partition, arm the GPT flags.",
     )
+    p.add_argument("--version", action="version", version=f"update_engine {__version__}")
     p.add_argument("--once", action="store_true", help="one check-and-apply cycle in the foreground, then exit")
     p.add_argument("--server", help="Omaha server URL (default: SERVER from update.conf)")
     p.add_argument("--disk", type=Path, help="whole disk or image file holding USR-A/USR-B (default: detected)")
@@ -75,17 +79,25 @@ async def run_once(options: EngineOptions) -> int:
     except SettingsFileError as exc:
         log.error("%s", startup_refusal(exc))
         return 1
+    attempter.log_setup()
     if attempter.restore_reboot_pending():
-        print("UPDATE_STATUS_UPDATED_NEED_REBOOT (an update is already installed; reboot to apply it)")
+        _say("UPDATE_STATUS_UPDATED_NEED_REBOOT (an update is already installed; reboot to apply it)")
         return 0
     outcome = await attempter.check_and_update(interactive=True)
     if outcome.error_code is not None:
-        print(f"update failed: {describe_outcome(outcome)}", file=sys.stderr)
+        print(f"update failed: {escape_control(describe_outcome(outcome))}", file=sys.stderr)
         return 1
     snap = attempter.snapshot()
-    print(snap.current_operation if snap.new_version == "0.0.0" else
-          f"{snap.current_operation} {snap.new_version}")
+    _say(snap.current_operation if snap.new_version == "0.0.0" else f"{snap.current_operation} {snap.new_version}")
     return 0
+
+
+def _say(line: str) -> None:
+    """The result on stdout; a reader that went away does not change the exit status (the work is done)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        discard_stdout()
 
 
 def main(argv: list[str] | None = None) -> int:

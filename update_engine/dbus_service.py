@@ -1,13 +1,16 @@
 """update-engine's D-Bus face: ``com.coreos.update1.Manager`` at ``/com/coreos/update1`` on the system bus.
 
-Theory of operation. The update attempter (an :class:`UpdateManager`) owns all state; this module only translates.
+Theory of operation. The update engine (an :class:`UpdateManager`) owns all state; this module only translates.
+Besides the original's methods it serves ``GetStatusDetails() → a{sv}`` (``coreos_common.status.StatusDetails``:
+the last attempt's error, the set-up's warnings, what is pending), so ``GetStatus`` keeps its ``(x d s s x)``.
 Method calls arrive on the event-loop thread and call the manager directly. The manager reports every new status
-snapshot to a listener, possibly from a worker thread (downloads run there); the listener hops onto the loop with
-``call_soon_threadsafe``, where a :class:`StatusEmitter` applies the original's rate rule and the survivors become
-``StatusUpdate`` signals. Access control is the bus policy (``units/com.coreos.update1.conf``); ``Rollback``, the one
-call that changes which partition boots, additionally checks that the caller's uid is 0, so a loosened policy
-cannot hand it to ordinary users. ``AttemptUpdate`` and ``ResetStatus`` are left to the policy alone, so a site can
-delegate them (as the original let the ``core`` user) with a policy drop-in.
+snapshot to a listener, which queues it on the loop (``call_soon_threadsafe``, safe from any thread), where a
+:class:`StatusEmitter` applies the original's rate rule and the survivors become ``StatusUpdate`` signals. Access
+control is the bus policy (``units/com.coreos.update1.conf``); ``Rollback``, the one call that changes which
+partition boots, additionally checks that the caller's uid is 0, so a loosened policy cannot hand it to ordinary
+users. Calls that change something are logged with the caller's uid and pid. ``AttemptUpdate`` and ``ResetStatus``
+are left to the policy alone, so a site can delegate them (as the original let the ``core`` user) with a policy
+drop-in.
 
 This module deliberately avoids ``from __future__ import annotations``: dbus-fast reads the D-Bus signatures from
 the annotations at class-creation time, and string signatures such as ``"xdssx"`` must stay plain strings there.
@@ -22,13 +25,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
-from coreos_common.dbus import DBusCallError, connection_unix_user
-from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
+from coreos_common.dbus import DBusCallError, connection_unix_user, describe_connection
+from coreos_common.status import (
+    BUS_NAME,
+    DETAILS_TYPES,
+    INTERFACE,
+    OBJECT_PATH,
+    StatusDetails,
+    StatusSnapshot,
+    UpdateStatus,
+)
 from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,7 @@ ERROR_ACCESS_DENIED = "com.coreos.update1.Error.AccessDenied"
 # Argument names in the introspection data, as the original's update_engine.xml names them.
 STATUS_ARG_NAMES = ("last_checked_time", "progress", "current_operation", "new_version", "new_size")
 ROLLBACK_ARG_NAME = "next_boot"
+DETAILS_ARG_NAME = "details"
 
 
 class NameNotAcquired(RuntimeError):
@@ -72,6 +84,10 @@ class UpdateManager(Protocol):
 
     def add_status_listener(self, listener: Callable[[StatusSnapshot], None]) -> None:
         """Call ``listener`` with every new snapshot, from whichever thread changed the state."""
+        ...
+
+    def details(self) -> StatusDetails:
+        """What ``GetStatusDetails`` returns: the status, the last attempt's result, warnings, what is used."""
         ...
 
 
@@ -125,6 +141,11 @@ class StatusEmitter:
         return moved or finished or quiet
 
 
+def details_body(details: StatusDetails) -> dict[str, Variant]:
+    """The ``a{sv}`` of GetStatusDetails: each entry with its type of ``DETAILS_TYPES``."""
+    return {name: Variant(DETAILS_TYPES[name], value) for name, value in details.as_values().items()}
+
+
 def status_body(snapshot: StatusSnapshot) -> list[object]:
     """The ``(x d s s x)`` message body; coerces numbers so an int progress still marshals as a double."""
     return [
@@ -156,34 +177,41 @@ class ManagerInterface(ServiceInterface):
         self._bus = bus
 
     @method()
-    def AttemptUpdate(self) -> None:
+    async def AttemptUpdate(self) -> None:
+        who = await self._caller()
         before = self._manager.snapshot().current_operation
-        log.info("AttemptUpdate from %s in %s", _CALLER.get(), before)
+        log.info("AttemptUpdate from %s in %s", who, before)
         self._manager.attempt_update()
 
     @method()
-    def ResetStatus(self) -> None:
+    async def ResetStatus(self) -> None:
+        who = await self._caller()
         try:
             self._manager.reset_status()
         except ResetNotAllowed as exc:
-            log.info("ResetStatus from %s refused: %s", _CALLER.get(), exc.message)
+            log.info("ResetStatus from %s refused: %s", who, exc.message)
             raise DBusError(ERROR_RESET_NOT_ALLOWED, exc.message) from exc
-        log.info("ResetStatus from %s done", _CALLER.get())
+        log.info("ResetStatus from %s done", who)
 
     @method()
     def GetStatus(self) -> "xdssx":  # type: ignore[name-defined]  # noqa: F821
         return status_body(self._manager.snapshot())
 
     @method()
+    def GetStatusDetails(self) -> "a{sv}":  # type: ignore[valid-type]  # noqa: F722
+        return details_body(self._manager.details())
+
+    @method()
     async def Rollback(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
         caller = _CALLER.get()
         await self._require_root(caller, "Rollback")
+        who = await self._caller()
         try:
             next_boot = self._manager.rollback()
         except RollbackRefused as exc:
-            log.info("Rollback from %s refused: %s", caller, exc.reason)
+            log.info("Rollback from %s refused: %s", who, exc.reason)
             raise DBusError(ERROR_ROLLBACK_REFUSED, exc.reason) from exc
-        log.info("Rollback from %s armed: next boot %s", caller, next_boot)
+        log.info("Rollback from %s armed: next boot %s", who, next_boot)
         return next_boot
 
     @signal()
@@ -193,7 +221,8 @@ class ManagerInterface(ServiceInterface):
     def introspect(self) -> intr.Interface:
         """dbus-fast leaves out-arguments unnamed; name them as the original's introspection data does."""
         plain = super().introspect()
-        names = {"GetStatus": STATUS_ARG_NAMES, "Rollback": (ROLLBACK_ARG_NAME,)}
+        names = {"GetStatus": STATUS_ARG_NAMES, "Rollback": (ROLLBACK_ARG_NAME,),
+                 "GetStatusDetails": (DETAILS_ARG_NAME,)}
         methods = [
             intr.Method(m.name, m.in_args, _named(m.out_args, names[m.name]) if m.name in names else m.out_args)
             for m in plain.methods
@@ -203,6 +232,13 @@ class ManagerInterface(ServiceInterface):
             for s in plain.signals
         ]
         return intr.Interface(plain.name, methods=methods, signals=signals, properties=plain.properties)
+
+    async def _caller(self) -> str:
+        """Who is calling, for the log: uid, pid and bus name (as far as the bus can tell)."""
+        caller = _CALLER.get()
+        if caller is None:
+            return "an unknown caller"
+        return await describe_connection(self._bus, caller)
 
     async def _require_root(self, caller: str | None, member: str) -> None:
         if caller is None:

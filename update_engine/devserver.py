@@ -64,6 +64,19 @@ class RecordedEvent:
     previous_version: str | None
 
 
+def event_name(event_type: int, event_result: int) -> str:
+    """``UPDATE_DOWNLOAD_STARTED/SUCCESS``: the names of an event's type and result (numbers the codec does not know
+    stay numbers)."""
+
+    def name(kind: type[omaha.EventType] | type[omaha.EventResult], value: int) -> str:
+        try:
+            return kind(value).name
+        except ValueError:
+            return str(value)
+
+    return f"{name(omaha.EventType, event_type)}/{name(omaha.EventResult, event_result)}"
+
+
 class DevServer:
     """The request handlers; state is the list of releases and the events received."""
 
@@ -137,8 +150,8 @@ class DevServer:
         )
         self.events.append(rec)
         extra = f" errorcode={ev.error_code} ({name})" if ev.error_code is not None else ""
-        log.info("Event from %s (version %s): %d/%d%s", app.machine_id or "?", app.version, ev.type,
-                 ev.result, extra)
+        log.info("Event from %s (version %s): %d/%d %s%s", app.machine_id or "?", app.version, ev.type,
+                 ev.result, event_name(ev.type, ev.result), extra)
 
     async def handle_events(self, request: web.Request) -> web.Response:
         return web.json_response([asdict(e) for e in self.events])

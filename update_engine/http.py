@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -115,7 +117,26 @@ async def post_omaha(session: aiohttp.ClientSession, url: str, body: bytes, limi
     except TimeoutError as exc:
         raise HttpError(http_error_code(None), f"Omaha server {host_of(current)} timed out") from exc
     except aiohttp.ClientError as exc:
-        raise HttpError(http_error_code(None), f"Omaha server {host_of(current)} unreachable: {exc}") from exc
+        raise HttpError(
+            http_error_code(None), f"Omaha server {host_of(current)} unreachable: {describe_transport_error(exc)}"
+        ) from exc
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """What failed below HTTP, in words (aiohttp's own text names a TLS setting even for a plain-http URL)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"the TLS certificate of {exc.host} was not accepted: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        if isinstance(error, socket.gaierror):
+            return f"cannot resolve {exc.host}: {error.strerror}"
+        text = os.strerror(error.errno) if error.errno and error.errno > 0 else str(error.strerror or error)
+        return f"cannot connect to {exc.host} port {exc.port}: {text[:1].lower()}{text[1:]}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def host_of(url: str) -> str:
@@ -176,7 +197,7 @@ async def download(
             reason = str(exc)
             status = exc.status if isinstance(exc, WrongRange) else None
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = describe_transport_error(exc)
             status = None
         offset = progress.offset
         if resumes >= limits.resume_attempts:

@@ -13,7 +13,9 @@ import itertools
 import logging
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
@@ -50,8 +52,22 @@ def status_line(snapshot: StatusSnapshot) -> str:
     return text
 
 
-async def wait_for_healthy_boot(bus: MessageBus, timing: DaemonTiming) -> str:
-    """Wait until the boot counts as healthy; returns why it does (for the log line)."""
+def read_uptime(root: Path) -> float | None:
+    """The machine's uptime in seconds, from ``proc/uptime`` under ``root``; None when it cannot be read."""
+    try:
+        return float((root / "proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def wait_for_healthy_boot(
+    bus: MessageBus, timing: DaemonTiming, uptime: Callable[[], float | None] = lambda: None
+) -> str:
+    """Wait until the boot counts as healthy; returns why it does (for the log line).
+
+    Without ``boot-complete.target`` in this boot, the machine must have been up ``healthy_boot_delay`` seconds
+    (``uptime``); when its uptime cannot be read, update-engine must have been up that long instead.
+    """
     result = await wait_for_boot_complete(
         bus,
         delays=itertools.repeat(timing.boot_complete_poll),
@@ -59,24 +75,31 @@ async def wait_for_healthy_boot(bus: MessageBus, timing: DaemonTiming) -> str:
     )
     if result is BootComplete.ACTIVE:
         return f"{BOOT_COMPLETE} is active"
-    log.info("%s is not part of this boot; marking the boot good after %.0f s up", BOOT_COMPLETE,
-             timing.healthy_boot_delay)
-    await asyncio.sleep(timing.healthy_boot_delay)
-    return f"up for {timing.healthy_boot_delay:.0f} s"
+    delay = timing.healthy_boot_delay
+    up = uptime()
+    if up is None:
+        log.info("%s is not part of this boot and the machine's uptime cannot be read; marking the boot good "
+                 "once update-engine has been up %.0f s", BOOT_COMPLETE, delay)
+        await asyncio.sleep(delay)
+        return f"no {BOOT_COMPLETE}; update-engine up for {delay:.0f} s"
+    log.info("%s is not part of this boot; marking the boot good once the machine has been up %.0f s (up %.0f s "
+             "now)", BOOT_COMPLETE, delay, up)
+    await asyncio.sleep(max(0.0, delay - up))
+    return f"no {BOOT_COMPLETE}; machine up for {max(up, delay):.0f} s"
 
 
 async def mark_boot_healthy(attempter: UpdateAttempter, bus: MessageBus, timing: DaemonTiming) -> None:
     """Once per boot, after a healthy boot, make the running USR partition successful=1 tries=0 and top priority.
 
     Healthy means ``boot-complete.target`` is active when this boot has that unit (loaded and being started),
-    else that the daemon stayed up for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending:
+    else that the machine has been up for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending:
     prioritising the running partition would undo the armed update.
     """
     marker = attempter.options.run_dir / BOOT_MARKED_NAME
     if marker.exists():
         log.info("Running partition already marked good during this boot (%s)", marker)
         return
-    reason = await wait_for_healthy_boot(bus, timing)
+    reason = await wait_for_healthy_boot(bus, timing, lambda: read_uptime(attempter.options.config_root))
     if attempter.machine.status is UpdateStatus.UPDATED_NEED_REBOOT:
         log.info("Not marking the running partition good: a reboot into the other partition is pending")
         return
@@ -122,6 +145,7 @@ async def run_daemon(
     except SettingsFileError as exc:
         log.critical("%s", startup_refusal(exc))
         return 1
+    attempter.log_setup()
     attempter.add_status_listener(lambda snapshot: notifier.status(status_line(snapshot)))
     attempter.restore_reboot_pending()
     try:

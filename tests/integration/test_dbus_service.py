@@ -24,7 +24,7 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusSnapshot, UpdateStatus
+from coreos_common.status import BUS_NAME, INTERFACE, OBJECT_PATH, StatusDetails, StatusSnapshot, UpdateStatus
 from sim.bus import PrivateBus, start_private_bus
 from tests.conftest import require_tool
 from update_engine.dbus_service import (
@@ -103,6 +103,7 @@ class ScriptedAttempter:
         self.attempts = 0
         self.rollbacks = 0
         self.resets = 0
+        self.extra_details: dict[str, object] = {}
 
     def snapshot(self) -> StatusSnapshot:
         with self._lock:
@@ -132,6 +133,9 @@ class ScriptedAttempter:
 
     def add_status_listener(self, listener: Callable[[StatusSnapshot], None]) -> None:
         self._listeners.append(listener)
+
+    def details(self) -> StatusDetails:
+        return StatusDetails(status=self.snapshot(), **self.extra_details)  # type: ignore[arg-type]
 
     def report(self, snapshot: StatusSnapshot) -> None:
         """Make ``snapshot`` current and tell the listeners, on the calling thread."""
@@ -552,7 +556,7 @@ async def test_client_status_prints_the_block(harness: Harness) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         f"LAST_CHECKED_TIME={CHECK_TIME}\nPROGRESS=0.500000\nCURRENT_OP=UPDATE_STATUS_DOWNLOADING\n"
-        f"NEW_VERSION={VERSION}\nNEW_SIZE={SIZE}\n"
+        f"NEW_VERSION={VERSION}\nNEW_SIZE={SIZE}\nLAST_ERROR=\n"
     )
 
 
@@ -561,10 +565,10 @@ async def test_client_status_json_as_nobody_via_the_environment(harness: Harness
     env = {**CLIENT_ENV, "DBUS_SYSTEM_BUS_ADDRESS": harness.bus.address}
     result = await run_tool(*AS_NOBODY, CLIENT, "--status", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (
+    assert result.stdout.startswith(
         f'{{"last_checked_time": {CHECK_TIME}, "progress": 0.0, '
         f'"current_operation": "UPDATE_STATUS_UPDATED_NEED_REBOOT", "new_version": "{VERSION}", '
-        f'"new_size": {SIZE}}}\n'
+        f'"new_size": {SIZE}, "last_attempt": null, '
     )
 
 

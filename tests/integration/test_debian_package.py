@@ -50,6 +50,7 @@ PROGRAMS = (
 )
 UNITS = ("update-engine.service", "locksmithd.service")
 DBUS_POLICY = Path("/usr/share/dbus-1/system.d/com.coreos.update1.conf")
+KEY_DIR = Path("/usr/share/update_engine")
 TMPFILES = Path("/usr/lib/tmpfiles.d/update-engine.conf")
 SAMPLE = Path(f"/usr/share/doc/{PACKAGE}/examples/update.conf.sample")
 STATE_DIR = Path("/var/lib/update_engine")
@@ -195,6 +196,8 @@ def test_files_are_where_systemd_and_dbus_look_for_them(package: Built) -> None:
         path = Path("/usr/bin") / program
         assert os.access(path, os.X_OK), path
         assert path.read_text().startswith("#!/usr/bin/python3"), path
+    # Where the payload-signing key goes is there, empty, for the operator to fill.
+    assert KEY_DIR.is_dir() and not list(KEY_DIR.iterdir())
     # The postinst applied the tmpfiles entry; the units are installed but neither enabled nor started.
     assert STATE_DIR.is_dir()
     assert not list(Path("/etc/systemd/system").glob("*.wants/update-engine.service"))
@@ -237,6 +240,8 @@ print(json.dumps(result))
 def test_programs_start_on_debian_python(package: Built) -> None:
     assert "--run-dir" in run(["/usr/bin/update_engine", "--help"]).stdout
     assert "-check_for_update" in run(["/usr/bin/update_engine_client", "--help"]).stdout
+    assert run(["/usr/bin/update_engine", "--version"]).stdout.startswith("update_engine ")
+    assert run(["/usr/bin/update_engine_client", "--version"]).stdout.startswith("update_engine_client ")
     assert "send-need-reboot" in run(["/usr/bin/locksmithctl", "help"]).stdout
     assert run(["/usr/bin/locksmithd", "--version"]).stdout.startswith("locksmithd version ")
     assert "--payload" in run(["/usr/bin/update-engine-devserver", "--help"]).stdout
@@ -464,5 +469,5 @@ def test_purge_removes_every_installed_file(package: Built) -> None:
                  *(Path("/usr/bin") / p for p in (*PROGRAMS, *SERVER_PROGRAMS)),
                  Path(DIST_PACKAGES) / "update_engine", Path(DIST_PACKAGES) / "locksmithd",
                  Path(DIST_PACKAGES) / "coreupdate", Path(DIST_PACKAGES) / "coreos_common", STATE_DIR,
-                 SERVER_STATE_DIR):
+                 SERVER_STATE_DIR, KEY_DIR):
         assert not path.exists(), f"{path} survived the purge"

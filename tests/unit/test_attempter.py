@@ -453,3 +453,19 @@ def test_a_restart_with_a_pending_rollback_shows_no_new_version(node: NodeRoot) 
     assert restarted.restore_reboot_pending()
     assert restarted.snapshot().new_version == "0.0.0"
     assert restarted.machine.pending is PendingKind.ROLLBACK
+
+
+async def test_a_refused_http_server_is_said_in_words_without_a_tls_setting(node: NodeRoot) -> None:
+    """Before: "Omaha server 127.0.0.1:N unreachable: Cannot connect to host 127.0.0.1:N ssl:default [...]"."""
+    port = free_port()
+    node.set_update_conf(SERVER=f"http://127.0.0.1:{port}/v1/update/")
+    attempter = attempter_for(node)
+    outcome = await attempter.check_and_update()
+    assert outcome.error_message == (
+        f"Omaha server 127.0.0.1:{port} unreachable: cannot connect to 127.0.0.1 port {port}: connection refused"
+    )
+    details = attempter.details()
+    assert (details.last_attempt_result, details.last_error_code, details.last_error_reason) == (
+        "failed", 2000, outcome.error_message,
+    )
+    assert details.last_error_name == "OMAHA_REQUEST_HTTP_RESPONSE_BASE"

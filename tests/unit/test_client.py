@@ -6,13 +6,16 @@ import json
 
 import pytest
 
-from coreos_common.status import StatusSnapshot, UpdateStatus
+from coreos_common.status import StatusDetails, StatusSnapshot, UpdateStatus
+from update_engine import __version__
 from update_engine.client import (
     Action,
     ClientOptions,
     Outcome,
     UpdateFollower,
     UsageError,
+    format_details,
+    format_details_json,
     format_status,
     format_status_json,
     format_watch,
@@ -211,6 +214,52 @@ def test_main_help_prints_usage_and_exits_0(capsys: pytest.CaptureFixture[str]) 
     assert "poll-interval" not in out
 
 
-def test_main_without_action_says_done(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 0
-    assert capsys.readouterr().err == "Done.\n"
+def test_main_without_action_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, no action printed "Done." and exited 0, as if something had been done."""
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("update_engine_client: no action given\nusage: update_engine_client ACTION")
+
+
+def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"update_engine_client {__version__}\n"
+
+
+FAILED = StatusDetails(
+    status=StatusSnapshot(1700000000, 0.0, S.IDLE.value, "0.0.0", 0), last_attempt_result="failed",
+    last_attempt_time=1700000100, last_error_code=2000, last_error_name="OMAHA_REQUEST_HTTP_RESPONSE_BASE",
+    last_error_reason="Omaha server 10.0.0.1:8080 unreachable: don't know; $(reboot)", warnings=("No key",),
+    server="http://10.0.0.1:8080/v1/update/", group="beta", current_version="1.0.0", board="amd64-usr",
+    app_id="{x}", public_key="/k.pem",
+)
+
+
+def test_status_adds_the_last_error_after_the_originals_lines_quoted_for_the_shell() -> None:
+    assert format_details(FAILED) == (
+        format_status(FAILED.status)
+        + "LAST_ERROR='2000 OMAHA_REQUEST_HTTP_RESPONSE_BASE at 2023-11-14T22:15:00Z: Omaha server 10.0.0.1:8080 "
+        "unreachable: don'\"'\"'t know; $(reboot)'\n"
+    )
+    assert format_details(StatusDetails(last_attempt_result="no_update", last_attempt_time=5)).endswith(
+        "NEW_SIZE=0\nLAST_ERROR=\n"
+    )
+
+
+def test_a_reason_cannot_add_a_line_to_the_status_block() -> None:
+    forged = StatusDetails(last_error_code=10, last_error_name="X", last_error_reason="a\nCURRENT_OP=IDLE")
+    assert format_details(forged).count("\n") == 6
+    assert "a\\nCURRENT_OP=IDLE" in format_details(forged)
+
+
+def test_status_json_carries_the_last_attempt_warnings_and_settings() -> None:
+    document = json.loads(format_details_json(FAILED))
+    assert document["current_operation"] == "UPDATE_STATUS_IDLE"
+    assert document["last_attempt"] == {
+        "result": "failed", "time": 1700000100, "error_code": 2000, "error_name": "OMAHA_REQUEST_HTTP_RESPONSE_BASE",
+        "reason": FAILED.last_error_reason,
+    }
+    assert document["warnings"] == ["No key"] and document["pending_reboot"] is None
+    assert document["settings"]["group"] == "beta"
+    nothing_yet = json.loads(format_details_json(StatusDetails()))
+    assert nothing_yet["last_attempt"] is None and nothing_yet["warnings"] == []

@@ -13,7 +13,9 @@ from coreos_common.dbus import (
     add_match,
     bus_method,
     call,
+    connection_unix_process_id,
     connection_unix_user,
+    describe_connection,
     get_name_owner,
     name_has_owner,
 )
@@ -33,6 +35,16 @@ async def test_owner_of_a_name_and_of_nobody(client: MessageBus) -> None:
 async def test_uid_of_a_connection(client: MessageBus) -> None:
     assert client.unique_name is not None
     assert await connection_unix_user(client, client.unique_name) == os.geteuid()
+
+
+async def test_pid_of_a_connection_and_a_callers_description(client: MessageBus) -> None:
+    assert client.unique_name is not None
+    assert await connection_unix_process_id(client, client.unique_name) == os.getpid()
+    assert await describe_connection(client, client.unique_name) == (
+        f"uid {os.geteuid()} pid {os.getpid()} ({client.unique_name})"
+    )
+    # A caller gone before it could be looked up is still named by its bus name.
+    assert await describe_connection(client, ":1.999999") == "(:1.999999)"
 
 
 async def test_an_error_reply_raises_with_its_name_and_text(client: MessageBus) -> None:

@@ -28,6 +28,7 @@ from update_engine.service import (
     BOOT_MARKED_NAME,
     DaemonTiming,
     mark_boot_healthy,
+    read_uptime,
     scheduler_loop,
     status_line,
     wait_for_healthy_boot,
@@ -113,8 +114,25 @@ async def test_without_boot_complete_the_delay_decides(client: MessageBus, caplo
     timing = DaemonTiming(healthy_boot_delay=0.2, boot_complete_poll=3600.0)
     with caplog.at_level(logging.INFO, logger="update_engine"):
         reason = await asyncio.wait_for(wait_for_healthy_boot(client, timing), WAIT)
-    assert reason == "up for 0 s"
-    assert "boot-complete.target is not part of this boot; marking the boot good after 0 s up" in caplog.text
+    assert reason == "no boot-complete.target; update-engine up for 0 s"
+    assert ("boot-complete.target is not part of this boot and the machine's uptime cannot be read; marking the "
+            "boot good once update-engine has been up 0 s") in caplog.text
+
+
+async def test_without_boot_complete_the_machines_uptime_counts(
+    client: MessageBus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, the delay ran from update-engine's start: a daemon restarted on a machine up for an hour waited
+    45 s more, and "up for 45 s" was said of the daemon, not of the machine."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/uptime").write_text("3600.52 7001.10\n")
+    assert read_uptime(tmp_path) == 3600.52
+    assert read_uptime(tmp_path / "nowhere") is None
+    timing = DaemonTiming(healthy_boot_delay=45.0, boot_complete_poll=3600.0)
+    with caplog.at_level(logging.INFO, logger="update_engine"):
+        reason = await asyncio.wait_for(wait_for_healthy_boot(client, timing, lambda: read_uptime(tmp_path)), WAIT)
+    assert reason == "no boot-complete.target; machine up for 3601 s"
+    assert "marking the boot good once the machine has been up 45 s (up 3601 s now)" in caplog.text
 
 
 async def test_an_error_from_systemd_is_retried_not_taken_for_a_boot_without_boot_complete(
@@ -149,7 +167,8 @@ async def test_healthy_boot_marks_the_running_partition_and_remembers_it(
     assert (node.run_dir / BOOT_MARKED_NAME).read_text() == "USR-A\n"
     prio, tries, ok = cgpt_flags(disk, USR_A)
     assert (tries, ok) == (0, 1) and prio > 0
-    assert f"Boot is healthy (up for 0 s): USR-A marked good (priority={prio} tries=0 successful=1)" in caplog.text
+    assert (f"Boot is healthy (no boot-complete.target; update-engine up for 0 s): USR-A marked good "
+            f"(priority={prio} tries=0 successful=1)") in caplog.text
 
 
 async def test_already_marked_during_this_boot_touches_nothing(

@@ -17,18 +17,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
-from coreos_common.status import StatusSnapshot, UpdateStatus
+from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
+from coreos_common.logs import escape_control
+from coreos_common.status import StatusDetails, StatusSnapshot, UpdateStatus
 from coreos_common.updateconf import SettingsFileError, load_update_conf
+from update_engine import __version__, omaha
 from update_engine import config as ue_config
-from update_engine import omaha
 from update_engine.engine.check import CheckOutcome, UpdateCheck, describe_outcome, request_params
 from update_engine.engine.disk import NodeDisk
 from update_engine.engine.errors import ResetNotAllowed, RollbackRefused
 from update_engine.engine.history import InstallHistory, PendingReboot
 from update_engine.engine.machine import (
     NO_VERSION,
+    AttemptKind,
     AttemptMachine,
     Event,
     InvalidTransition,
@@ -38,7 +40,7 @@ from update_engine.engine.machine import (
     trigger_of,
 )
 from update_engine.engine.options import REBOOT_MARKER_NAME, EngineOptions
-from update_engine.errors import UpdateEngineError
+from update_engine.errors import UpdateEngineError, describe
 from update_engine.gpt import PartitionFlags
 from update_engine.http import HttpError, host_of, make_session, post_omaha
 from update_engine.prefs import Prefs
@@ -60,6 +62,7 @@ class UpdateAttempter:
         self._disk = NodeDisk(options)
         self._listeners: list[StatusListener] = []
         self._settings: ue_config.UpdateSettings | None = None
+        self._setup: ue_config.SetupReport | None = None
         self._interactive_requested = False
 
     @property
@@ -71,6 +74,29 @@ class UpdateAttempter:
 
     def snapshot(self) -> StatusSnapshot:
         return self.machine.snapshot()
+
+    def details(self) -> StatusDetails:
+        """GetStatusDetails: the status, how the last attempt ended, what is pending, the set-up's warnings."""
+        last = self.machine.last_attempt
+        failed = last is not None and last.kind in (AttemptKind.FAILED, AttemptKind.DEFERRED)
+        settings = self._settings
+        pending = self.machine.pending if self.machine.status is UpdateStatus.UPDATED_NEED_REBOOT else None
+        return StatusDetails(
+            status=self.snapshot(),
+            last_attempt_result=last.kind.value if last is not None else "",
+            last_attempt_time=last.time if last is not None else 0,
+            last_error_code=last.code if last is not None and failed else 0,
+            last_error_name=describe(last.code) if last is not None and failed else "",
+            last_error_reason=escape_control(last.reason) if last is not None and failed else "",
+            pending_reboot=pending.value if pending is not None else "",
+            warnings=self.warnings(),
+            server=settings.server if settings is not None else "",
+            group=settings.group if settings is not None else "",
+            current_version=settings.version if settings is not None else "",
+            board=settings.board if settings is not None else "",
+            app_id=settings.app_id if settings is not None else "",
+            public_key=str(self.options.public_key_path),
+        )
 
     def add_status_listener(self, listener: StatusListener) -> None:
         self._listeners.append(listener)
@@ -190,12 +216,50 @@ class UpdateAttempter:
             return self._settings
         settings = ue_config.settings_from_config(merged)
         if self.options.server:
-            settings = replace(settings, server=self.options.server)
+            settings = settings.with_server_flag(self.options.server)
         if self._settings is not None:
             for change in ue_config.diff_settings(self._settings, settings):
                 log.info("Configuration changed: %s", change)
         self._settings = settings
+        report = ue_config.describe_setup(settings, merged, self._node_facts(), program=f"update-engine {__version__}")
+        if self._setup is not None:
+            for warning in report.warnings:
+                if warning not in self._setup.warnings:
+                    log.warning("%s", warning)
+        self._setup = report
         return settings
+
+    def log_setup(self) -> None:
+        """At start-up: one line saying what will be used, and a warning for each thing missing or defaulted."""
+        if self._setup is None:
+            self.load_settings()
+        assert self._setup is not None
+        log.info("%s", self._setup.line)
+        for warning in self._setup.warnings:
+            log.warning("%s", warning)
+
+    def warnings(self) -> tuple[str, ...]:
+        """What the set-up lacks, as of the last reading of the settings."""
+        return self._setup.warnings if self._setup is not None else ()
+
+    def _node_facts(self) -> ue_config.NodeFacts:
+        root = self.options.config_root
+        key = self.options.public_key_path
+        try:
+            with key.open("rb"):
+                key_problem = None
+        except OSError as exc:
+            key_problem = f"{key}: {exc.strerror or exc}"
+        try:
+            read_machine_id(root)
+            read_boot_id(root)
+            identity_problem = None
+        except IdentityError as exc:
+            identity_problem = exc.message
+        return ue_config.NodeFacts(
+            update_conf_found=any((root / path).is_file() for path in ue_config.UPDATE_CONF_PATHS),
+            public_key=key, public_key_problem=key_problem, identity_problem=identity_problem,
+        )
 
     async def ping(self) -> None:
         """The only request sent while a reboot is pending: a ping, never another download."""

@@ -52,6 +52,7 @@ from update_engine.engine.machine import (
     UpdateFound,
 )
 from update_engine.engine.options import EngineOptions
+from update_engine.engine.progress import DownloadMeter
 from update_engine.errors import DEFERRED_CODES, ErrorCode, UpdateEngineError, describe
 from update_engine.http import HttpError, download, host_of, make_session, post_omaha
 from update_engine.partitions import UsrSlot, ensure_not_running
@@ -362,6 +363,8 @@ class UpdateCheck:
         delivered = 0
         notified = 0
         total = max(offer.size, 1)
+        clock = asyncio.get_running_loop().time
+        meter = DownloadMeter(offer.size, clock())
 
         def first_byte() -> None:
             self._fire(Trigger.DOWNLOAD_STARTED)
@@ -375,6 +378,9 @@ class UpdateCheck:
             if delivered - notified >= PROGRESS_STEP_BYTES or delivered >= total:
                 notified = delivered
                 self._fire(Progress(delivered / total))
+            line = meter.feed(delivered, clock())
+            if line is not None:
+                log.info("%s", line)
 
         resumes = await download(
             session, url, deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
@@ -383,8 +389,8 @@ class UpdateCheck:
         if not self._can_fire(Trigger.DOWNLOAD_FINISHED):
             first_byte()  # an empty body still passes through DOWNLOADING
         self._fire(Trigger.DOWNLOAD_FINISHED)
-        log.info("Download complete (%d bytes, %d resumes); verifying size, SHA-256, signature and %s", delivered,
-                 resumes, target.label)
+        log.info("Download complete: %s, %d resumes; verifying size, SHA-256, signature and %s",
+                 meter.summary(delivered, clock()), resumes, target.label)
         await _finish_in_thread(sink.close)
         # A payload downloaded and verified is an attempt at it, whatever happens to the update from here on.
         self.history.store_payload_state(
