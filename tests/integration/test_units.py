@@ -221,9 +221,10 @@ def sample_lines() -> list[str]:
 def test_sample_update_conf_lists_every_key() -> None:
     keys = {line.split("=", 1)[0] for line in sample_lines()}
     update_engine_keys = {"SERVER", "GROUP", "DOWNLOAD_USER", "DOWNLOAD_PASSWORD", "MACHINE_ALIAS",
-                          "PCR_POLICY_SERVER", "FLATCAR_RELEASE_VERSION", "FLATCAR_RELEASE_BOARD",
-                          "FLATCAR_RELEASE_APPID"}
+                          "FLATCAR_RELEASE_VERSION", "FLATCAR_RELEASE_BOARD", "FLATCAR_RELEASE_APPID"}
     assert update_engine_keys <= keys
+    # Nothing reads it (no PCR policies are shipped): the sample does not promise it.
+    assert "PCR_POLICY_SERVER" not in keys
     for flag in locksmithd_config.FLAGS:
         if not flag.in_update_conf:
             continue
