@@ -75,6 +75,12 @@ def _path(value: str, source: str) -> Path:
     return Path(value.strip())
 
 
+def _path_or_none(value: str, source: str) -> Path | None:
+    """A path, or ``none`` for "do not"."""
+    text = value.strip()
+    return None if text.lower() == "none" else Path(text)
+
+
 def _boolean(value: str, source: str) -> bool:
     try:
         return parse_bool(value.strip())
@@ -224,6 +230,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("hook-timeout", "time limit of each hook", _duration(allow_zero=False), "10m"),
     Flag("pre-reboot-failure", "what a failing pre-reboot hook does to the lock: release-lock (after the "
          "post-reboot hooks passed) or keep-lock", _pre_reboot_failure, "release-lock"),
+    Flag("metrics-socket", "Unix socket serving Prometheus metrics (mode 0660, group metrics), or none",
+         _path_or_none, "/run/locksmithd/metrics.promsock", under_root=True),
+    Flag("metrics-textfile", "also write the metrics to this file (for node_exporter's textfile collector; "
+         "ends in .prom)", _path_or_none),
     Flag("config-root", "root directory for update.conf, machine-id, utmp and /run", _path, "/",
          in_update_conf=False),
     Flag("bus-address", "D-Bus address of the system bus (default: the system bus)", _raw, in_update_conf=False),
@@ -260,6 +270,8 @@ class DaemonSettings:
     post_reboot_hooks: Path = Path("/etc/locksmithd/post-reboot.d")
     hook_timeout: timedelta = timedelta(minutes=10)
     pre_reboot_failure: PreRebootFailure = PreRebootFailure.RELEASE_LOCK
+    metrics_socket: Path | None = Path("/run/locksmithd/metrics.promsock")
+    metrics_textfile: Path | None = None
     config_root: Path = Path("/")
     bus_address: str | None = None
     # Derived: the reboot windows (None: reboot at any time), and the machine id read under the config root.

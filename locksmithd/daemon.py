@@ -35,6 +35,7 @@ from dbus_fast.aio import MessageBus
 from coreos_common import logs
 from coreos_common.dbus import DBusCallError
 from coreos_common.hooks import run_hooks
+from coreos_common.metrics import MetricsExporter
 from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot
 from coreos_common.systemd import wait_for_boot_complete
@@ -44,6 +45,7 @@ from locksmithd.clock import Clock, SystemClock, local_timezone, show_delay, sho
 from locksmithd.config import DaemonSettings, SettingsError, build_parser, flags_from_args, load_settings
 from locksmithd.coordinator import Coordinator, CoordinatorError
 from locksmithd.login1 import logged_in_ttys, notify_sessions, reboot_problem, request_reboot, wall_message
+from locksmithd.metrics import DaemonMetrics
 from locksmithd.reboot_path import (
     Action,
     AskLogind,
@@ -113,6 +115,13 @@ class Daemon:
         self.watcher: UpdateEngineWatcher | None = None
         self._published: Phase | None = None
         self._state_file_failing = False
+        self.metrics = DaemonMetrics(
+            strategy=strategy.label, group=strategy.group, windows=settings.windows, now=clock.now,
+            ignored_signals=lambda: self.watcher.ignored_signals if self.watcher is not None else {},
+        )
+        self.exporter = MetricsExporter(
+            self.metrics.registry, socket_path=settings.metrics_socket, textfile=settings.metrics_textfile
+        )
 
     # -- StrategyObserver ------------------------------------------------------------------------------------
 
@@ -121,10 +130,12 @@ class Daemon:
             self._publish()
 
     def lock_held(self, held: bool) -> None:
-        log.debug("reboot lock %s", "held" if held else "not held")
+        self.metrics.note_lock_held(held, self.clock.now())
+        self.exporter.changed()
 
     def backend_failed(self, operation: str, error: LockBackendError) -> None:
-        log.debug("lock backend failed during %s: %s", operation, error)
+        self.metrics.note_backend_error(operation)
+        self.exporter.changed()
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -137,6 +148,7 @@ class Daemon:
             log.critical("Error connecting to %s: %s", where, exc)
             return 1
         self.bus = bus
+        await self.exporter.start()  # an output that cannot be set up is logged and left out
         watchdog = asyncio.create_task(self.notifier.run_watchdog())
         flow = asyncio.create_task(self._flow(bus))
         disconnect = asyncio.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
@@ -155,6 +167,7 @@ class Daemon:
                 self.watcher.close()
             with contextlib.suppress(Exception):
                 await self.strategy.close()
+            await self.exporter.close()
             remove_state(self.state_file)
             bus.disconnect()
 
@@ -234,7 +247,9 @@ class Daemon:
                 try:
                     await request_reboot(self.bus)
                 except (DBusCallError, OSError, EOFError) as exc:
+                    self.metrics.note_reboot_request(accepted=False)
                     return RebootRefused(str(exc))
+                self.metrics.note_reboot_request(accepted=True)
                 return RebootAccepted()
             case ProbeLogind():
                 return LogindProbed(await reboot_problem(self.bus))
@@ -254,6 +269,7 @@ class Daemon:
         result = await run_hooks(directory, context=context, timeout=settings.hook_timeout.total_seconds())
         log.log(logging.INFO if result.passed else logging.ERROR, "%s hooks in %s: %s", kind.value, directory,
                 result.describe())
+        self.metrics.note_hooks(kind.value, result.passed)
         return HooksDone(result.passed, result.describe())
 
     def _warn_logged_in_users(self, grace: timedelta) -> tuple[str, ...]:
@@ -279,6 +295,9 @@ class Daemon:
             self.coordinator.set_state(phase.coordinator)
         self.notifier.status(self._status_line())
         self._write_state_file()
+        latest = self.watcher.latest if self.watcher is not None else None
+        self.metrics.note_phase(phase, latest is not None and is_need_reboot(latest))
+        self.exporter.changed()
 
     def _status_line(self) -> str:
         line = self.path.phase.describe()

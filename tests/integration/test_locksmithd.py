@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,9 +24,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
-from locksmithd import ctl
+from locksmithd import __version__, ctl
 from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
 from sim.bus import PrivateBus, start_private_bus
 from sim.etcd import EtcdCluster
@@ -781,3 +784,114 @@ async def test_bad_hooks_are_bounded_or_refused_and_named(nodes: dict[str, Node]
     writable.chmod(0o755)
     await node.wait_for_reboot()
     assert node.reboots == [False]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+async def scrape(path: Path) -> str:
+    """One scrape of a metrics socket: connect, read to the end."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), WAIT)
+    try:
+        return (await asyncio.wait_for(reader.read(), WAIT)).decode()
+    finally:
+        writer.close()
+
+
+def samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """What Prometheus reads from ``text``, with prometheus_client's own parser: name → labels → value."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no HELP"
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket's path must fit in 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="lsd-") as name:
+        yield Path(name)
+
+
+async def test_metrics_of_a_running_daemon_read_by_a_prometheus_parser(
+    nodes: dict[str, Node], etcd: EtcdCluster, short_dir: Path
+) -> None:
+    other = "cccccccccccccccccccccccccccccccc"
+    etcd.put(SEMAPHORE_KEY, json.dumps({"semaphore": 0, "max": 1, "holders": [other]}, separators=(",", ":")))
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    socket_path, textfile = short_dir / "metrics.promsock", node.workdir / "locksmithd.prom"
+    await node.locksmithd(
+        "--metrics-socket", str(socket_path), "--metrics-textfile", str(textfile),
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0),
+    )
+    await wait_until(lambda: (state_of(node) or {}).get("position") == 1, "the node waits first in line")
+    assert socket_path.stat().st_mode & 0o777 == 0o660
+    values = samples(await scrape(socket_path))
+    assert values["locksmithd_info"] == {
+        (("group", ""), ("strategy", "etcd-lock"), ("version", __version__)): 1.0
+    }
+    assert values["locksmithd_reboot_needed"] == {(): 1.0}
+    assert values["locksmithd_phase"][(("phase", "waiting-for-lock"),)] == 1.0
+    assert sum(values["locksmithd_phase"].values()) == 1.0
+    assert values["locksmithd_lock_waiting"] == {(): 1.0}
+    waiting_since = values["locksmithd_lock_waiting_since_timestamp_seconds"][()]
+    assert abs(waiting_since - time.time()) < WAIT
+    assert values["locksmithd_lock_queue_position"] == {(): 1.0}
+    assert values["locksmithd_lock_held"] == {(): 0.0}
+    assert "locksmithd_lock_held_since_timestamp_seconds" not in values  # no sample while nothing is held
+    assert values["locksmithd_reboot_window_open"] == {(): 1.0}  # no window: always open
+    assert values["locksmithd_reboot_requests_total"] == {(("result", "accepted"),): 0.0,
+                                                          (("result", "refused"),): 0.0}
+    assert values["locksmithd_lock_backend_errors_total"][(("operation", "acquire"),)] == 0.0
+
+    assert ctl.main(["-endpoint", etcd.endpoint(0), "unlock", other]) == 0
+    await node.wait_for_reboot()
+    await wait_until(lambda: (state_of(node) or {}).get("state") == "rebooting", "the reboot is published")
+    values = samples(await scrape(socket_path))
+    assert values["locksmithd_lock_held"] == {(): 1.0} and values["locksmithd_lock_waiting"] == {(): 0.0}
+    assert values["locksmithd_lock_held_since_timestamp_seconds"][()] >= waiting_since
+    assert values["locksmithd_reboot_requests_total"][(("result", "accepted"),)] == 1.0
+    assert values["locksmithd_phase"][(("phase", "rebooting"),)] == 1.0
+    assert values["locksmithd_hook_runs_total"][(("hooks", "pre-reboot"), ("result", "passed"))] == 1.0
+
+    # The textfile follows (its writes are coalesced to one a second).
+    await wait_until(lambda: textfile.exists() and "locksmithd_reboot_requests_total{result=\"accepted\"} 1"
+                     in textfile.read_text(), "the textfile has the reboot request")
+    assert samples(textfile.read_text())["locksmithd_phase"][(("phase", "rebooting"),)] == 1.0
+
+
+async def test_metrics_windows_and_ignored_signals(nodes: dict[str, Node], short_dir: Path) -> None:
+    node = await nodes["a"].setup()
+    assert node.bus is not None
+    opens = (datetime.now(UTC) + timedelta(hours=3)).replace(second=0, microsecond=0)
+    socket_path = short_dir / "m.sock"
+    daemon = await node.locksmithd(
+        "--metrics-socket", str(socket_path), REBOOT_STRATEGY="reboot", REBOOT_WINDOW_TIMEZONE="UTC",
+        REBOOT_WINDOWS=f"{opens:%a %H:%M} 1h",
+    )
+    await daemon.wait_for_log("locksmithd starting")
+    await emit_from_other_connection(node.bus.address, NEED_REBOOT)
+    await daemon.wait_for_log("ignoring a StatusUpdate signal from")
+    await wait_for_state(node, "waiting-for-update")
+    values = samples(await scrape(socket_path))
+    assert values["locksmithd_reboot_window_open"] == {(): 0.0}
+    assert values["locksmithd_reboot_window_next_opening_timestamp_seconds"] == {(): opens.timestamp()}
+    assert values["locksmithd_status_signals_ignored_total"][(("reason", "sender"),)] == 1.0
+    assert values["locksmithd_reboot_needed"] == {(): 0.0}
+    assert values["locksmithd_phase"][(("phase", "waiting-for-update"),)] == 1.0
+
+
+async def test_a_metrics_socket_path_taken_by_something_else_is_named_and_the_daemon_goes_on(
+    nodes: dict[str, Node], short_dir: Path
+) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT)
+    taken = short_dir / "metrics.promsock"
+    taken.write_text("not a socket\n")
+    daemon = await node.locksmithd("--metrics-socket", str(taken), REBOOT_STRATEGY="reboot")
+    line = await daemon.wait_for_log("metrics are not served on a socket")
+    assert f"metrics socket path {taken} exists and is not a socket: remove it or choose another path" in line
+    await node.wait_for_reboot()  # the daemon carried on without the socket
+    assert taken.read_text() == "not a socket\n"
