@@ -115,6 +115,7 @@ class Daemon:
         self.watcher: UpdateEngineWatcher | None = None
         self._published: Phase | None = None
         self._state_file_failing = False
+        self._operation = ""
         self.metrics = DaemonMetrics(
             strategy=strategy.label, group=strategy.group, windows=settings.windows, now=clock.now,
             ignored_signals=lambda: self.watcher.ignored_signals if self.watcher is not None else {},
@@ -289,8 +290,8 @@ class Daemon:
         if phase is self._published:
             return
         previous, self._published = self._published, phase
-        if previous is None or previous.name is not phase.name:
-            log.debug("phase %s", phase.name.value)
+        if previous is not None and previous.name is not phase.name:
+            log.info("%s", phase.describe())
         if phase.coordinator is not self.coordinator.state:
             self.coordinator.set_state(phase.coordinator)
         self.notifier.status(self._status_line())
@@ -327,7 +328,11 @@ class Daemon:
             self._state_file_failing = False
 
     def _on_status(self, status: StatusSnapshot) -> None:
-        self._published = None  # the status line shows update-engine's status in some phases
+        # The status line shows update-engine's operation in some phases; progress alone changes nothing here.
+        if status.current_operation == self._operation:
+            return
+        self._operation = status.current_operation
+        self._published = None
         self._publish()
 
     def _log_windows(self) -> None:

@@ -664,6 +664,28 @@ async def test_a_node_whose_logind_is_gone_gives_its_slot_back_and_takes_it_agai
     assert node.reboots == [False]
 
 
+async def test_a_node_whose_logind_refuses_gives_its_slot_back_before_asking_again(
+    nodes: dict[str, Node], etcd: EtcdCluster
+) -> None:
+    node = await nodes["a"].setup(status=NEED_REBOOT, logind_failures=3)
+    daemon = await node.locksmithd(
+        REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0), LOCKSMITHD_REBOOT_ATTEMPTS="2"
+    )
+    await node.wait_for_reboot()
+    assert node.logind is not None and len(node.logind.manager.refused) == 3
+    lines = daemon.lines
+    gave_back = next(i for i, line in enumerate(lines) if "Gave the lock back: logind kept refusing to reboot" in line)
+    released = next(i for i, line in enumerate(lines) if f"Released the lock of {node.machine_id}" in line)
+    taken_again = [i for i, line in enumerate(lines) if f"Lock taken for {node.machine_id}" in line]
+    # Two refusals, the slot released, logind asked whether it can reboot, the slot taken again, one more
+    # refusal (retried with the slot held this time), then the reboot.
+    assert released < gave_back < taken_again[-1] and len(taken_again) == 2
+    assert sum("logind refused to reboot: org.freedesktop.login1.OperationInProgress" in line for line in lines) == 2
+    assert any("logind kept refusing to reboot (refused 2 times in a row, last: org.freedesktop.login1."
+               "OperationInProgress" in line for line in lines)
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # hooks around the reboot
 

@@ -332,3 +332,42 @@ def test_half_a_client_certificate_is_refused(tmp_path: Path) -> None:
     cert.write_text("x")
     with pytest.raises(SettingsError, match="etcd settings"):
         load_settings(no_flags(config_root=str(root), strategy="best-effort", etcd_certfile=str(cert)), {})
+
+
+def test_hook_logind_and_metrics_settings() -> None:
+    defaults = resolve_settings(no_flags(config_root="/node"), {}, {})
+    assert defaults.pre_reboot_hooks == Path("/node/etc/locksmithd/pre-reboot.d")  # defaults under the root
+    assert defaults.post_reboot_hooks == Path("/node/etc/locksmithd/post-reboot.d")
+    assert defaults.metrics_socket == Path("/node/run/locksmithd/metrics.promsock")
+    assert defaults.metrics_textfile is None and defaults.hook_timeout == timedelta(minutes=10)
+    assert defaults.reboot_attempts == 5 and defaults.pre_reboot_failure.value == "release-lock"
+    env = {
+        "LOCKSMITHD_PRE_REBOOT_HOOKS": "/opt/drain.d",  # given paths are used as given
+        "LOCKSMITHD_HOOK_TIMEOUT": "90s",
+        "LOCKSMITHD_REBOOT_ATTEMPTS": "2",
+        "LOCKSMITHD_PRE_REBOOT_FAILURE": "keep-lock",
+        "LOCKSMITHD_METRICS_SOCKET": "none",
+        "LOCKSMITHD_METRICS_TEXTFILE": "/var/lib/node_exporter/locksmithd.prom",
+    }
+    settings = resolve_settings(no_flags(config_root="/node"), env, {})
+    assert settings.pre_reboot_hooks == Path("/opt/drain.d") and settings.hook_timeout == timedelta(seconds=90)
+    assert settings.reboot_attempts == 2 and settings.pre_reboot_failure.value == "keep-lock"
+    assert settings.metrics_socket is None
+    assert settings.metrics_textfile == Path("/var/lib/node_exporter/locksmithd.prom")
+    path = settings.path
+    assert (path.reboot_attempts, path.pre_reboot_failure) == (2, settings.pre_reboot_failure)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCKSMITHD_REBOOT_ATTEMPTS": "0"}, "LOCKSMITHD_REBOOT_ATTEMPTS (environment): '0' is not a whole number"),
+        ({"LOCKSMITHD_REBOOT_ATTEMPTS": "many"}, "'many' is not a whole number of 1 or more"),
+        ({"LOCKSMITHD_PRE_REBOOT_FAILURE": "ignore"}, "'ignore' is not one of release-lock, keep-lock"),
+        ({"LOCKSMITHD_HOOK_TIMEOUT": "0s"}, "LOCKSMITHD_HOOK_TIMEOUT (environment): '0s' must be longer than 0s"),
+    ],
+)
+def test_hook_and_logind_setting_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(no_flags(), env, {})
+    assert message in str(info.value)
