@@ -33,6 +33,7 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common import logs
+from coreos_common.cli import EXIT_BROKEN_PIPE, discard_stdout
 from coreos_common.dbus import DBusCallError
 from coreos_common.hooks import run_hooks
 from coreos_common.metrics import MetricsExporter
@@ -377,10 +378,14 @@ async def _run_daemon(daemon: Daemon) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.version:
-        print(f"locksmithd version {__version__}")
-        return 0
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            print(f"locksmithd version {__version__}", flush=True)
+            return 0
+    except BrokenPipeError:  # ``locksmithd --help | head -0``: the reader went away
+        discard_stdout()
+        return EXIT_BROKEN_PIPE
     logs.setup("locksmithd", verbose=args.debug)
     environ = dict(os.environ)
     try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +74,19 @@ def test_every_strategy_in_the_table_builds_under_its_own_label(label: str) -> N
         assert built is None
     else:
         assert built is not None and built.label == label
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_a_closed_stdout_is_no_traceback(flag: str) -> None:
+    """``locksmithd --version | head -0``: the reader is gone before anything is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "locksmithd.daemon", flag], stdout=write_end, stderr=subprocess.PIPE,
+            timeout=60, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == b""
+    assert result.returncode in (0, 141)
