@@ -207,7 +207,7 @@ class WaitingForLock:
 class GiveBackReason(enum.Enum):
     """Why a node gives back its lock before rebooting, and what it does next."""
 
-    WINDOW_CLOSED = "the reboot window closed while the node waited for the lock"
+    WINDOW_CLOSED = "the reboot window closed"
     PRE_REBOOT_HOOKS_FAILED = "a pre-reboot hook failed"
     LOGIND_REFUSED = "logind kept refusing to reboot"
 
@@ -583,6 +583,9 @@ class RebootPath:
         self._enter(WaitingForWindow(now, opening[0], opening[1]))
         return SleepUntil(opening[0])
 
+    def _window_open(self, now: datetime) -> bool:
+        return self.settings.windows is None or self.settings.windows.contains(now)
+
     def _after_lock(self, phase: WaitingForLock, now: datetime) -> Action:
         """The lock is held: the window must still be open, then users are warned and the hooks run."""
         if phase.window_closes is not None and utc(now) > utc(phase.window_closes):
@@ -712,6 +715,9 @@ class RebootPath:
                 return RunHooks(HookKind.POST_REBOOT, "postponed")
             case GivingBack(releasing=True), LockReleased():
                 return self._after_give_back(phase, now)
+            case Postponed(lock_held=True), TimeReached() if not self._window_open(now):
+                # Kept through a failed attempt, but the window has closed: no waiting for the next one with it.
+                return self._give_back(GiveBackReason.WINDOW_CLOSED, "it closed while the reboot was postponed", now)
             case Postponed(), TimeReached():
                 return self._plan(now)
             case LogindUnavailable(), TimeReached():

@@ -179,6 +179,21 @@ async def test_a_failing_pre_reboot_hook_may_keep_the_lock() -> None:
     assert all(p.lock_held for p in machine.phases() if isinstance(p, Postponed))
 
 
+async def test_a_kept_lock_is_not_held_through_the_wait_for_the_next_window() -> None:
+    clock = FakeClock(datetime(2024, 5, 2, 4, 59, 55, tzinfo=UTC))
+    backend = FakeBackend(clock)
+    settings = windowed("4:00", "1h", pre_reboot_failure=PreRebootFailure.KEEP_LOCK)
+    driver = Driver(settings, clock, etcd_lock(backend, clock), hooks={HookKind.PRE_REBOOT: [False]})
+    await driver.run()
+    # The retry comes 10 s later, after the window closed: post-reboot.d, the lock back, the next window.
+    assert backend.calls == ["acquire", "release", "acquire"]
+    assert driver.hook_reasons == [
+        (HookKind.PRE_REBOOT, "reboot"), (HookKind.POST_REBOOT, "postponed"), (HookKind.PRE_REBOOT, "reboot")
+    ]
+    assert clock.current == datetime(2024, 5, 3, 4, 0, tzinfo=UTC)
+    assert any("the reboot window closed (it closed while the reboot was postponed)" in n for n in driver.notes)
+
+
 async def test_the_lock_is_kept_until_the_post_reboot_hooks_pass() -> None:
     clock = FakeClock(NOON)
     backend = FakeBackend(clock)
