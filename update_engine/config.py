@@ -79,6 +79,21 @@ class UpdateSettings:
         file = self.files.get(name)
         return f"{key} in {file}" if file else key
 
+    @property
+    def credential_problem(self) -> str | None:
+        """Why DOWNLOAD_USER/DOWNLOAD_PASSWORD cannot be sent as HTTP basic authentication, naming the setting and
+        never its value; None when they can (or are not set)."""
+        if ":" in self.download_user:
+            return (f"{self.origin('download_user')} contains ':', which HTTP basic authentication cannot carry in "
+                    "a user name")
+        for name in ("download_user", "download_password"):
+            try:
+                getattr(self, name).encode("latin-1")
+            except UnicodeEncodeError:
+                return (f"{self.origin(name)} has characters outside Latin-1, which HTTP basic authentication cannot "
+                        "carry")
+        return None
+
     def with_server_flag(self, server: str) -> UpdateSettings:
         """These settings with SERVER replaced by ``--server``."""
         return dataclasses.replace(self, server=server, keys={**self.keys, "server": "--server"},
@@ -217,6 +232,8 @@ def describe_setup(settings: UpdateSettings, cfg: MergedConfig, facts: NodeFacts
             f"({', '.join('/' + path for path in RELEASE_PATHS)}): the running version is reported as "
             f"{settings.version}, so the server may offer any version"
         )
+    if settings.credential_problem is not None:
+        warnings.append(f"{settings.credential_problem}: payload downloads fail until it is fixed")
     if settings.server == "":
         warnings.append(
             f"SERVER is empty ({settings.origin('server')}): no update check can be sent; remove the line for the "

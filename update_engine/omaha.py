@@ -47,6 +47,9 @@ INITIAL_PREVIOUS_VERSION = "0.0.0.0"
 DEVSERVER_NAME = "update-engine-devserver"
 
 _MAX_INT64 = (1 << 63) - 1
+MAX_VERSION_CHARS = 128
+# C0 and C1 controls, DEL, the Unicode line separators, and both path separators.
+_UNSAFE_VERSION_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029/\\\\]")
 _SHOWN_VALUE_CHARS = 120
 
 
@@ -377,12 +380,24 @@ def _check_payload_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        port = parts.port
     except ValueError as exc:
         raise _invalid(f"Omaha response payload URL {_show(url)} is malformed: {exc}") from None
+    if port == 0:
+        raise _invalid(f"Omaha response payload URL {_show(url)} names port 0")
     if parts.scheme not in ("http", "https"):
         raise _invalid(f"Omaha response payload URL {_show(url)} is not http or https")
     if not host:
         raise _invalid(f"Omaha response payload URL {_show(url)} has no host")
+
+
+def _check_version_text(version: str) -> None:
+    """A version goes into log lines, file names and the status: no control characters, no path separators."""
+    if len(version) > MAX_VERSION_CHARS:
+        raise _invalid(f"Omaha response manifest version is {len(version)} characters long, over {MAX_VERSION_CHARS}")
+    if _UNSAFE_VERSION_RE.search(version) or version in (".", ".."):
+        raise _invalid(f"Omaha response manifest version {_show(version)} contains control characters or path "
+                       "separators; refused")
 
 
 def _check_sha256_b64(value: str) -> None:
@@ -460,6 +475,7 @@ def parse_response(body: bytes) -> OmahaResponse:
     version = manifest.get("version", "")
     if not version:
         raise _invalid("Omaha response manifest has no version")
+    _check_version_text(version)
 
     url_elements = updatecheck.findall("urls/url")
     if not url_elements:

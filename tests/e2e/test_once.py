@@ -183,3 +183,26 @@ def test_rolled_back_version_is_reported_and_not_installed_again(
     assert len([e for e in events if e[0] == 13]) == 1
     assert partition_bytes(disk, USR_B) == usr_b_before
     assert node.prefs("failed-boot-version") == "2.0.0"
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "named"),
+    [("fleet", "pässwörd-€-geheim", "DOWNLOAD_PASSWORD"), ("fleet:geheim", "x", "DOWNLOAD_USER"),
+     ("flötte-€-geheim", "x", "DOWNLOAD_USER")],
+)
+def test_credentials_that_cannot_be_sent_are_refused_by_name_and_never_shown(
+    tmp_path: Path, node: NodeRoot, devserver: DevServerProcess, keys: Keys, user: str, password: str, named: str
+) -> None:
+    """Before, a password outside Latin-1 came back in the error message (an encoding error's repr carries the
+    whole value), in the journal and on stdout; a user name with ':' failed as an internal error."""
+    node.set_update_conf(SERVER=devserver.url, DOWNLOAD_USER=user, DOWNLOAD_PASSWORD=password)
+    disk = make_usr_disk(tmp_path / "disk.img")
+    result = run_once(node, disk, keys.public)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"{named} in {node.root / 'etc/coreos/update.conf'} " in output
+    assert "error 2 OMAHA_REQUEST_ERROR" in output
+    assert "geheim" not in output and "€" not in output
+    # Nothing was written: the refusal comes before the payload's first byte.
+    assert cgpt_flags(disk, USR_B)[0] == 0
+    assert event_pairs(devserver)[-1] == (3, 0, 2 | TEST_OMAHA_URL_FLAG)

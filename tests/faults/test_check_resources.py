@@ -97,7 +97,7 @@ def _not_found(node: Node, stub: OmahaStub, release: Release, keys: Keys) -> Non
 
 FAILURES = [
     # A user name with ":" cannot be sent in basic authentication; the check failed after the sink existed.
-    Failure("download user with a colon", int(ErrorCode.ERROR), _with_settings(DOWNLOAD_USER="a:b")),
+    Failure("download user with a colon", int(ErrorCode.OMAHA_REQUEST_ERROR), _with_settings(DOWNLOAD_USER="a:b")),
     Failure("payload not found", int(ErrorCode.DOWNLOAD_TRANSFER_ERROR), _not_found),
     Failure("download cut after 1 MiB", int(ErrorCode.DOWNLOAD_TRANSFER_ERROR), _cut_after_a_mib),
     Failure("SHA-256 of the payload", int(ErrorCode.DOWNLOAD_HASH_MISMATCH), _wrong_sha256),

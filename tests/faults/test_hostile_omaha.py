@@ -31,6 +31,7 @@ from sim.tls import make_server_tls
 from sim.tools import VENV_BIN
 from tests.faults.figures import record
 from tests.faults.support import FRESH_USR_A, MIB, NEW_VERSION, TEST_OMAHA_URL_FLAG, assert_nothing_armed
+from update_engine import omaha
 from update_engine.engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
 from update_engine.http import HttpLimits
@@ -209,6 +210,15 @@ def resume_from_wrong_offset(data: bytes, drop_at: int, wrong_times: int) -> Han
     return handler
 
 
+def offer_answer(release: Release, version: str) -> bytes:
+    """An honest offer of ``release`` under a ``version`` no client should take."""
+    return omaha.build_response([omaha.AppResponse(
+        app_id="{e96281a6-d1af-4bde-9a0a-97b76e56dc57}",
+        updatecheck=omaha.PayloadOffer(version=version, codebases=("http://127.0.0.1:9/packages/",),
+                                       package_name="update.gz", size=release.size, sha256_b64=release.sha256_b64),
+    )])
+
+
 @dataclass(frozen=True)
 class Hostile:
     """One misbehaving server: its Omaha and/or payload handler and the refusal expected."""
@@ -260,6 +270,12 @@ CASES = [
           omaha=lambda r: html_page("text/html", doctype=False)),
     Hostile("payload URL with file: scheme", INVALID, "not http",
           offer=lambda r: Offer(NEW_VERSION, r.size, r.sha256_b64, codebase="file:///dev/")),
+    Hostile("payload URL with a port out of range", INVALID, "[Pp]ort",
+          offer=lambda r: Offer(NEW_VERSION, r.size, r.sha256_b64, codebase="http://127.0.0.1:70000/packages/")),
+    Hostile("version that would forge a log line", INVALID, "control characters",
+          omaha=lambda r: xml_answer(offer_answer(r, "3.0.0\n<3>update-engine: forged"))),
+    Hostile("version that is a path", INVALID, "path separators",
+          omaha=lambda r: xml_answer(offer_answer(r, "../../../../etc/cron.d/x"))),
     Hostile("payload URL without a host", INVALID, "host",
           offer=lambda r: Offer(NEW_VERSION, r.size, r.sha256_b64, codebase="http:///packages/")),
     Hostile("payload redirect to file://", TRANSFER, "non-http",

@@ -393,6 +393,27 @@ def test_non_http_urls_are_34_and_named(codebase: str) -> None:
     assert codebase.rstrip("/") in error.message
 
 
+@pytest.mark.parametrize("codebase", ["https://dl.example.com:99999/", "https://dl.example.com:8x/",
+                                      "http://dl.example.com:0/"])
+def test_a_codebase_with_an_impossible_port_is_34(codebase: str) -> None:
+    """Before, such a URL was accepted and its download retried for minutes as a transient error."""
+    urls = f'<urls><url codebase="{codebase}"/></urls>'
+    error = expect_error(offer_xml(urls=urls), ErrorCode.OMAHA_RESPONSE_INVALID, "payload URL")
+    assert "port" in error.message.lower()
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["3815.2.5\n<3>forged line", "../../../etc/passwd", "3815/2/5", "3815\\2", "3815.2.5\x85next line", "..",
+     "3815\u20282", "9" * 129],
+)
+def test_a_version_that_could_forge_a_log_line_or_name_a_path_is_34(version: str) -> None:
+    """The version reaches log lines, file names and the D-Bus status; before, anything was taken."""
+    manifest = f'version="{xml_escape(version)}"'
+    error = expect_error(offer_xml(manifest_attrs=manifest), ErrorCode.OMAHA_RESPONSE_INVALID, "version")
+    assert not any(ch in error.message for ch in "\n\x85\u2028")
+
+
 def test_empty_body_is_30() -> None:
     expect_error(b"", ErrorCode.OMAHA_REQUEST_EMPTY_RESPONSE, "empty")
 

@@ -276,7 +276,8 @@ class UpdateCheck:
                 failed_boot_version=self.history.failed_boot_version(), state=state, now=self._clock(),
                 interactive=self._interactive,
             )
-            return await self._install(session, offered, url)
+            auth = download_auth(settings)  # before anything is touched: credentials that cannot be sent end here
+            return await self._install(session, offered, url, auth)
 
     async def _ask(self, session: aiohttp.ClientSession, request: Request) -> omaha.OmahaResponse:
         """The update check with its report on the last install (``previousversion`` or a rollback)."""
@@ -306,7 +307,9 @@ class UpdateCheck:
         self.history.record_response(raw)
         return omaha.parse_response(raw)
 
-    async def _install(self, session: aiohttp.ClientSession, offered: Offered, url: str) -> CheckOutcome:
+    async def _install(
+        self, session: aiohttp.ClientSession, offered: Offered, url: str, auth: aiohttp.BasicAuth | None
+    ) -> CheckOutcome:
         offer, request = offered.offer, offered.request
         log.info("Update available: %s → %s, %d bytes, from %s", request.params.version, offer.version, offer.size,
                  host_of(url))
@@ -320,14 +323,16 @@ class UpdateCheck:
         log.info("Writing %s (running %s); %s disarmed until the payload is verified", target.label, running.label,
                  target.label)
         await send_event(session, self.options, request, omaha.OmahaEvent.download_started())
-        resumed = await self._download(session, preparing)
+        resumed = await self._download(session, preparing, auth)
         await send_event(session, self.options, request, omaha.OmahaEvent.download_finished())
         self._fire(Trigger.VERIFIED)
         arming = Arming(offered, target, resumed)
         self.phase = arming
         return await self._arm(session, arming)
 
-    async def _download(self, session: aiohttp.ClientSession, preparing: Preparing) -> bool:
+    async def _download(
+        self, session: aiohttp.ClientSession, preparing: Preparing, auth: aiohttp.BasicAuth | None
+    ) -> bool:
         """Stream, write and verify the payload; True when the download had to resume."""
         offer, target, url = preparing.offered.offer, preparing.target, preparing.url
         key_path = self.options.public_key_path
@@ -344,7 +349,6 @@ class UpdateCheck:
         if kernel_path is None:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
-        auth = download_auth(preparing.offered.request.settings)
         # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
         from update_engine.payload.sink import PayloadSink
         from update_engine.payload.target import WriteTarget, remove_partial_kernels
@@ -505,7 +509,14 @@ class UpdateCheck:
 
 
 def download_auth(settings: ue_config.UpdateSettings) -> aiohttp.BasicAuth | None:
-    """HTTP basic authentication for the payload download, from DOWNLOAD_USER/DOWNLOAD_PASSWORD."""
+    """HTTP basic authentication for the payload download, from DOWNLOAD_USER/DOWNLOAD_PASSWORD.
+
+    Settings that cannot be sent are a ConfigError naming the setting, never its value (an encoding error would
+    carry the password into the log).
+    """
+    problem = settings.credential_problem
+    if problem is not None:
+        raise ue_config.ConfigError(problem)
     if not settings.download_user:
         return None
     return aiohttp.BasicAuth(settings.download_user, settings.download_password or "")
