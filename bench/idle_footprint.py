@@ -11,12 +11,17 @@ in between hourly checks. For each window: RSS and PSS from ``/proc/PID/smaps_ro
 voluntary context switches during it (each one is a wake-up). An idle daemon should sleep until its next timer: a
 handful of switches at most, not one per second. Figures, not pass/fail.
 
-    .venv/bin/python bench/idle_footprint.py [--seconds 60]
+    .venv/bin/python bench/idle_footprint.py [--seconds 60] [--baseline CHECKOUT]
+
+``--baseline CHECKOUT`` also runs the ``update_engine`` of another checkout of this repository (say a worktree of
+the previous main) beside this one, on its own private bus and node root, through the same windows: both are
+measured in the same run, under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -64,9 +69,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="observation window (default 60)")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before the window starts (default 5)")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose update_engine runs beside this one's")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="idle-bench-"))
     bus = start_private_bus(work / "dbus", [POLICY])
+    baseline_bus = start_private_bus(work / "dbus-baseline", [POLICY]) if args.baseline else None
     procs: dict[str, subprocess.Popen[bytes]] = {}
     devserver: DevServerProcess | None = None
     etcd: EtcdCluster | None = None
@@ -80,14 +87,22 @@ def main() -> int:
         key = work / "unused.pub.pem"
         key.write_text("")
         common = ["--bus-address", bus.address, "--config-root", str(node.root)]
-        names = ("update_engine", "locksmithd (reboot)", "locksmithd (best-effort)")
+        names = ("update_engine", "update_engine (baseline)", "locksmithd (reboot)", "locksmithd (best-effort)")
         logs = {name: (work / f"{name.split()[0]}-{len(name)}.log").open("wb") for name in names}
-        procs["update_engine"] = subprocess.Popen(
-            [str(VENV_BIN / "update_engine"), *common, "--disk", str(disk), "--booted", "USR-A",
-             "--public-key", str(key), "--state-dir", str(node.state_dir), "--run-dir", str(node.run_dir),
-             "--kernel-dir", str(node.kernel_dir), "--first-check-delay", "3600", "--healthy-boot-delay", "1"],
-            stdout=logs["update_engine"], stderr=subprocess.STDOUT,
-        )
+        engines = [("update_engine", bus.address, node, disk, dict(os.environ))]
+        if args.baseline is not None and baseline_bus is not None:
+            base_node = make_node_root(work / "root-baseline", server=devserver.url)
+            engines.append(("update_engine (baseline)", baseline_bus.address, base_node,
+                            make_usr_disk(work / "disk-baseline.img"),
+                            {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}))
+        for name, address, root, image, env in engines:
+            procs[name] = subprocess.Popen(
+                [str(VENV_BIN / "update_engine"), "--bus-address", address, "--config-root", str(root.root),
+                 "--disk", str(image), "--booted", "USR-A", "--public-key", str(key), "--state-dir",
+                 str(root.state_dir), "--run-dir", str(root.run_dir), "--kernel-dir", str(root.kernel_dir),
+                 "--first-check-delay", "3600", "--healthy-boot-delay", "1"],
+                stdout=logs[name], stderr=subprocess.STDOUT, env=env,
+            )
         time.sleep(1.0)
         procs["locksmithd (reboot)"] = subprocess.Popen(
             [str(VENV_BIN / "locksmithd"), *common, "--strategy", "reboot"],
@@ -104,12 +119,13 @@ def main() -> int:
         print(f"{'daemon':<24} {'window':<26} {'RSS MiB':>8} {'PSS MiB':>8} {'wake-ups':>9} {'per minute':>10}")
         for window in ("before the first check", "after a no-update check"):
             if window.startswith("after"):
-                check = subprocess.run(
-                    [str(VENV_BIN / "update_engine_client"), "-update", "--bus-address", bus.address],
-                    capture_output=True, text=True, timeout=120,
-                )
-                if "UPDATE_STATUS_IDLE" not in check.stdout + check.stderr:
-                    raise SystemExit(f"the check did not end in IDLE: {check.stdout}{check.stderr}")
+                for _name, address, *_rest in engines:
+                    check = subprocess.run(
+                        [str(VENV_BIN / "update_engine_client"), "-update", "--bus-address", address],
+                        capture_output=True, text=True, timeout=120,
+                    )
+                    if "UPDATE_STATUS_IDLE" not in check.stdout + check.stderr:
+                        raise SystemExit(f"the check did not end in IDLE: {check.stdout}{check.stderr}")
             time.sleep(args.settle)
             for name, proc in procs.items():
                 if proc.poll() is not None:
@@ -134,6 +150,8 @@ def main() -> int:
         if etcd is not None:
             etcd.stop_all()
         bus.stop()
+        if baseline_bus is not None:
+            baseline_bus.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

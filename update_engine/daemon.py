@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without boot-complete.target: seconds up before the running partition is marked good "
                         "(default 45)")
     p.add_argument("--boot-complete-poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--healthy-boot-dir", type=Path,
+                   help="hooks that must all pass before the running partition is marked good "
+                        "(default /etc/update_engine/healthy-boot.d under --config-root)")
+    p.add_argument("--healthy-hook-timeout", type=float, default=300.0,
+                   help="seconds each healthy-boot hook may run (default 300)")
+    p.add_argument("--healthy-hook-retry", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-socket", type=Path,
+                   help="Unix socket serving Prometheus metrics (default metrics.promsock in --run-dir; "
+                        "'' for none)")
+    p.add_argument("--metrics-textfile", type=Path,
+                   help="also write the metrics to this .prom file, for node_exporter's textfile collector")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -106,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from_args(args)
     if args.once:
         return asyncio.run(run_once(options))
+    from coreos_common.backoff import BackoffPolicy
+    from update_engine.healthy_boot import DEFAULT_HOOK_DIR
+    from update_engine.metrics import METRICS_SOCKET_NAME
     from update_engine.scheduler import InvalidSchedule, ScheduleConfig
-    from update_engine.service import DaemonTiming, run_daemon
+    from update_engine.service import DaemonOutputs, DaemonTiming, run_daemon
 
     try:
         schedule = ScheduleConfig.for_check_interval(args.check_interval, args.first_check_delay)
@@ -115,9 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"update_engine: {exc}", file=sys.stderr)
         return 2
     timing = DaemonTiming(
-        schedule=schedule, healthy_boot_delay=args.healthy_boot_delay, boot_complete_poll=args.boot_complete_poll
+        schedule=schedule, healthy_boot_delay=args.healthy_boot_delay, boot_complete_poll=args.boot_complete_poll,
+        healthy_hook_timeout=args.healthy_hook_timeout,
+        healthy_hook_retry=BackoffPolicy(args.healthy_hook_retry, max(args.healthy_hook_retry, 300.0)),
     )
-    return asyncio.run(run_daemon(options, bus_address=args.bus_address, timing=timing))
+    socket = args.metrics_socket if args.metrics_socket is not None else options.run_dir / METRICS_SOCKET_NAME
+    outputs = DaemonOutputs(
+        metrics_socket=socket if str(socket) not in ("", ".") else None,
+        metrics_textfile=args.metrics_textfile,
+        healthy_boot_dir=args.healthy_boot_dir or options.config_root / DEFAULT_HOOK_DIR,
+    )
+    return asyncio.run(run_daemon(options, bus_address=args.bus_address, timing=timing, outputs=outputs))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""The long-running update-engine: D-Bus service, check timer, healthy-boot marking, systemd notification.
+"""The long-running update-engine: D-Bus service, check timer, healthy-boot marking, metrics, systemd notification.
 
 One asyncio loop, no polling while idle: the loop sleeps until the next scheduled check, an ``AttemptUpdate`` call
 or a signal. A check in flight runs as a task; SIGTERM cancels it between GPT writes (those are synchronous and
-atomic per call), so the passive partition is left disarmed and the running one untouched.
+atomic per call), so the passive partition is left disarmed and the running one untouched. Metrics are served on a
+Unix socket (and written to a textfile when asked) from the same loop; an output that cannot be set up is logged
+and left out, never a reason to stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import signal
@@ -20,19 +21,18 @@ from pathlib import Path
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
+from coreos_common.backoff import BackoffPolicy
 from coreos_common.notify import SystemdNotifier
 from coreos_common.status import StatusSnapshot, UpdateStatus
-from coreos_common.systemd import BOOT_COMPLETE_TARGET, BootComplete, wait_for_boot_complete
 from coreos_common.updateconf import SettingsFileError
 from update_engine.config import startup_refusal
 from update_engine.dbus_service import NameNotAcquired, connect_bus, serve
 from update_engine.engine.attempter import CheckOutcome, EngineOptions, UpdateAttempter
+from update_engine.healthy_boot import mark_boot_healthy
+from update_engine.metrics import EngineMetrics, exporter
 from update_engine.scheduler import CheckScheduler, ScheduleConfig
 
 log = logging.getLogger("update_engine")
-
-BOOT_MARKED_NAME = "update_engine_boot_marked_good"
-BOOT_COMPLETE = BOOT_COMPLETE_TARGET
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,17 @@ class DaemonTiming:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     healthy_boot_delay: float = 45.0
     boot_complete_poll: float = 5.0
+    healthy_hook_timeout: float = 300.0
+    healthy_hook_retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(10.0, 300.0))
+
+
+@dataclass(frozen=True)
+class DaemonOutputs:
+    """Where the daemon publishes besides D-Bus, and the operator's healthy-boot hooks; None: not at all."""
+
+    metrics_socket: Path | None = None
+    metrics_textfile: Path | None = None
+    healthy_boot_dir: Path | None = None
 
 
 def status_line(snapshot: StatusSnapshot) -> str:
@@ -52,69 +63,10 @@ def status_line(snapshot: StatusSnapshot) -> str:
     return text
 
 
-def read_uptime(root: Path) -> float | None:
-    """The machine's uptime in seconds, from ``proc/uptime`` under ``root``; None when it cannot be read."""
-    try:
-        return float((root / "proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-async def wait_for_healthy_boot(
-    bus: MessageBus, timing: DaemonTiming, uptime: Callable[[], float | None] = lambda: None
-) -> str:
-    """Wait until the boot counts as healthy; returns why it does (for the log line).
-
-    Without ``boot-complete.target`` in this boot, the machine must have been up ``healthy_boot_delay`` seconds
-    (``uptime``); when its uptime cannot be read, update-engine must have been up that long instead.
-    """
-    result = await wait_for_boot_complete(
-        bus,
-        delays=itertools.repeat(timing.boot_complete_poll),
-        purpose="before marking the running partition good",
-    )
-    if result is BootComplete.ACTIVE:
-        return f"{BOOT_COMPLETE} is active"
-    delay = timing.healthy_boot_delay
-    up = uptime()
-    if up is None:
-        log.info("%s is not part of this boot and the machine's uptime cannot be read; marking the boot good "
-                 "once update-engine has been up %.0f s", BOOT_COMPLETE, delay)
-        await asyncio.sleep(delay)
-        return f"no {BOOT_COMPLETE}; update-engine up for {delay:.0f} s"
-    log.info("%s is not part of this boot; marking the boot good once the machine has been up %.0f s (up %.0f s "
-             "now)", BOOT_COMPLETE, delay, up)
-    await asyncio.sleep(max(0.0, delay - up))
-    return f"no {BOOT_COMPLETE}; machine up for {max(up, delay):.0f} s"
-
-
-async def mark_boot_healthy(attempter: UpdateAttempter, bus: MessageBus, timing: DaemonTiming) -> None:
-    """Once per boot, after a healthy boot, make the running USR partition successful=1 tries=0 and top priority.
-
-    Healthy means ``boot-complete.target`` is active when this boot has that unit (loaded and being started),
-    else that the machine has been up for ``healthy_boot_delay`` seconds. Skipped while a reboot is pending:
-    prioritising the running partition would undo the armed update.
-    """
-    marker = attempter.options.run_dir / BOOT_MARKED_NAME
-    if marker.exists():
-        log.info("Running partition already marked good during this boot (%s)", marker)
-        return
-    reason = await wait_for_healthy_boot(bus, timing, lambda: read_uptime(attempter.options.config_root))
-    if attempter.machine.status is UpdateStatus.UPDATED_NEED_REBOOT:
-        log.info("Not marking the running partition good: a reboot into the other partition is pending")
-        return
-    try:
-        label, flags = attempter.mark_running_good()
-    except Exception as exc:
-        log.error("Could not mark the running partition good: %s; will try again at the next start", exc)
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{label}\n")
-    log.info("Boot is healthy (%s): %s marked good (priority=%d tries=%d successful=%d)", reason, label,
-             flags.priority, flags.tries, int(flags.successful))
-
-
-async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) -> None:
+async def scheduler_loop(
+    attempter: UpdateAttempter, scheduler: CheckScheduler,
+    on_outcome: Callable[[CheckOutcome], None] = lambda outcome: None,
+) -> None:
     """Sleep until the next check (or an AttemptUpdate), run it, ask the scheduler for the next delay."""
     delay: float = scheduler.first_delay()
     while True:
@@ -125,6 +77,7 @@ async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) 
         status = attempter.machine.status
         if status in (UpdateStatus.IDLE, UpdateStatus.CHECKING_FOR_UPDATE):
             outcome = await attempter.check_and_update(interactive=interactive)
+            on_outcome(outcome)
         elif status is UpdateStatus.UPDATED_NEED_REBOOT:
             attempter.check_requested.clear()
             await attempter.ping()
@@ -135,9 +88,11 @@ async def scheduler_loop(attempter: UpdateAttempter, scheduler: CheckScheduler) 
 
 
 async def run_daemon(
-    options: EngineOptions, *, bus_address: str | None, timing: DaemonTiming | None = None
+    options: EngineOptions, *, bus_address: str | None, timing: DaemonTiming | None = None,
+    outputs: DaemonOutputs | None = None,
 ) -> int:
     timing = timing or DaemonTiming()
+    outputs = outputs or DaemonOutputs()
     notifier = SystemdNotifier()
     attempter = UpdateAttempter(options)
     try:
@@ -148,17 +103,29 @@ async def run_daemon(
     attempter.log_setup()
     attempter.add_status_listener(lambda snapshot: notifier.status(status_line(snapshot)))
     attempter.restore_reboot_pending()
+    # Metrics before the bus name: whoever sees update-engine on the bus can scrape it.
+    metrics = EngineMetrics(attempter, booted_slot=attempter.booted_slot())
+    published = exporter(metrics, socket_path=outputs.metrics_socket, textfile=outputs.metrics_textfile)
+    await published.start()
+    attempter.add_status_listener(lambda snapshot: published.changed())
     try:
         bus = await connect_bus(bus_address) if bus_address else await MessageBus(bus_type=BusType.SYSTEM).connect()
     except Exception as exc:
         log.error("Cannot connect to the D-Bus %s: %s", bus_address or "system bus", exc)
+        await published.close()
         return 1
     try:
         service = await serve(bus, attempter)
     except NameNotAcquired as exc:
         log.error("%s", exc)
         bus.disconnect()
+        await published.close()
         return 1
+
+    def observe(outcome: CheckOutcome) -> None:
+        metrics.observe(outcome)
+        published.changed()
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,8 +134,9 @@ async def run_daemon(
     log.info("update-engine started: status %s", attempter.machine.status.value)
     tasks = [
         loop.create_task(notifier.run_watchdog(), name="watchdog"),
-        loop.create_task(mark_boot_healthy(attempter, bus, timing), name="healthy-boot"),
-        loop.create_task(scheduler_loop(attempter, CheckScheduler(random.Random(), timing.schedule)),
+        loop.create_task(mark_boot_healthy(attempter, bus, timing, hook_dir=outputs.healthy_boot_dir),
+                         name="healthy-boot"),
+        loop.create_task(scheduler_loop(attempter, CheckScheduler(random.Random(), timing.schedule), observe),
                          name="scheduler"),
     ]
     stopper = loop.create_task(stop.wait())
@@ -187,5 +155,6 @@ async def run_daemon(
                 await t
         with contextlib.suppress(Exception):
             await service.close()
+        await published.close()
         bus.disconnect()
     return 0

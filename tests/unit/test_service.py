@@ -7,32 +7,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
-from sim.bus import PrivateBus, start_private_bus
+from sim.bus import PrivateBus
 from sim.disks import cgpt_flags, make_usr_disk
 from sim.node import NodeRoot, make_node_root
 from sim.ports import free_port
 from sim.standins.systemd import start_systemd_standin
 from tests.conftest import require_tool
 from update_engine.engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
+from update_engine.healthy_boot import BOOT_MARKED_NAME, mark_boot_healthy, read_uptime, wait_for_healthy_boot
 from update_engine.http import HttpLimits
 from update_engine.scheduler import CheckScheduler
-from update_engine.service import (
-    BOOT_MARKED_NAME,
-    DaemonTiming,
-    mark_boot_healthy,
-    read_uptime,
-    scheduler_loop,
-    status_line,
-    wait_for_healthy_boot,
-)
+from update_engine.service import DaemonTiming, scheduler_loop, status_line
 
 USR_A = 3
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
@@ -62,21 +54,8 @@ def test_systemctl_status_shows_the_update_status_and_download_percentage() -> N
 
 
 @pytest.fixture
-def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    bus = start_private_bus(tmp_path / "dbus")
-    try:
-        yield bus
-    finally:
-        bus.stop()
-
-
-@pytest.fixture
-async def client(private_bus: PrivateBus) -> AsyncIterator[MessageBus]:
-    bus = await MessageBus(bus_address=private_bus.address, bus_type=BusType.SYSTEM).connect()
-    try:
-        yield bus
-    finally:
-        bus.disconnect()
+def client(bus_client: MessageBus) -> MessageBus:
+    return bus_client
 
 
 @pytest.fixture

@@ -169,6 +169,16 @@ class UpdateAttempter:
         log.info("Rollback armed: %s", message)
         return message
 
+    def booted_slot(self) -> str | None:
+        """The label of the running USR partition, or None (with the reason in the log) when it cannot be told."""
+        try:
+            with self._disk.open() as disk:
+                running, _ = self._disk.slots(disk)
+                return running.label
+        except (UpdateEngineError, OSError) as exc:
+            log.warning("Cannot tell which USR partition is running: %s", exc)
+            return None
+
     def mark_running_good(self) -> tuple[str, PartitionFlags]:
         """Healthy boot: the running USR partition becomes successful=1, tries=0, highest priority."""
         with self._disk.open() as disk:

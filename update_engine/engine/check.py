@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -82,6 +83,8 @@ class CheckOutcome:
     poll_interval: int | None = None
     http_status: int | None = None
     network_error: bool = False
+    downloaded_bytes: int = 0  # payload bytes this check downloaded, also when it failed
+    apply_seconds: float | None = None  # download, write and verification of the payload, when they completed
 
 
 def describe_outcome(outcome: CheckOutcome) -> str:
@@ -227,6 +230,9 @@ class UpdateCheck:
         self._interactive = interactive
         self._clock = clock
         self._disk = NodeDisk(options)
+        # What the check did, for the metrics (not its phase: that is ``phase``).
+        self.downloaded_bytes = 0
+        self.apply_seconds: float | None = None
 
     async def run(self) -> CheckOutcome:
         """Check, and install what is offered; the outcome, never an exception (but CancelledError)."""
@@ -241,6 +247,8 @@ class UpdateCheck:
         except Exception as exc:  # a bug must not kill the daemon nor leave the target armed
             log.exception("Unexpected error during the update attempt")
             outcome = await self._fail(ErrorCode.ERROR, f"internal error: {exc!r}", None)
+        outcome = dataclasses.replace(outcome, downloaded_bytes=self.downloaded_bytes,
+                                      apply_seconds=self.apply_seconds)
         self.phase = Finished(outcome)
         return outcome
 
@@ -368,7 +376,8 @@ class UpdateCheck:
         notified = 0
         total = max(offer.size, 1)
         clock = asyncio.get_running_loop().time
-        meter = DownloadMeter(offer.size, clock())
+        started = clock()
+        meter = DownloadMeter(offer.size, started)
 
         def first_byte() -> None:
             self._fire(Trigger.DOWNLOAD_STARTED)
@@ -379,6 +388,7 @@ class UpdateCheck:
             nonlocal delivered, notified
             await sink.write_async(chunk)
             delivered += len(chunk)
+            self.downloaded_bytes += len(chunk)
             if delivered - notified >= PROGRESS_STEP_BYTES or delivered >= total:
                 notified = delivered
                 self._fire(Progress(delivered / total))
@@ -396,6 +406,7 @@ class UpdateCheck:
         log.info("Download complete: %s, %d resumes; verifying size, SHA-256, signature and %s",
                  meter.summary(delivered, clock()), resumes, target.label)
         await _finish_in_thread(sink.close)
+        self.apply_seconds = clock() - started
         # A payload downloaded and verified is an attempt at it, whatever happens to the update from here on.
         self.history.store_payload_state(
             attempts.after_download(self.history.payload_state(), self._clock(), attempts.backoff_fuzz())

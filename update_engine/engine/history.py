@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from coreos_common.files import replace_file
 from update_engine import payload_state as attempts
 from update_engine.engine.machine import PendingKind
 from update_engine.prefs import Prefs, PrefsError
@@ -224,15 +224,8 @@ class InstallHistory:
 
     def write_pending_reboot(self, pending: PendingReboot) -> None:
         """Atomically (temp file, rename), mode 0600 as the original's."""
-        marker = self.reboot_marker
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(marker.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{pending.kind.value} {pending.target_label}\n".encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, marker)
+        self.reboot_marker.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(self.reboot_marker, f"{pending.kind.value} {pending.target_label}\n".encode(), 0o600)
 
     def clear_pending_reboot(self) -> None:
         with contextlib.suppress(FileNotFoundError):
