@@ -721,6 +721,37 @@ async def test_a_waiter_whose_lease_is_revoked_joins_again(shared_etcd: EtcdClus
     store.close()
 
 
+async def test_a_slot_taken_on_a_retry_leaves_the_line_behind(shared_etcd: EtcdCluster, group: str) -> None:
+    """A waiter cut off from etcd keeps its line key for its lease's lifetime; when its next attempt finds a
+    free slot at once, the take must delete that key too, or the waiter behind it watches a key nobody will
+    delete until the lease expires."""
+    settings = settings_for(shared_etcd, group)
+    store = Store(settings)
+    assert store.try_acquire("a").acquired
+    cable = Cable(shared_etcd.endpoints[0])
+    await cable.mend()
+    first = backend(EtcdSettings(endpoints=(cable.endpoint,), group=group, request_timeout=2.0))
+    second = backend(settings)
+    t1 = asyncio.create_task(first.acquire("w1"))
+    await until_true(lambda: following(first), "w1 waiting")
+    t2 = asyncio.create_task(second.acquire("w2"))
+    await until_true(lambda: where(second) == "w1", "w2 behind w1")
+    await cable.cut()
+    with pytest.raises(LockBackendUnavailable):
+        await asyncio.wait_for(t1, SETTLE)
+    assert store.release("a")
+    await cable.mend()
+    await asyncio.wait_for(first.acquire("w1"), SETTLE)  # the slot is free: taken on the first look
+    assert store.get()[0].holders == ("w1",)
+    assert store.line_keys() == [store.line_key("w2")]  # w1's place went with the take
+    assert await first.release("w1")
+    await asyncio.wait_for(t2, SETTLE)
+    for node in (first, second):
+        await node.close()
+    await cable.cut()
+    store.close()
+
+
 async def test_a_lease_that_expired_before_the_line_put_is_replaced(
     shared_etcd: EtcdCluster, group: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

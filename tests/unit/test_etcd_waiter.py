@@ -66,7 +66,8 @@ def test_a_free_slot_is_taken_after_one_read() -> None:
     w = waiter()
     assert w.start() == ReadKey()
     free = snap(1)
-    assert w.handle(KeyRead(free), 0.0) == TakeSlot(free, leave_line=False, tries=1)
+    # The take also deletes a line key an earlier, interrupted wait may have left.
+    assert w.handle(KeyRead(free), 0.0) == TakeSlot(free, leave_line=True, tries=1)
     taken = snap(1, ME, revision=11)
     assert w.handle(TakeResult(True, taken), 0.0) == Done(taken, 0)
     assert isinstance(w.phase, Held) and w.progress().phase is LockPhase.HELD
@@ -221,6 +222,14 @@ def test_without_the_line_every_waiter_follows_with_a_random_delay() -> None:
     lost = snap(1, "b", revision=21)
     assert w.handle(TakeResult(False, lost), 5.3) == FollowKey(21, None)
     assert w.handle(WatchEnded(), 6.0) == ReadKey()
+
+
+def test_without_the_line_a_take_deletes_no_line_key() -> None:
+    """A node refused the line (no permission on its prefix) must not name the prefix in its take."""
+    w = waiter(line=False)
+    w.start()
+    free = snap(1)
+    assert w.handle(KeyRead(free), 0.0) == TakeSlot(free, leave_line=False, tries=1)
 
 
 def test_a_refused_line_falls_back_to_following() -> None:

@@ -26,7 +26,9 @@ order. The transaction that takes a slot also deletes the taker's line key, whic
 it watches. A node whose lease is lost (etcd out of reach for a whole TTL) joins again at the back. Without
 the line (etcd refuses its leases or keys), a node follows the key like every other (``Following``), with a
 random delay before using a free slot that doubles each time another node was faster. A waiting node
-therefore costs 4 requests (read, lease, line put with the read of its place, watch).
+therefore costs 4 requests (read, lease, line put with the read of its place, watch). A wait that ends because
+etcd is out of reach leaves the line key to its lease: the next attempt puts it again (keeping its place), or, if
+it finds a free slot at once, deletes it with the take.
 """
 
 from __future__ import annotations
@@ -387,8 +389,10 @@ class Waiter:
             return self._held(snapshot, 0)
         if snapshot.semaphore.semaphore > 0:
             self.phase = Taking(snapshot, jitter=self.tuning.handoff_jitter)
-            # Outside the line a lost race is not retried at once: the watch shows what happened.
-            return TakeSlot(snapshot, leave_line=False, tries=1)
+            # Outside the line a lost race is not retried at once: the watch shows what happened. The take
+            # still deletes this node's line key, in case an earlier wait cut off from etcd left it there (the
+            # waiter behind would wait for it until its lease expired); deleting no key costs nothing.
+            return TakeSlot(snapshot, leave_line=self.line_allowed, tries=1)
         if self.line_allowed:
             return self._join(snapshot)
         return self._follow(Following(snapshot, self.tuning.handoff_jitter), snapshot, 0.0)
