@@ -50,7 +50,7 @@ class Actions:
     async def new_group_form(self, request: web.Request, ctx: Ctx, *, status: int = 200,
                              values: dict[str, str] | None = None, errors: dict[str, str] | None = None
                              ) -> web.StreamResponse:
-        app_id = self.pages._app_id(request)
+        app_id = self.pages.app_id(request)
         channels = sorted(name for (app, name) in self.server.catalog.channels if app == app_id)
         blank = {"name": "", "id": "", "channel": channels[0] if channels else "", "description": "",
                  **forms.policy_values(GroupPolicy(update_count=1, update_interval=GroupPolicy().update_timeout))}
@@ -58,7 +58,7 @@ class Actions:
                                 channels=channels, form=values or blank, errors=errors or {})
 
     async def create_group(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        app_id = self.pages._app_id(request)
+        app_id = self.pages.app_id(request)
         form = ctx.form
         result = forms.policy_form(GroupPolicy(), form)
         errors = dict(result.errors)
@@ -105,8 +105,8 @@ class Actions:
         if errors or result.policy is None:
             values = {**result.values, "channel": channel}
             return await self.pages.group_page(request, ctx, form_values=values, form_errors=errors, status=400)
-        policy = replace(result.policy, updates_paused=group.policy.updates_paused)
-        try:
+        policy = result.policy
+        try:  # the form does not pause or resume: that stays as the group has it now
             await self.server.db(self.server.store.update_group, group.app_id, group.id,
                                  lambda g: replace(g, channel=channel, policy=replace(
                                      policy, updates_paused=g.policy.updates_paused)))
@@ -143,7 +143,7 @@ class Actions:
     async def upload(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         """A multipart form whose parts come in the page's order: csrf_token, version, then the file (so the
         token and the version are checked before a byte of the payload is stored)."""
-        app_id = self.pages._app_id(request)
+        app_id = self.pages.app_id(request)
         reader = await request.multipart()
         fields: dict[str, str] = {}
         error = ""
@@ -173,7 +173,7 @@ class Actions:
         return await self.pages.packages_page(request, ctx, status=400, error=error)
 
     async def promote(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        app_id = self.pages._app_id(request)
+        app_id = self.pages.app_id(request)
         channel_name = request.match_info["channel"]
         catalog = self.server.catalog
         channel = catalog.channels.get((app_id, channel_name))

@@ -63,7 +63,7 @@ class Pages:
 
     # -- shared pieces -----------------------------------------------------------------------------------
 
-    def _app_id(self, request: web.Request) -> str:
+    def app_id(self, request: web.Request) -> str:
         try:
             app_id = validation.canonical_app_id(request.match_info["app_id"])
         except ValidationError:
@@ -73,7 +73,7 @@ class Pages:
         return app_id
 
     def group(self, request: web.Request) -> Group:
-        app_id = self._app_id(request)
+        app_id = self.app_id(request)
         group = self.server.catalog.group_for_track(app_id, request.match_info["group"])
         if group is None:
             raise web.HTTPNotFound()
@@ -187,7 +187,7 @@ class Pages:
     # -- instance ------------------------------------------------------------------------------------------
 
     async def instance_page(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
-        app_id = self._app_id(request)
+        app_id = self.app_id(request)
         machine = request.match_info["machine_id"]
         store = self.server.store
         try:
@@ -206,7 +206,7 @@ class Pages:
 
     async def packages_page(self, request: web.Request, ctx: Ctx, *, status: int = 200, error: str = "",
                             uploaded: Any = None) -> web.StreamResponse:
-        app_id = self._app_id(request)
+        app_id = self.app_id(request)
         catalog = self.server.catalog
         packages = sorted((p for (a, _v), p in catalog.packages.items() if a == app_id),
                           key=lambda p: p.created_at.timestamp() if p.created_at else 0, reverse=True)
