@@ -1,9 +1,11 @@
-"""The demo's summary: a table per node, the time per phase, every revision of the semaphore, the Omaha events per
-node, the invariants, and the verdict (exit status 0 only when every node reached its end state and nothing was
-broken).
+"""The demo's summary: each node as it sees itself (the slot it booted and its GPT flags, update-engine's status)
+next to the update server's record of it, the time per node and per phase, every revision of the semaphore, the
+Omaha events per node, the invariants, and the verdict (exit status 0 only when every node reached its end state,
+the update server agrees, and nothing was broken).
 
-Rules: the summary reads the fleet's records and etcd's history of the semaphore key; a problem it finds (an
-invalid or over-full revision, a history that cannot be read) makes the verdict a failure, named.
+Rules: the summary reads the fleet's records, the server's view read once more as it starts, the nodes' disks and
+etcd's history of the semaphore key; a problem it finds (an invalid or over-full revision, a history or a view that
+cannot be read) makes the verdict a failure, named.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from demo.scenario import OLD_VERSION, SEMAPHORE_MAX, DemoOptions, Outcome, end_state_missing
+from demo.scenario import NEW_VERSION, OLD_VERSION, SEMAPHORE_MAX, DemoOptions, Outcome, end_state_missing
 from demo.story import BAD, GOOD, NOTE, Console, describe_event
 from locksmithd.semaphore import SEMAPHORE_KEY, Semaphore, SemaphoreError
+from sim.disks import usr_flags
 from sim.fleet.fleet import Fleet
+from sim.fleet.node import FleetNode
+from update_engine import gpt
 
 
 def seconds(value: float | None) -> str:
@@ -51,24 +56,59 @@ class Report:
     options: DemoOptions
     expected: Mapping[str, Outcome]
     setup_done_at: float | None
+    promoted_at: float | None  # when the release was promoted to the group's channel (coreupdate only)
     finished_at: float | None
+
+    def missing(self, node: FleetNode) -> list[str]:
+        return end_state_missing(node.history, self.expected[node.name], on_coreupdate=self.options.on_coreupdate)
+
+    def booted_text(self, node: FleetNode) -> str:
+        """The slot running now, its version and its GPT flags, as the node's disk says."""
+        history = node.history
+        boot = history.current_boot
+        if boot is None:
+            return "-"
+        try:
+            flags = usr_flags(node.disk)[boot.choice.label]
+            marks = "successful" if flags.successful else f"tries={flags.tries}, not successful"
+        except (gpt.GptError, OSError) as exc:
+            marks = f"flags unreadable: {exc}"
+        if any(b.failed for b in history.boots):
+            marks += "; after a failed boot"
+        return f"{boot.choice.label} {boot.choice.version or '?'} ({marks})"
+
+    def server_text(self, node: FleetNode) -> str:
+        server = node.history.server
+        if server is None:
+            return "not known"
+        code = f" (error {server.error_code})" if server.error_code is not None else ""
+        return f"{server.status} on {server.version}{code}"
 
     def node_rows(self) -> list[list[str]]:
         rows = []
         for node in self.fleet.nodes:
             history, expected = node.history, self.expected[node.name]
+            status = (history.operation or "-").removeprefix("UPDATE_STATUS_")
+            reached = not self.missing(node) and not history.problems
+            row = [node.name, f"{OLD_VERSION} → {history.version}", self.booted_text(node), status]
+            if self.options.on_coreupdate:
+                row.append(self.server_text(node))
+            rows.append([*row, expected.value if reached else f"NOT {expected.value}"])
+        return rows
+
+    def time_rows(self) -> list[list[str]]:
+        rows = []
+        for node in self.fleet.nodes:
+            history = node.history
             boot = history.current_boot
-            booted = boot.choice.label if boot else "-"
-            if any(b.failed for b in history.boots):
-                booted += " (after a failed boot)"
             reboot_at = history.reboot_calls[0] if history.reboot_calls else None
             healthy_at = boot.marked_good_at if boot and len(history.boots) > 1 else None
-            reached = not end_state_missing(history, expected) and not history.problems
-            rows.append([
-                node.name, f"{OLD_VERSION} → {history.version}", booted, str(len(history.reboot_calls)),
-                span(history.first_check_at, history.installed_at), span(history.installed_at, history.lock_taken_at),
-                span(reboot_at, healthy_at), expected.value if reached else f"NOT {expected.value}",
-            ])  # fmt: skip
+            row = [node.name, str(len(history.reboot_calls))]
+            if self.options.on_coreupdate:
+                row += [span(self.promoted_at, history.granted_at), span(history.granted_at, history.installed_at)]
+            else:
+                row.append(span(history.first_check_at, history.installed_at))
+            rows.append([*row, span(history.installed_at, history.lock_taken_at), span(reboot_at, healthy_at)])
         return rows
 
     def phase_line(self) -> str:
@@ -85,38 +125,49 @@ class Report:
         ])  # fmt: skip
 
     async def print(self) -> int:
-        out, fleet = self.out, self.fleet
+        out, fleet, coreupdate = self.out, self.fleet, self.options.on_coreupdate
+        view_failures = []
+        if coreupdate and await fleet.server_view() is None:
+            view_failures.append("could not read the update server's view of the nodes (see demo.log)")
         out.plain()
-        out.plain("Summary", NOTE)
-        header = ["node", "version", "booted", "reboots", "check→installed", "waiting for lock",
-                  "reboot→healthy", "result"]  # fmt: skip
+        out.plain("Summary: each node as it sees itself" + (", and as the update server sees it" if coreupdate
+                                                            else ""), NOTE)  # fmt: skip
+        header = ["node", "version", "booted (GPT)", "update_engine", *(["server"] if coreupdate else []), "result"]
         for line in table(header, self.node_rows()):
             out.plain("  " + line)
         out.plain()
+        out.plain("Time per node:")
+        started = ["waiting for a grant", "granted→installed"] if coreupdate else ["check→installed"]
+        header = ["node", "reboots", *started, "waiting for the lock", "reboot→healthy"]
+        for line in table(header, self.time_rows()):
+            out.plain("  " + line)
         out.plain("Time per phase: " + self.phase_line())
         out.plain()
         history, history_failures = await self.semaphore_revisions()
         out.plain()
-        out.plain("Events the Omaha dev server received:")
+        out.plain("Events the update server recorded (→ the status each set):" if coreupdate
+                  else "Events the Omaha dev server received:")  # fmt: skip
         for node in fleet.nodes:
             by_version: dict[str, list[str]] = {}
             for event in node.history.omaha_events:
-                by_version.setdefault(event.app_version, []).append(describe_event(event))
+                text = describe_event(event) + (f" → {event.status}" if event.status else "")
+                by_version.setdefault(event.app_version, []).append(text)
             if not by_version:
                 out.plain(f"  {node.name:<7} none")
             for i, (version, texts) in enumerate(by_version.items()):
                 out.plain(f"  {node.name if i == 0 else '':<7} from {version}: " + "; ".join(texts))
 
-        failures = [f"{n.name} lacks: {', '.join(m)}" for n in fleet.nodes
-                    if (m := end_state_missing(n.history, self.expected[n.name]))]  # fmt: skip
+        failures = [f"{n.name} lacks: {', '.join(m)}" for n in fleet.nodes if (m := self.missing(n))]
         failures += [f"{n.name}: {p}" for n in fleet.nodes for p in n.history.problems]
-        failures += fleet.violations + history_failures
+        failures += fleet.violations + history_failures + view_failures
         out.plain()
         if not fleet.too_many_down:
             out.plain(f"Never more than {SEMAPHORE_MAX} node down at once (max {SEMAPHORE_MAX}); "
                       f"at most {fleet.max_down} was.", GOOD)  # fmt: skip
         if history and not any("holders" in v for v in fleet.violations + history_failures):
             out.plain(f"No revision of the semaphore had more than {SEMAPHORE_MAX} holder.", GOOD)
+        if coreupdate and not view_failures and not any("the server's" in f for f in failures):
+            out.plain(f"The update server agrees: {self.server_agreement()}.", GOOD)
         if failures:
             out.plain("FAILED:", BAD)
             for failure in failures:
@@ -124,6 +175,15 @@ class Report:
             return 1
         out.plain(f"OK: {self.options.scenario} scenario completed in {out.elapsed():.1f}s.", GOOD)
         return 0
+
+    def server_agreement(self) -> str:
+        """What the server's records show, in words (when they agree with the nodes)."""
+        back = [n.name for n in self.fleet.nodes if self.expected[n.name] is Outcome.ROLLED_BACK]
+        if not back:
+            return f"every instance Complete on {NEW_VERSION}"
+        statuses = ", ".join(f"{name} {n.history.server.status if n.history.server else '?'} on {OLD_VERSION}"
+                             for name in back for n in self.fleet.nodes if n.name == name)  # fmt: skip
+        return f"{statuses}; every other instance Complete on {NEW_VERSION}"
 
     async def semaphore_revisions(self) -> tuple[list[tuple[int, bytes | None]], list[str]]:
         """Print every revision of the semaphore key; return them and what was wrong with them."""

@@ -1,8 +1,15 @@
 """The demo's scenarios: what the fleet is, what happens to it, and what each node must end as.
 
 ``update``: every node updates 1.0.0 → 2.0.0, one reboot at a time (max 1). ``rollback``: node-1's first boot of
-USR-B fails (a kernel panic), the bootloader falls back to USR-A, update-engine reports the rollback and refuses to
+USR-B fails (a kernel panic), the bootloader falls back to USR-A, update-engine reports the rollback and will not
 install 2.0.0 again, and the other nodes update.
+
+The update server is ``coreupdate`` (or, with ``--server devserver``, the dev server, which offers the release to
+every node at once and keeps no view of them). On coreupdate the nodes are in group ``demo-fleet``, which follows
+channel ``stable`` at ``ceil(nodes / 3)`` node(s) per ``ROLLOUT_INTERVAL_S`` (and as many in flight at once): the
+scaled-down form of "one machine every 90 minutes". Its view must agree with the nodes': every instance Complete on
+2.0.0, and in ``rollback`` node-1 RolledBack (or Error) on 1.0.0; there the server no longer offers node-1 2.0.0,
+while the dev server offers it on and the node declines (errorcode 36).
 
 Rules: a scenario only says what to set up and what to expect; running the fleet is :mod:`sim.fleet`'s, telling
 the story :mod:`demo.story`'s. :func:`end_state_missing` lists what a node still lacks, empty once it is where
@@ -17,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim.fleet.node import NodeHistory
+from sim.fleet.node import NodeHistory, NodeTiming
 from sim.payload import key_files
 from sim.standins.bootloader import release_block
 from update_engine.errors import ErrorCode
@@ -26,13 +33,21 @@ from update_engine.payload.generate import generate_full_payload
 
 OLD_VERSION = "1.0.0"
 NEW_VERSION = "2.0.0"
-GROUP = "stable"
+GROUP = "demo-fleet"  # the nodes' GROUP= on coreupdate: a group the operator makes
+GROUP_LABEL = "Demo fleet"
+CHANNEL = "stable"  # the channel the group follows (and, on the dev server, the nodes' GROUP=)
+ROLLOUT_INTERVAL_S = 10  # the group's --update-interval
+CHECK_INTERVAL_S = 3  # update_engine --check-interval: a node held back asks again this soon
+SERVERS = ("coreupdate", "devserver")
 USR_MIB = 8
 SEMAPHORE_MAX = 1
 MIB = 1 << 20
 LINK_RATE = 4 * MIB  # bytes/s of each download between the nodes and the Omaha server
 SCENARIOS = ("update", "rollback")
 DEFAULT_TIMEOUT = 110.0
+
+
+TIMING = NodeTiming(check_interval=CHECK_INTERVAL_S)
 
 
 @dataclass(frozen=True)
@@ -42,12 +57,30 @@ class DemoOptions:
     timeout: float = DEFAULT_TIMEOUT
     keep: bool = False
     workdir: Path | None = None
+    server: str = "coreupdate"
+    serve: bool = False
+
+    @property
+    def on_coreupdate(self) -> bool:
+        return self.server == "coreupdate"
+
+    @property
+    def update_count(self) -> int:
+        """Nodes the rollout lets go per interval (and in flight at once): three waves whatever the size."""
+        return -(-self.nodes // 3)
+
+    def rollout_text(self) -> str:
+        """The group's rate, in words."""
+        nodes = "node" if self.update_count == 1 else "nodes"
+        return f"{self.update_count} {nodes} per {ROLLOUT_INTERVAL_S} s, as many in flight at once"
 
     def describe(self) -> str:
         """The scenario's first line."""
         what = ("every node updates 1.0.0 → 2.0.0, one reboot at a time" if self.scenario == "update"
                 else "node-1's new /usr fails to boot and rolls back; the other nodes update")  # fmt: skip
-        return f"scenario {self.scenario}: {self.nodes} nodes, max {SEMAPHORE_MAX} down at once; {what}"
+        server = (f"coreupdate, group {GROUP}: {self.rollout_text()}" if self.on_coreupdate
+                  else "the Omaha dev server, the release offered to every node at once")  # fmt: skip
+        return f"scenario {self.scenario}: {self.nodes} nodes, max {SEMAPHORE_MAX} down at once; {what}; {server}"
 
 
 class Outcome(enum.Enum):
@@ -91,8 +124,9 @@ async def make_release(directory: Path) -> Release:
     return Release(keys.public, payload)
 
 
-def end_state_missing(history: NodeHistory, expected: Outcome) -> list[str]:
-    """What a node still lacks to be in its expected end state (empty: it is there)."""
+def end_state_missing(history: NodeHistory, expected: Outcome, *, on_coreupdate: bool) -> list[str]:
+    """What a node still lacks to be in its expected end state, as the node and (``on_coreupdate``) as the update
+    server see it (empty: it is there)."""
     missing: list[str] = []
     boot = history.current_boot
     updated = expected is Outcome.UPDATED
@@ -117,6 +151,20 @@ def end_state_missing(history: NodeHistory, expected: Outcome) -> list[str]:
         codes = {e.base_code for e in history.omaha_events}
         if ErrorCode.ROLLBACK_ERROR not in codes:
             missing.append("the rollback reported to Omaha (errorcode 44)")
-        if ErrorCode.OMAHA_UPDATE_DEFERRED_PER_POLICY not in codes:
+        if not on_coreupdate and ErrorCode.OMAHA_UPDATE_DEFERRED_PER_POLICY not in codes:
             missing.append(f"{NEW_VERSION} refused after the rollback (errorcode 36)")
+    if on_coreupdate:
+        missing += server_disagrees(history, expected)
     return missing
+
+
+def server_disagrees(history: NodeHistory, expected: Outcome) -> list[str]:
+    """What the update server's record of the node lacks to agree with the expected end state."""
+    server = history.server
+    shown = f"it shows {server.status} on {server.version}" if server else "it does not know the node"
+    if expected is Outcome.UPDATED:
+        if server is None or (server.status, server.version) != ("Complete", NEW_VERSION):
+            return [f"the server's Complete on {NEW_VERSION} ({shown})"]
+    elif server is None or server.status not in ("RolledBack", "Error") or server.version != OLD_VERSION:
+        return [f"the server's record of the rollback, on {OLD_VERSION} ({shown})"]
+    return []

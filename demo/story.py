@@ -2,8 +2,13 @@
 
 :class:`Console` prints (time since the start, a node-aligned label, the text; colour only on a terminal and not
 with ``NO_COLOR``); :class:`Story` is the fleet's observer and turns each :mod:`sim.fleet.events` value into its
-line. Rules: the story reads the fleet's records but never changes them; the only state it keeps is its own (how
-far each node's download progress has been shown).
+line. The update server's view of a node is told as ``server: <status>`` lines, with the event that moved it; an
+event that set no status is told as such (``Omaha event …``), once while it repeats; a check that found what the
+node's check before found (no update for the same version) is not told again.
+
+Rules: the story reads the fleet's records but never changes them; the only state it keeps is its own (how far each
+node's download progress has been shown, the last event and check outcome told per node, a check line held until
+its outcome is known).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sim.fleet.events import (
     PowerCut,
     RebootIgnored,
     RebootRequested,
+    ServerStatusChanged,
     StatusChanged,
     TooManyDown,
     TooManyHolders,
@@ -116,6 +122,13 @@ _EVENT_MEANINGS: Mapping[tuple[int, int], str] = {
 }
 
 
+# What a check that finds nothing to do goes through, from CHECKING_FOR_UPDATE back to IDLE.
+_CHECK_CYCLE = frozenset({UpdateStatus.REPORTING_ERROR_EVENT.value, UpdateStatus.IDLE.value})
+_SERVER_STATUS_STYLES: Mapping[str, str | None] = {
+    "UpdateGranted": NOTE, "OnHold": None, "Complete": GOOD, "RolledBack": BAD, "Error": BAD,
+}
+
+
 def describe_event(event: OmahaEventRecord) -> str:
     """``3/0 update failed, errorcode 44 ROLLBACK_ERROR`` and the like."""
     key = (event.event_type, event.event_result)
@@ -137,15 +150,23 @@ def describe_event(event: OmahaEventRecord) -> str:
 class Story:
     """The fleet's observer: prints each event as the line a person follows the run by."""
 
-    def __init__(self, out: Console) -> None:
+    def __init__(self, out: Console, rollout: str = "") -> None:
         self.out = out
+        self.rollout = rollout  # the update server's rate limit in words, for the lines of nodes it holds back
         self.fleet: Fleet | None = None
         self.progress_shown: dict[str, int] = {}
+        self.last_event: dict[str, tuple[str, int, int, int | None]] = {}
+        # node → the lines of a check under way (status, text, style), told once its outcome is known
+        self.pending_check: dict[str, list[tuple[str, str, str | None]]] = {}
+        self.last_cycle: dict[str, tuple[str, tuple[str, ...]]] = {}  # node → (version, statuses) of its last check
+        self.quiet = False  # set once the summary starts: the nodes keep running, the story is over
 
     def say(self, who: str, text: str, style: str | None = None) -> None:
         self.out.line(who, text, style)
 
     def __call__(self, event: FleetEvent) -> None:
+        if self.quiet:
+            return
         match event:
             case Booted(node, choice):
                 self.say(node, choice.describe(), NOTE)
@@ -185,8 +206,35 @@ class Story:
             case TooManyHolders(_, count, maximum):
                 self.say("fleet", f"INVARIANT BROKEN: {count} holders, max {maximum}", BAD)
             case OmahaEventSeen(node, record):
-                style = BAD if record.error_code is not None else DIM
-                self.say(node, f"Omaha event {describe_event(record)}", style)
+                self.omaha_event(node, record)
+            case ServerStatusChanged():
+                self.server_status(event)
+
+    def omaha_event(self, node: str, record: OmahaEventRecord) -> None:
+        """An event that set no status on the server (the status line tells those), once while it repeats."""
+        key = (record.app_version, record.event_type, record.event_result, record.error_code)
+        if record.status is not None or self.last_event.get(node) == key:
+            return
+        self.last_event[node] = key
+        style = BAD if record.error_code is not None else DIM
+        self.say(node, f"Omaha event {describe_event(record)}", style)
+
+    def server_status(self, event: ServerStatusChanged) -> None:
+        """``server: UpdateGranted 2.0.0`` and the like: the update server's decisions and records as they come."""
+        step, instance = event.step, event.instance
+        status = step.status
+        style = _SERVER_STATUS_STYLES.get(status, DIM)
+        if step.cause is not None:
+            text = f"{status}, after {describe_event(step.cause)}"
+        elif status == "Undefined" and step.previous is None:
+            text = f"checked in running {instance.version} (Undefined), nothing to grant"
+        elif status == "UpdateGranted":
+            text = f"{status} {instance.granted_version}"
+        elif status == "OnHold":
+            text = f"{status}, held back by the rollout's limit: {self.rollout}"
+        else:
+            text = f"{status}, running {instance.version}"
+        self.say(event.node, f"server: {text}", style)
 
     def status(self, event: StatusChanged) -> None:
         """update-engine's status: each change once, the download every PROGRESS_STEP percent."""
@@ -209,10 +257,33 @@ class Story:
             return
         if op == previous:
             return
+        cycle = self.pending_check.get(name)
+        if cycle is not None and op in _CHECK_CYCLE and previous is not None:
+            # A check that ends as the one before it did (no update for the same version, or the same refusal)
+            # is not news: it is told once.
+            cycle.append((op, short, BAD if op == UpdateStatus.REPORTING_ERROR_EVENT.value else None))
+            if op != UpdateStatus.IDLE.value:
+                return
+            del self.pending_check[name]
+            signature = (node.history.version, tuple(step for step, _, _ in cycle))
+            if self.last_cycle.get(name) == signature:
+                return
+            self.last_cycle[name] = signature
+            if previous == UpdateStatus.CHECKING_FOR_UPDATE.value:
+                cycle[-1] = (op, f"{short}: no update for {node.history.version}", None)
+            for _, text, style in cycle:
+                self.say(name, text, style)
+            return
+        if cycle is not None:  # the check led somewhere: tell it, and what follows
+            del self.pending_check[name]
+            self.last_cycle.pop(name, None)
+            for _, text, style in cycle:
+                self.say(name, text, style)
+        if op == UpdateStatus.CHECKING_FOR_UPDATE.value and previous is not None:
+            self.pending_check[name] = [(op, f"{short} (running {node.history.version})", None)]
+            return
         if previous is None:
             self.say(name, f"update_engine up: {short}", DIM)
-        elif op == UpdateStatus.CHECKING_FOR_UPDATE.value:
-            self.say(name, f"{short} (running {node.history.version})")
         elif op == UpdateStatus.UPDATE_AVAILABLE.value:
             self.say(name, f"{short}: {snap.new_version}, {snap.new_size / MIB:.1f} MiB")
         elif op == UpdateStatus.VERIFYING.value:
@@ -225,7 +296,5 @@ class Story:
                 self.say(name, f"flags armed: {target} {flags_text(usr_flags(node.disk)[target])}")
             except gpt.GptError as exc:
                 self.say(name, f"cannot read the flags: {exc}", BAD)
-        elif op == UpdateStatus.IDLE.value and previous == UpdateStatus.CHECKING_FOR_UPDATE.value:
-            self.say(name, f"{short}: no update for {node.history.version}")
         else:
             self.say(name, short, BAD if op == UpdateStatus.REPORTING_ERROR_EVENT.value else None)

@@ -2,8 +2,9 @@
 
 The pieces, one module each: :mod:`.node` (one machine: a GPT disk, a private system bus with the logind and systemd
 stand-ins, the real ``update_engine`` and ``locksmithd``, the gptprio bootloader on every boot), :mod:`.daemons`
-(a node's two daemon processes), :mod:`.omaha` (the pluggable Omaha side the nodes update from: the dev server
-behind a slow link today), :mod:`.semaphore` (the etcd reboot semaphore followed revision by revision),
+(a node's two daemon processes), :mod:`.omaha` (the pluggable Omaha side the nodes update from, and the dev server
+behind a slow link), :mod:`.coreupdate` (the update server ``coreupdate`` there, with its view of each instance),
+:mod:`.semaphore` (the etcd reboot semaphore followed revision by revision),
 :mod:`.events` (what the fleet reports as it runs) and :mod:`.fleet` (the composition, its invariants and its
 shutdown).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coreos_common.status import StatusSnapshot
-from sim.fleet.omaha import OmahaEventRecord
+from sim.fleet.omaha import OmahaEventRecord, ServerInstance, ServerStep
 from sim.standins.bootloader import BootChoice
 from update_engine.gpt import PartitionFlags
 
@@ -151,8 +151,18 @@ class OmahaEventSeen:
     record: OmahaEventRecord
 
 
+@dataclass(frozen=True)
+class ServerStatusChanged:
+    """The update server's view of ``node`` took ``step`` (a grant, on hold, an event's status, complete…);
+    ``instance`` is the server's record of the node as last read."""
+
+    node: str
+    step: ServerStep
+    instance: ServerInstance
+
+
 FleetEvent = (
     Booted | NothingBootable | KernelPanic | WatchdogReset | NoReleaseFile | BootCompleted | MarkedGood
     | DaemonDied | RebootIgnored | TooManyDown | RebootRequested | PowerCut | StatusChanged | LockTaken
-    | LockReleased | TooManyHolders | OmahaEventSeen
+    | LockReleased | TooManyHolders | OmahaEventSeen | ServerStatusChanged
 )

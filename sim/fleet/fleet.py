@@ -1,11 +1,12 @@
 """The simulated fleet: nodes, one etcd member holding the reboot semaphore, and the Omaha side, composed.
 
-Theory of operation, in the order a caller drives it: :meth:`Fleet.start_etcd` starts one real etcd member, sets
-the semaphore's max with ``locksmithctl set-max`` and follows the key revision by revision;
-:meth:`Fleet.start_omaha` starts the pluggable Omaha side (:mod:`sim.fleet.omaha`) and polls the events it
-receives; :meth:`Fleet.add_node` makes a node configured for both (``REBOOT_STRATEGY=etcd-lock``, short lock
-backoffs); :meth:`Fleet.boot_all` boots them. From then on the run is the caller's: it reads the nodes' histories
-and waits for what it expects. :meth:`Fleet.shutdown` stops everything, each step even when an earlier one failed.
+Theory of operation, in the order a caller drives it: :meth:`Fleet.start_etcd` starts one real etcd member, sets the
+semaphore's max with ``locksmithctl set-max`` and follows the key revision by revision; :meth:`Fleet.start_omaha`
+starts the pluggable Omaha side (:mod:`sim.fleet.omaha`) and polls what it records (the events it receives, and the
+server's view of each node when it keeps one); :meth:`Fleet.add_node` makes a node configured for both
+(``REBOOT_STRATEGY=etcd-lock``, short lock backoffs); :meth:`Fleet.boot_all` boots them. From then on the run is the
+caller's: it reads the nodes' histories and waits for what it expects. :meth:`Fleet.shutdown` stops everything, each
+step even when an earlier one failed.
 
 Rules: what no run may break is checked here as it happens and recorded in ``violations`` (and reported as an
 event): a node going down while ``max`` nodes are down already, a revision of the semaphore with more holders than
@@ -26,9 +27,17 @@ from locksmithd.backends.etcd.client import EtcdClient
 from locksmithd.backends.etcd_settings import EtcdSettings
 from locksmithd.semaphore import SEMAPHORE_KEY, SemaphoreError
 from sim.etcd import EtcdCluster
-from sim.fleet.events import FleetEvent, LockReleased, LockTaken, OmahaEventSeen, TooManyDown, TooManyHolders
+from sim.fleet.events import (
+    FleetEvent,
+    LockReleased,
+    LockTaken,
+    OmahaEventSeen,
+    ServerStatusChanged,
+    TooManyDown,
+    TooManyHolders,
+)
 from sim.fleet.node import FleetNode, NodeTiming, Phase
-from sim.fleet.omaha import OmahaSide
+from sim.fleet.omaha import GRANTED, OmahaEventRecord, OmahaSide, ServerInstance, ServerSnapshot, server_steps
 from sim.fleet.semaphore import KeyChange, SemaphoreView, SemaphoreWatch
 from sim.tools import VENV_BIN
 
@@ -150,10 +159,10 @@ class Fleet:
         return text
 
     async def start_omaha(self) -> None:
-        """The Omaha side, and a task following the events it receives."""
+        """The Omaha side, and a task following what it records."""
         self.omaha_started = True
         await self.omaha.start(self.workdir / "omaha")
-        self.spawn(self._follow_omaha_events())
+        self.spawn(self._follow_omaha_side())
 
     async def add_node(self, index: int, *, version: str) -> FleetNode:
         """Node ``index`` running ``version``, asking the Omaha side for updates and locking through etcd."""
@@ -203,18 +212,44 @@ class Fleet:
                                    f"max {step.maximum}")  # fmt: skip
             self.emit(TooManyHolders(step.revision, len(step.holders), step.maximum))
 
-    async def _follow_omaha_events(self) -> None:
-        """Poll the Omaha side's record of events; hand each new one to its node."""
+    async def _follow_omaha_side(self) -> None:
+        """Poll what the Omaha side recorded: hand each new event to its node, then (when the server keeps a view
+        of each instance) the steps that view took (:func:`sim.fleet.omaha.server_steps`)."""
         while True:
-            records = await self.omaha.events()
-            for record in (records or [])[self.omaha_events_seen :]:
-                node = self.node_of(record.machine_id)
-                if node is not None:
-                    node.history.omaha_events.append(record)
-                self.emit(OmahaEventSeen(node.name if node else "fleet", record))
-            if records is not None:
-                self.omaha_events_seen = max(self.omaha_events_seen, len(records))
+            snapshot = await self.omaha.snapshot()
+            if snapshot is not None:
+                self._server_snapshot(snapshot)
             await asyncio.sleep(self.timing.poll_interval)
+
+    def _server_snapshot(self, snapshot: ServerSnapshot) -> None:
+        new_events: dict[str, list[OmahaEventRecord]] = {}
+        for record in snapshot.events[self.omaha_events_seen :]:
+            node = self.node_of(record.machine_id)
+            if node is not None:
+                node.history.omaha_events.append(record)
+                new_events.setdefault(node.name, []).append(record)
+            self.emit(OmahaEventSeen(node.name if node else "fleet", record))
+        self.omaha_events_seen = max(self.omaha_events_seen, len(snapshot.events))
+        for instance in snapshot.instances or []:
+            node = self.node_of(instance.machine_id)
+            if node is None:
+                continue
+            history = node.history
+            steps = server_steps(history.server_status, history.server, instance, new_events.get(node.name, []))
+            history.server = instance
+            for step in steps:
+                history.server_status = step.status
+                if step.status == GRANTED and history.granted_at is None:
+                    history.granted_at = self.now()
+                self.emit(ServerStatusChanged(node.name, step, instance))
+
+    async def server_view(self) -> list[ServerInstance] | None:
+        """The server's record of every instance, read now (None: it keeps none, or the read failed)."""
+        snapshot = await self.omaha.snapshot()
+        if snapshot is None:
+            return None
+        self._server_snapshot(snapshot)
+        return snapshot.instances
 
     async def semaphore_history(self, timeout: float = 10.0) -> list[tuple[int, bytes | None]]:
         """Every (revision, value) the semaphore key had, oldest first, from etcd's history."""

@@ -25,6 +25,7 @@ time is the fleet's clock; every wait is a fixed simulated duration or a poll at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import shutil
 from collections.abc import Coroutine, Mapping
@@ -55,7 +56,7 @@ from sim.fleet.events import (
     StatusChanged,
     WatchdogReset,
 )
-from sim.fleet.omaha import OmahaEventRecord
+from sim.fleet.omaha import OmahaEventRecord, ServerInstance
 from sim.node import NodeRoot, make_node_root, update_engine_args
 from sim.standins.bootloader import BootChoice, gptprio_next, stamp_version
 from sim.standins.login1 import Login1Manager, start_login1
@@ -79,6 +80,7 @@ class NodeTiming:
     power_off_time: float = 1.0  # power cut → bootloader
     failed_boot_time: float = 2.0  # kernel panic → reset
     first_check_delay: int = 2  # update_engine --first-check-delay
+    check_interval: int = 3600  # update_engine --check-interval
     poll_interval: float = 0.25  # GPT flags while waiting for the healthy-boot marking; update_engine's target poll
 
 
@@ -105,6 +107,9 @@ class NodeHistory:
     lock_released_at: float | None = None
     holding: bool = False
     omaha_events: list[OmahaEventRecord] = field(default_factory=list)
+    server: ServerInstance | None = None  # the update server's record of the node, as last read
+    server_status: str | None = None  # the server's status of the node, as last told (ServerStatusChanged)
+    granted_at: float | None = None  # when the server's (first) grant was seen
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -268,7 +273,8 @@ class FleetNode:
         return {
             "update_engine": update_engine_args(
                 self.root, self.disk, booted, self.public_key, "--bus-address", self.bus.address,
-                "--first-check-delay", str(t.first_check_delay), "--boot-complete-poll", str(t.poll_interval),
+                "--first-check-delay", str(t.first_check_delay), "--check-interval", str(t.check_interval),
+                "--boot-complete-poll", str(t.poll_interval),
             ),
             "locksmithd": [
                 str(VENV_BIN / "locksmithd"), "--bus-address", self.bus.address, "--config-root", str(self.root.root),
@@ -341,6 +347,10 @@ class FleetNode:
         """Disconnect the stand-ins and the status follower, stop the bus (the daemons are stopped before)."""
         for connection in self.connections:
             connection.disconnect()
+        for connection in self.connections:
+            # Awaited, so that how the connection ended (often EOFError) is taken, not reported at exit.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.wait_for_disconnect(), 5)  # type: ignore[no-untyped-call]
         self.connections.clear()
         await asyncio.to_thread(self.bus.stop)
 

@@ -1,11 +1,14 @@
-"""The README's first command without its set-up part: ``python -m demo.fleet``, both scenarios, and Ctrl-C.
+"""The README's first command without its set-up part: ``python -m demo.fleet``, both scenarios on coreupdate (the
+update scenario with ``--serve``, whose server is then asked through its API), the dev server, and Ctrl-C.
 
-Each run starts a real etcd, the dev server and three nodes with the real daemons; the checks read the demo's
-output as a user would, and then look for any process still running from the demo's work directory.
+Each run starts a real etcd, the update server and three nodes with the real daemons; the checks read the demo's
+output as a user would (and the API), and then look for any process still running from the demo's work directory.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import select
@@ -13,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_LIMIT = 170  # the demo gives up by itself after 110 s, then stops everything
+APP = "e96281a6-d1af-4bde-9a0a-97b76e56dc57"
+NODES = ("node-1", "node-2", "node-3")
 
 
 @pytest.fixture(autouse=True)
@@ -78,51 +85,146 @@ def summary_row(output: str, node: str) -> str:
     return rows[0]
 
 
-def check_updated(output: str, node: str) -> None:
+def check_updated(output: str, node: str, *, server: bool = True) -> None:
+    assert node_line(output, node, r"DOWNLOADING 100%")
+    assert node_line(output, node, r"VERIFYING")
     assert node_line(output, node, r"flags armed: USR-B priority=2 tries=1 successful=0")
     assert node_line(output, node, r"lock taken \(holders: " + node + r", 1/1\)")
     assert node_line(output, node, r"reboot requested \(logind Reboot\)")
     assert node_line(output, node, r"boot USR-B 2\.0\.0 \(tries 1→0\)")
     assert node_line(output, node, r"marked good: USR-B priority=\d+ tries=0 successful=1")
     assert node_line(output, node, r"lock released \(holders: none, 0/1\)")
-    assert re.search(rf"{node}\s+1\.0\.0 → 2\.0\.0\s+USR-B\s+1\s.*\supdated$", summary_row(output, node))
+    row = summary_row(output, node)
+    assert re.search(rf"{node}\s+1\.0\.0 → 2\.0\.0\s+USR-B 2\.0\.0 \(successful\)\s+IDLE\s", row), row
+    assert row.endswith(" updated"), row
+    if server:
+        assert node_line(output, node, r"server: checked in running 1\.0\.0 \(Undefined\), nothing to grant")
+        assert node_line(output, node, r"server: UpdateGranted 2\.0\.0")
+        assert node_line(output, node, r"server: Downloading, after 13/1 download started")
+        assert node_line(output, node, r"server: Installed, after 3/1 update installed")
+        assert node_line(output, node, r"server: Complete, after 3/2 up after boot \(previous version 1\.0\.0\)")
+        assert re.search(r"\sComplete on 2\.0\.0\s+updated$", row), row
 
 
-def test_update_scenario_updates_every_node_one_reboot_at_a_time(tmp_path: Path) -> None:
-    result = run_demo(tmp_path, "--scenario", "update")
-    assert result.returncode == 0, result.stdout[-3000:]
-    out = result.stdout
-    for node in ("node-1", "node-2", "node-3"):
-        assert node_line(out, node, r"DOWNLOADING 100%")
-        assert node_line(out, node, r"VERIFYING")
-        check_updated(out, node)
-    assert "Never more than 1 node down at once (max 1)" in out
-    assert "No revision of the semaphore had more than 1 holder." in out
+def check_one_reboot_at_a_time(output: str) -> None:
+    assert "Never more than 1 node down at once (max 1)" in output
+    assert "No revision of the semaphore had more than 1 holder." in output
     # Every revision of the key: each node took the lock once and gave it back.
-    revisions = re.findall(r"^\s+rev\s+\d+\s+max=1\s+holders: (.*)$", out, re.MULTILINE)
-    assert sorted(h for h in revisions if h != "-") == ["node-1", "node-2", "node-3"]
+    revisions = re.findall(r"^\s+rev\s+\d+\s+max=1\s+holders: (.*)$", output, re.MULTILINE)
+    assert sorted(h for h in revisions if h != "-") == list(NODES)
     assert revisions[-1] == "-"
-    assert "OK: update scenario completed" in out
+
+
+def operator_line(output: str, command: str) -> bool:
+    return re.search(rf"^\s*[\d.]+s\s+admin\s+\$ {command}", output, re.MULTILINE) is not None
+
+
+def api(url: str, token: str, path: str) -> Any:
+    request = urllib.request.Request(f"{url}api/v1{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(tmp_path: Path) -> None:
+    """The default: coreupdate set up with the operator's commands, the rollout paced by the group's limit;
+    ``--serve`` then keeps the server up, whose API agrees, until SIGTERM stops everything."""
+    proc = subprocess.Popen(
+        demo_command(tmp_path, "--scenario", "update", "--serve"), cwd=REPO, env=demo_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + RUN_LIMIT
+        while time.monotonic() < deadline and "Ctrl-C or SIGTERM stops everything." not in "".join(lines[-1:]):
+            if select.select([proc.stdout], [], [], 1)[0]:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+        out = "".join(lines)
+        print(out)
+        assert "Ctrl-C or SIGTERM stops everything." in out, out[-3000:]
+        assert operator_line(out, r"coreupdate token create --data-dir coreupdate --name demo")
+        assert operator_line(out, r"coreupdate serve --listen 127\.0\.0\.1:\d+ --data-dir coreupdate "
+                                  r"--payload-public-key release/key\.pub\.pem &")  # fmt: skip
+        assert operator_line(out, r"updateservicectl group create --app-id \$APP --group-id demo-fleet .*"
+                                  r"--channel stable --update-count 1 --update-interval 10")  # fmt: skip
+        assert operator_line(out, r"updateservicectl package create --app-id \$APP --version 2\.0\.0 "
+                                  r"--file release/update-2\.0\.0\.gz --public-key release/key\.pub\.pem")  # fmt: skip
+        assert operator_line(out, r"updateservicectl channel update --app-id \$APP --channel stable --version 2\.0\.0")
+        for node in NODES:
+            check_updated(out, node)
+        # One node at a time: the two that asked while another was in flight were held back first.
+        held = {node for node in NODES if node_line(out, node, r"server: OnHold, held back by the rollout's limit")}
+        assert len(held) == 2, out
+        check_one_reboot_at_a_time(out)
+        assert "The update server agrees: every instance Complete on 2.0.0." in out
+        assert "OK: update scenario completed" in out
+
+        url = re.search(r"coreupdate keeps serving at (http://127\.0\.0\.1:\d+/)", out)
+        token = re.search(r"API token:\s+(\S+)", out)
+        assert url and token, out
+        instances = api(url[1], token[1], f"/apps/{APP}/instances?group=demo-fleet")["instances"]
+        assert [(i["status"], i["version"]) for i in instances] == [("Complete", "2.0.0")] * 3
+        # The group's limit as the server applied it: each grant 10 s or more after the one before, and only
+        # once the one before was complete (its status set no later than the next grant).
+        grants = sorted(instances, key=lambda i: i["granted_at"])
+        for before, after in itertools.pairwise(grants):
+            assert after["granted_at"] - before["granted_at"] >= 10, grants
+            assert before["status_at"] <= after["granted_at"], grants
+
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "stopping the fleet and coreupdate" in rest
+    assert "Traceback" not in rest, rest
     assert leftover_processes(tmp_path) == []
     assert list(tmp_path.iterdir()) == []  # the work directory is removed after a successful run
 
 
-def test_rollback_scenario_falls_back_and_the_others_update(tmp_path: Path) -> None:
+def test_rollback_scenario_falls_back_the_server_records_it_and_the_others_update(tmp_path: Path) -> None:
     result = run_demo(tmp_path, "--scenario", "rollback")
     assert result.returncode == 0, result.stdout[-3000:]
     out = result.stdout
     assert node_line(out, "node-1", r"boot USR-B 2\.0\.0 \(tries 1→0\)")
     assert node_line(out, "node-1", r"kernel panic")
     assert node_line(out, "node-1", r"boot USR-A 1\.0\.0")
-    assert node_line(out, "node-1", r"Omaha event 3/0 update failed, errorcode 44 ROLLBACK_ERROR")
-    assert node_line(out, "node-1", r"Omaha event 3/9 update deferred, errorcode 36 OMAHA_UPDATE_DEFERRED")
     assert node_line(out, "node-1", r"lock released \(holders: none, 0/1\)")
-    assert re.search(r"node-1\s+1\.0\.0 → 1\.0\.0\s+USR-A \(after a failed boot\)\s.*\srolled back$",
-                     summary_row(out, "node-1"))  # fmt: skip
+    assert node_line(out, "node-1", r"server: RolledBack, after 3/0 update failed, errorcode 44 ROLLBACK_ERROR")
+    # The server grants node-1 nothing more: 2.0.0 is never offered to it again, so it never declines it.
+    assert len(re.findall(r"^\s*[\d.]+s\s+node-1\s+server: UpdateGranted", out, re.MULTILINE)) == 1
+    assert not node_line(out, "node-1", r"Omaha event 3/9")
+    row = summary_row(out, "node-1")
+    assert re.search(r"node-1\s+1\.0\.0 → 1\.0\.0\s+USR-A 1\.0\.0 \(successful; after a failed boot\)\s+IDLE\s+"
+                     r"RolledBack on 1\.0\.0 \(error 44\)\s+rolled back$", row), row  # fmt: skip
     for node in ("node-2", "node-3"):
         check_updated(out, node)
-    assert "Never more than 1 node down at once (max 1)" in out
+    check_one_reboot_at_a_time(out)
+    assert "The update server agrees: node-1 RolledBack on 1.0.0; every other instance Complete on 2.0.0." in out
     assert "OK: rollback scenario completed" in out
+    assert leftover_processes(tmp_path) == []
+
+
+def test_the_dev_server_offers_the_release_to_every_node_at_once(tmp_path: Path) -> None:
+    """``--server devserver``: no operator, no server view; every node downloads at its first check, and the etcd
+    lock alone paces the reboots."""
+    result = run_demo(tmp_path, "--scenario", "update", "--server", "devserver")
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    assert "Omaha dev server at http://127.0.0.1:" in out
+    assert not re.search(r"^\s*[\d.]+s\s+admin\s", out, re.MULTILINE)
+    for node in NODES:
+        check_updated(out, node, server=False)
+        assert node_line(out, node, r"Omaha event 3/2 up after boot \(previous version 1\.0\.0\)")
+        assert not node_line(out, node, r"server: ")
+    check_one_reboot_at_a_time(out)
+    assert "Events the Omaha dev server received:" in out
+    assert "OK: update scenario completed" in out
     assert leftover_processes(tmp_path) == []
 
 
