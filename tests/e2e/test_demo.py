@@ -7,14 +7,16 @@ output as a user would (and the API), and then look for any process still runnin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -56,6 +58,39 @@ def run_demo(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     print(result.stdout)
     print(result.stderr, file=sys.stderr)
     return result
+
+
+class Lines:
+    """The lines of a running demo's output, read by a thread as they come (a select() on the pipe would miss the
+    lines already in the reader's buffer)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.proc, self.stdout = proc, proc.stdout
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.stdout:
+            self.queue.put(line)
+
+    def until(self, text: str, timeout: float) -> str:
+        """Everything read until a line holding ``text`` (or the deadline, or the end of the output)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (self.seen and text in self.seen[-1]):
+            with contextlib.suppress(queue.Empty):
+                self.seen.append(self.queue.get(timeout=1))
+                continue
+            if not self.thread.is_alive() and self.queue.empty():
+                break
+        return "".join(self.seen)
+
+    def rest(self) -> str:
+        """What follows, once the process has ended."""
+        self.thread.join(timeout=30)
+        return "".join(self.queue.get_nowait() for _ in range(self.queue.qsize()))
 
 
 def leftover_processes(workdir: Path) -> list[str]:
@@ -132,17 +167,9 @@ def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(
         demo_command(tmp_path, "--scenario", "update", "--serve"), cwd=REPO, env=demo_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    lines: list[str] = []
+    lines = Lines(proc)
     try:
-        deadline = time.monotonic() + RUN_LIMIT
-        while time.monotonic() < deadline and "Ctrl-C or SIGTERM stops everything." not in "".join(lines[-1:]):
-            if select.select([proc.stdout], [], [], 1)[0]:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-        out = "".join(lines)
+        out = lines.until("Ctrl-C or SIGTERM stops everything.", RUN_LIMIT)
         print(out)
         assert "Ctrl-C or SIGTERM stops everything." in out, out[-3000:]
         assert operator_line(out, r"coreupdate token create --data-dir coreupdate --name demo")
@@ -175,7 +202,8 @@ def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(
             assert before["status_at"] <= after["granted_at"], grants
 
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        rest = lines.rest()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -233,30 +261,20 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
         demo_command(tmp_path, "--scenario", "update"), cwd=REPO, env=demo_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    seen = []
-    deadline = time.monotonic() + 60
+    lines = Lines(proc)
     try:
         # Interrupt once the daemons of some node run, so every kind of process exists.
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 1)
-            if not ready:
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "update_engine up" in line:
-                break
-        assert any("update_engine up" in line for line in seen), "".join(seen)
+        seen = lines.until("update_engine up", 90)
+        assert "update_engine up" in seen, seen
         assert leftover_processes(tmp_path) != []
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        rest = lines.rest()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, "".join(seen) + rest
+    assert proc.returncode == 130, seen + rest
     assert "interrupted; everything the demo started is stopped" in rest
     assert leftover_processes(tmp_path) == []
 
