@@ -93,6 +93,17 @@ class Lines:
         return "".join(self.queue.get_nowait() for _ in range(self.queue.qsize()))
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    """After a failed check: SIGTERM first, so that the demo stops what it started (SIGKILL would orphan it)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def leftover_processes(workdir: Path) -> list[str]:
     """Command lines of running processes that mention ``workdir`` (daemons, buses, etcd, dev server)."""
     found = []
@@ -205,9 +216,7 @@ def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(
         proc.wait(timeout=60)
         rest = lines.rest()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 0, rest
     assert "stopping the fleet and coreupdate" in rest
     assert "Traceback" not in rest, rest
@@ -271,9 +280,7 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
         proc.wait(timeout=60)
         rest = lines.rest()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 130, seen + rest
     assert "interrupted; everything the demo started is stopped" in rest
     assert leftover_processes(tmp_path) == []
@@ -290,9 +297,7 @@ def test_a_reader_that_goes_away_stops_the_demo_quietly(tmp_path: Path) -> None:
     try:
         _, err = proc.communicate(timeout=RUN_LIMIT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert "Traceback" not in err, err
     assert proc.returncode == 141, err
     assert leftover_processes(tmp_path) == []
