@@ -216,6 +216,8 @@ def _group_row(g: dict[str, Any]) -> tuple[object, ...]:
     if rollout:
         shown = f"{rollout['version']}: {rollout['granted']} granted, {rollout['completed']} complete, " \
                 f"{rollout['failed']} failed"
+        if rollout.get("outcome"):
+            shown += f", {rollout['outcome']} {when(rollout.get('ended_at'))}"
     paused = "true" if g["updates_paused"] else "false"
     if g["updates_paused"] and g["pause_reason"]:
         paused += f" ({g['pause_reason']})"

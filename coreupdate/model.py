@@ -78,12 +78,21 @@ class ActivityKind(enum.StrEnum):
 
     ROLLOUT_STARTED = "rollout-started"
     ROLLOUT_PAUSED = "rollout-paused"  # automatically, by a rule; the message names it
+    ROLLOUT_COMPLETED = "rollout-completed"  # every instance seen in the last day runs the version
+    ROLLOUT_SUPERSEDED = "rollout-superseded"  # the group's channel moved on before it completed
     GROUP_PAUSED = "group-paused"  # by an operator
     GROUP_UNPAUSED = "group-unpaused"
     CHANNEL_UPDATED = "channel-updated"
     PACKAGE_CREATED = "package-created"
     INSTANCE_FAILED = "instance-failed"
     INSTANCE_ROLLED_BACK = "instance-rolled-back"
+
+
+class RolloutOutcome(enum.StrEnum):
+    """How a rollout (a group and a version) ended; ``policy`` states when each applies.  Stored as text."""
+
+    COMPLETED = "completed"
+    SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from coreupdate import __version__
-from coreupdate.model import InstanceStatus
+from coreupdate.model import InstanceStatus, RolloutOutcome
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
@@ -49,7 +49,10 @@ SCHEMAS: dict[str, Any] = {
                          ("version", "url", "size", "sha256", "sha1")),
     "Channel": _obj({"app_id": _STR, "name": _STR, "version": {**_STR, "nullable": True}}),
     "ChannelUpdate": _obj({"version": {**_STR, "nullable": True}}),
-    "Rollout": _obj({"version": _STR, "started_at": _TIME, "granted": _INT, "failed": _INT, "completed": _INT}),
+    "Rollout": _obj({"version": _STR, "started_at": _TIME, "granted": _INT, "failed": _INT, "completed": _INT,
+                     "outcome": {"type": "string", "enum": [str(o) for o in RolloutOutcome], "nullable": True,
+                                 "description": "how the rollout ended; null while it is open"},
+                     "ended_at": _TIME}),
     "Group": _obj({"id": _STR, "app_id": _STR, "name": _STR, "description": _STR, "channel": _STR,
                    "pause_reason": _STR, **_POLICY, "rollout": {**_ref("Rollout"), "nullable": True}}),
     "GroupCreate": _obj({"id": _STR, "name": _STR, "channel": _STR, "description": _STR, **_POLICY}, ("channel",)),

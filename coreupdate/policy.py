@@ -21,6 +21,21 @@ Rules, in order (Nebraska's and CoreUpdate's, then ours); the first that applies
 
 The caller counts (``RolloutCounters``) and applies the decision in one database transaction, under a lock
 on the group, so concurrent check-ins can never exceed the limits.
+
+The end of a rollout.  A rollout is a group and a version; its first grant starts it.  It ends once, in one of
+two ways, each recorded in the activity log:
+
+* **completed** (``rollout_completed``): the group's channel still offers the version, and every instance of
+  the group that checked in during the last day (``SEEN_WINDOW``: the population of the dashboard's progress
+  bar) runs it, at least one instance being seen.  An instance that was already on the version counts as done;
+  one that stopped checking in drops out of the population a day after its last check-in;
+* **superseded** (``rollout_superseded``): before that, the group's channel moved to another version (or to
+  none), or the group was switched to a channel offering another version.
+
+A superseded rollout whose version is offered to the group again is open again (``rollout_reopens``) and may
+still complete; a completed one stays completed.  The caller evaluates completion in the transaction that
+writes the check-ins and events, under a lock on the rollout's row, and ends a rollout only with a conditional
+write (``still open``), so it is recorded once even when several servers share the database.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from coreupdate.model import IN_FLIGHT_STATUSES, GroupPolicy, InstanceStatus
+from coreupdate.model import IN_FLIGHT_STATUSES, GroupPolicy, InstanceStatus, RolloutOutcome
 from update_engine.omaha import version_less
 
 _REGRANTABLE = frozenset(
@@ -210,3 +225,46 @@ def decide_grant(
 
 def _seconds(value: timedelta) -> str:
     return f"{int(value.total_seconds())} s"
+
+
+# The instances a rollout waits for: those seen this recently (the dashboard's progress bar counts the same).
+SEEN_WINDOW = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout as its end rules see it: its version, how many instances were granted it, how it ended."""
+
+    version: str
+    granted: int
+    outcome: RolloutOutcome | None = None
+
+
+@dataclass(frozen=True)
+class Population:
+    """The group's instances seen within ``SEEN_WINDOW``, and of those how many do not run the rollout's version
+    (a caller that only needs to know whether there is one may stop counting at one)."""
+
+    seen: int
+    behind: int
+
+
+def rollout_completed(rollout: RolloutView, channel_version: str | None, population: Population) -> bool:
+    """Whether the open rollout ``rollout`` is complete now (see the module docstring)."""
+    return (
+        rollout.outcome is None
+        and rollout.granted > 0
+        and channel_version == rollout.version
+        and population.seen > 0
+        and population.behind == 0
+    )
+
+
+def rollout_superseded(rollout: RolloutView, offered_version: str | None) -> bool:
+    """Whether the group, now offered ``offered_version``, leaves the open rollout ``rollout`` unfinished."""
+    return rollout.outcome is None and rollout.granted > 0 and offered_version != rollout.version
+
+
+def rollout_reopens(rollout: RolloutView, offered_version: str | None) -> bool:
+    """Whether a superseded rollout is open again because its version is offered to the group again."""
+    return rollout.outcome == RolloutOutcome.SUPERSEDED and offered_version == rollout.version

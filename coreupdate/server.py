@@ -105,6 +105,8 @@ class Server:
         return await self.db(self.store.record, checkins, events)
 
     def _recorded(self, outcome: RecordOutcome) -> None:
+        for message in outcome.completed_rollouts:
+            log.info("Activity: %s", message)
         if outcome.paused_groups:
             log.warning("Rollout paused automatically in group(s) %s: failures passed the threshold (see the "
                         "activity log)", ", ".join(outcome.paused_groups))

@@ -50,12 +50,25 @@ class SchemaTooNew(RuntimeError):
 
 _STEP_1_TABLES = (
     schema.applications, schema.packages, schema.channels, schema.groups, schema.instances, schema.events,
-    schema.rollouts, schema.version_snapshots, schema.activity, schema.api_tokens, schema.meta,
+    schema.version_snapshots, schema.activity, schema.api_tokens, schema.meta,
+)
+
+# ``rollouts`` as step 1 made it; step 4 adds ``outcome`` and ``ended_at``.
+_STEP_1_ROLLOUTS = sa.Table(
+    "rollouts",
+    sa.MetaData(),
+    sa.Column("group_id", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("granted", sa.Integer, nullable=False, default=0),
+    sa.Column("failed", sa.Integer, nullable=False, default=0),
+    sa.Column("completed", sa.Integer, nullable=False, default=0),
 )
 
 
 def _step_1_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=list(_STEP_1_TABLES))
+    _STEP_1_ROLLOUTS.create(conn)
     now = time.time()
     conn.execute(
         sa.insert(schema.applications).values(
@@ -104,10 +117,18 @@ def _step_3_instance_orders(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _step_4_rollout_ends(conn: Connection) -> None:
+    # FLOAT is double precision on PostgreSQL, as sa.Float makes it; both databases add a nullable column in place.
+    conn.execute(sa.text("ALTER TABLE rollouts ADD COLUMN outcome VARCHAR(16)"))
+    conn.execute(sa.text("ALTER TABLE rollouts ADD COLUMN ended_at FLOAT"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "tables, the CoreOS application, channels and groups stable/beta/alpha", _step_1_initial),
     (2, "grants history, dashboard users and sessions, indexes for the dashboard's aggregates", _step_2_dashboard),
     (3, "instance indexes ending with machine_id: dashboard pages from the index alone", _step_3_instance_orders),
+    (4, "how and when each rollout ended (completed or superseded); open rollouts that are already complete are "
+        "recorded at their group's next check-in", _step_4_rollout_ends),
 ]
 LATEST = MIGRATIONS[-1][0]
 

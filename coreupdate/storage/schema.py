@@ -7,7 +7,9 @@ Conventions, for everything that reads these tables (the API, the dashboard):
 * ``instances.status`` holds ``model.InstanceStatus`` numbers (Nebraska's 1-8, 9 = RolledBack);
 * ``version_snapshots`` holds, per group and hour, how many instances that checked in during the hour ran each
   version (written hourly by the server, pruned by retention): the "versions over time" chart;
-* ``rollouts`` counts per group and version how many instances were granted it, failed it and completed it;
+* ``rollouts`` counts per group and version how many instances were granted it, failed it and completed it,
+  and says how and when the rollout ended (``outcome`` ``completed`` or ``superseded``, ``ended_at``; NULL while
+  it is open; the rules are in ``policy.py``);
 * ``meta`` row ``catalog_version`` grows with every change to apps, packages, channels or groups, so several
   server processes sharing one database notice each other's changes;
 * ``grants`` keeps every grant (instance, group, version, time) for the instances' histories, pruned with the
@@ -145,6 +147,9 @@ rollouts = sa.Table(
     sa.Column("granted", sa.Integer, nullable=False, default=0),
     sa.Column("failed", sa.Integer, nullable=False, default=0),
     sa.Column("completed", sa.Integer, nullable=False, default=0),
+    # Migration 4: how the rollout ended (model.RolloutOutcome), and when; NULL while it is open.
+    sa.Column("outcome", sa.String(16), nullable=True),
+    sa.Column("ended_at", sa.Float, nullable=True),
 )
 
 version_snapshots = sa.Table(

@@ -7,6 +7,11 @@ check-ins — in one process or several — can never exceed a group's limits, a
 events (``record``), written behind the answers in one transaction per batch.  Everything else is the API's
 reads and catalog changes; each catalog change bumps ``meta.catalog_version``.
 
+Rollouts end (``policy``'s rules) where what ends them is written: a batch of check-ins and events completes
+them (the rollout's row locked, then the group's population counted, so two servers' batches never both miss
+the last instance nor both record it), a channel change supersedes them.  Both end a rollout with an update
+that only applies while it is open, so its "rollout completed" or "rollout superseded" is recorded once.
+
 Times come from the ``clock`` given to the store (epoch seconds), so tests can move time.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -41,6 +47,7 @@ from coreupdate.model import (
     GroupPolicy,
     InstanceStatus,
     Package,
+    RolloutOutcome,
 )
 from coreupdate.storage import migrations
 from coreupdate.storage.schema import (
@@ -59,6 +66,8 @@ from coreupdate.storage.schema import (
     web_sessions,
 )
 from update_engine.omaha import RequestEvent
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 HOUR = 3600.0
@@ -111,11 +120,13 @@ class GrantOutcome:
 
 @dataclass(frozen=True)
 class RecordOutcome:
-    """What a batch changed that the server must know: groups paused by the failure threshold."""
+    """What a batch changed that the server must know: groups paused by the failure threshold, and the rollouts
+    it completed (the activity log's messages)."""
 
     paused_groups: tuple[str, ...] = ()
     failures: int = 0
     completions: int = 0
+    completed_rollouts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,17 @@ def package_from_row(row: Row[Any]) -> Package:
         id=m["id"], app_id=m["app_id"], version=m["version"], size=m["size"], sha256_b64=m["sha256_b64"],
         sha1_b64=m["sha1_b64"], file_name=m["file_name"], url=m["url"], created_at=_dt(m["created_at"]),
     )
+
+
+def _outcome(text: str | None) -> RolloutOutcome | None:
+    return None if text is None else RolloutOutcome(text)
+
+
+def rollout_json(row: Row[Any]) -> dict[str, Any]:
+    """A ``rollouts`` row as the API shows it: counters, and ``outcome``/``ended_at`` (null while open)."""
+    m = row._mapping
+    return {"version": m["version"], "started_at": m["started_at"], "granted": m["granted"], "failed": m["failed"],
+            "completed": m["completed"], "outcome": m["outcome"], "ended_at": m["ended_at"]}
 
 
 def instance_json(row: Row[Any]) -> dict[str, Any]:
@@ -385,6 +407,7 @@ class Store:
                     .where(channels.c.app_id == app_id, channels.c.name == name)
                     .values(version=version, updated_at=now)
                 )
+            ended: list[str] = []
             if row is None or row.version != version:
                 following = conn.execute(
                     sa.select(groups.c.id, groups.c.name).where(groups.c.app_id == app_id, groups.c.channel == name)
@@ -396,7 +419,13 @@ class Store:
                     f"followed by {names}",
                     version=version,
                 )
+                if row is not None:
+                    for g in following:
+                        ended += self._offer_changed(conn, app_id, g.id, g.name, row.version, version, now,
+                                                     f"channel {name} now offers {version or 'nothing'}")
             self._bump_catalog(conn)
+        for message in ended:
+            log.info("Activity: %s", message)
         return Channel(app_id, name, version)
 
     def delete_channel(self, app_id: str, name: str) -> None:
@@ -471,15 +500,32 @@ class Store:
                 raise Conflict(f"application {app_id} already has a group named {new.name}")
             if not new.policy.updates_paused:
                 new = replace(new, pause_reason="")
+            now = self.clock()
             conn.execute(
-                sa.update(groups).where(groups.c.id == old.id).values(updated_at=self.clock(), **_group_values(new))
+                sa.update(groups).where(groups.c.id == old.id).values(updated_at=now, **_group_values(new))
             )
+            ended: list[str] = []
+            if new.channel != old.channel:
+                offered: dict[str, str | None] = {
+                    r.name: r.version for r in conn.execute(
+                        sa.select(channels.c.name, channels.c.version).where(
+                            channels.c.app_id == app_id, channels.c.name.in_([old.channel, new.channel])
+                        )
+                    )
+                }
+                now_offered = offered.get(new.channel)
+                ended = self._offer_changed(
+                    conn, app_id, old.id, new.name, offered.get(old.channel), now_offered, now,
+                    f"the group now follows channel {new.channel}, which offers {now_offered or 'nothing'}",
+                )
             if new.policy.updates_paused != old.policy.updates_paused:
                 kind = ActivityKind.GROUP_PAUSED if new.policy.updates_paused else ActivityKind.GROUP_UNPAUSED
                 what = "paused" if new.policy.updates_paused else "unpaused"
                 note = f": {new.pause_reason}" if new.policy.updates_paused and new.pause_reason else ""
                 self._activity(conn, kind, app_id, f"group {new.name} {what} by an operator{note}", group_id=old.id)
             self._bump_catalog(conn)
+        for message in ended:
+            log.info("Activity: %s", message)
         return new
 
     def delete_group(self, app_id: str, group_ref: str) -> None:
@@ -644,6 +690,7 @@ class Store:
         now = self.clock()
         failures: dict[tuple[str, str], int] = defaultdict(int)
         completions = 0
+        touched = {c.group_id for c in checkins} | {r.group_id for r in reported}
         with self.engine.begin() as conn:
             if checkins:
                 rows = [dict(self._checkin_values(c), first_seen_at=c.at, status=int(InstanceStatus.UNDEFINED))
@@ -661,9 +708,11 @@ class Store:
                     self._hold(conn, checkin, checkin.held_back_from)
             for rec in reported:
                 completions += self._apply_event(conn, rec, failures)
-            completions += self._complete_checked_in(conn, now)
+            completions += self._complete_checked_in(conn, now, touched)
             paused = self._failure_pauses(conn, failures, now)
-        return RecordOutcome(paused_groups=tuple(paused), failures=sum(failures.values()), completions=completions)
+            completed = self._complete_rollouts(conn, {g for g in touched if g is not None}, now)
+        return RecordOutcome(paused_groups=tuple(paused), failures=sum(failures.values()), completions=completions,
+                             completed_rollouts=tuple(completed))
 
     def _hold(self, conn: Connection, checkin: CheckIn, target: str) -> None:
         """OnHold for an instance a remembered limit held back from ``target`` (``policy.marks_on_hold``)."""
@@ -720,9 +769,10 @@ class Store:
             return 1
         return 0
 
-    def _complete_checked_in(self, conn: Connection, now: float) -> int:
+    def _complete_checked_in(self, conn: Connection, now: float, touched: set[str | None]) -> int:
         """Instances in flight that now report their granted version are Complete (``status_after_checkin``;
-        the query only narrows the rows down to the candidates, through the status index)."""
+        the query only narrows the rows down to the candidates, through the status index); their groups are
+        added to ``touched``."""
         candidates = conn.execute(
             sa.select(instances.c.app_id, instances.c.machine_id, instances.c.group_id, instances.c.granted_version,
                       instances.c.status, instances.c.version)
@@ -731,11 +781,13 @@ class Store:
                 instances.c.version == instances.c.granted_version,
             )
         ).all()
-        done = [
-            row for row in candidates
-            if status_after_checkin(InstanceStatus(row.status), row.granted_version, row.version)
-            == InstanceStatus.COMPLETE
-        ]
+        # In a fixed order, so two servers' batches lock the same rollouts' rows in the same order.
+        done = sorted(
+            (row for row in candidates
+             if status_after_checkin(InstanceStatus(row.status), row.granted_version, row.version)
+             == InstanceStatus.COMPLETE),
+            key=lambda row: (row.group_id or "", row.granted_version or "", row.app_id, row.machine_id),
+        )
         for row in done:
             conn.execute(
                 sa.update(instances)
@@ -744,7 +796,99 @@ class Store:
             )
             if row.group_id is not None:
                 self._count_rollout(conn, row.group_id, row.granted_version, now, completed=1)
+                touched.add(row.group_id)
         return len(done)
+
+    def _complete_rollouts(self, conn: Connection, group_ids: set[str], now: float) -> list[str]:
+        """End the open rollouts of these groups that are complete now (``policy.rollout_completed``); returns
+        the activity log's messages.  Each candidate's row is locked before its group is counted, so a second
+        server's batch waits and then counts with this one's instances committed."""
+        if not group_ids:
+            return []
+        offered = (channels.c.app_id == groups.c.app_id) & (channels.c.name == groups.c.channel)
+        candidates = conn.execute(
+            sa.select(rollouts.c.group_id, rollouts.c.version, groups.c.app_id, groups.c.name, channels.c.version)
+            .select_from(rollouts.join(groups, groups.c.id == rollouts.c.group_id).join(channels, offered))
+            .where(rollouts.c.group_id.in_(sorted(group_ids)), rollouts.c.outcome.is_(None),
+                   rollouts.c.version == channels.c.version, rollouts.c.granted > 0)
+            .order_by(rollouts.c.group_id)
+        ).all()
+        messages = []
+        cutoff = now - policy.SEEN_WINDOW.total_seconds()
+        for group_id, version, app_id, name, channel_version in candidates:
+            row = conn.execute(
+                sa.select(rollouts).where(rollouts.c.group_id == group_id, rollouts.c.version == version)
+                .with_for_update()
+            ).first()
+            if row is None:
+                continue
+            view = policy.RolloutView(version, int(row.granted), _outcome(row.outcome))
+            seen_recently = (instances.c.group_id == group_id, instances.c.last_check_at > cutoff)
+            # One instance behind is enough to know it is not complete: look for one before counting them all.
+            behind = len(conn.execute(
+                sa.select(instances.c.machine_id).where(*seen_recently, instances.c.version != version).limit(1)
+            ).all())
+            seen = 0 if behind else int(conn.execute(
+                sa.select(sa.func.count()).select_from(instances).where(*seen_recently)).scalar_one())
+            if not policy.rollout_completed(view, channel_version, policy.Population(seen, behind)):
+                continue
+            message = (
+                f"rollout of {version} to group {name} completed: all {seen} instance(s) seen in the last day run "
+                f"{version} ({row.granted} granted, {row.completed} complete, {row.failed} failed)"
+            )
+            if self._end_rollout(conn, group_id, version, RolloutOutcome.COMPLETED, now):
+                self._activity(conn, ActivityKind.ROLLOUT_COMPLETED, app_id, message, group_id=group_id,
+                               version=version, at=now)
+                messages.append(message)
+        return messages
+
+    def _end_rollout(self, conn: Connection, group_id: str, version: str, outcome: RolloutOutcome,
+                     now: float) -> bool:
+        """Record how an open rollout ended; False when it had already ended (another transaction was first)."""
+        result = conn.execute(
+            sa.update(rollouts)
+            .where(rollouts.c.group_id == group_id, rollouts.c.version == version, rollouts.c.outcome.is_(None))
+            .values(outcome=str(outcome), ended_at=now)
+        )
+        return bool(result.rowcount)
+
+    def _offer_changed(
+        self, conn: Connection, app_id: str, group_id: str, group_name: str, old: str | None, new: str | None,
+        now: float, cause: str,
+    ) -> list[str]:
+        """The group is offered ``new`` instead of ``old``: supersede the open rollout of ``old``
+        (``policy.rollout_superseded``) and reopen a superseded one of ``new`` (``policy.rollout_reopens``);
+        returns the activity log's messages."""
+        if old == new:
+            return []
+        wanted = [v for v in (old, new) if v is not None]
+        rows = {r.version: r for r in conn.execute(
+            sa.select(rollouts).where(rollouts.c.group_id == group_id, rollouts.c.version.in_(wanted))
+        )}
+        messages = []
+        previous = rows.get(old) if old is not None else None
+        if previous is not None and policy.rollout_superseded(
+            policy.RolloutView(previous.version, int(previous.granted), _outcome(previous.outcome)), new
+        ):
+            message = (
+                f"rollout of {old} to group {group_name} superseded: {cause} "
+                f"({previous.granted} granted, {previous.completed} complete, {previous.failed} failed)"
+            )
+            if self._end_rollout(conn, group_id, previous.version, RolloutOutcome.SUPERSEDED, now):
+                self._activity(conn, ActivityKind.ROLLOUT_SUPERSEDED, app_id, message, group_id=group_id,
+                               version=old, at=now)
+                messages.append(message)
+        following = rows.get(new) if new is not None else None
+        if following is not None and policy.rollout_reopens(
+            policy.RolloutView(following.version, int(following.granted), _outcome(following.outcome)), new
+        ):
+            conn.execute(
+                sa.update(rollouts)
+                .where(rollouts.c.group_id == group_id, rollouts.c.version == following.version,
+                       rollouts.c.outcome == str(RolloutOutcome.SUPERSEDED))
+                .values(outcome=None, ended_at=None)
+            )
+        return messages
 
     def _failure_pauses(self, conn: Connection, failures: Mapping[tuple[str, str], int], now: float) -> list[str]:
         paused: list[str] = []
@@ -840,10 +984,7 @@ class Store:
             row = conn.execute(
                 sa.select(rollouts).where(rollouts.c.group_id == group_id, rollouts.c.version == version)
             ).first()
-        if row is None:
-            return None
-        return {"version": row.version, "started_at": row.started_at, "granted": row.granted, "failed": row.failed,
-                "completed": row.completed}
+        return None if row is None else rollout_json(row)
 
     def snapshot_versions(self, resolution: float = HOUR) -> int:
         """Record, for the current period of ``resolution`` seconds (an hour unless the server was told

@@ -122,7 +122,7 @@ def test_grants_follow_the_period_and_in_progress_limits(store: Store, clock: Fa
     assert store.get_instance(COREOS_APP_ID, "m0")["status"] == "Complete"
     assert isinstance(store.try_grant(checkin(clock, "m2", group), group.id).decision, Grant)
     assert store.rollout(group.id, "2.0.0") == {"version": "2.0.0", "started_at": clock.now - 601, "granted": 3,
-                                                 "failed": 0, "completed": 1}
+                                                 "failed": 0, "completed": 1, "outcome": None, "ended_at": None}
     assert [a["kind"] for a in store.list_activity(group_id=group.id)] == ["rollout-started"]
 
 
@@ -176,6 +176,98 @@ def test_concurrent_check_ins_never_exceed_the_period_count(database_url: str, c
         assert granted == 7
         page = stores[1].list_instances(COREOS_APP_ID, InstanceFilter(status=InstanceStatus.UPDATE_GRANTED))
         assert page.total == 7
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def activity_of(store: Store, group: Group, kind: str) -> list[dict[str, Any]]:
+    return [a for a in store.list_activity(group_id=group.id, limit=1000) if a["kind"] == kind]
+
+
+def test_a_rollout_completes_once_when_every_instance_seen_in_the_last_day_runs_it(
+    store: Store, clock: FakeClock
+) -> None:
+    add_release(store)
+    group = make_group(store, update_count=10)
+    # A machine that stopped checking in two days ago, and one that came up on the new version by itself.
+    store.record([replace(checkin(clock, "gone", group), at=clock.now - 2 * 86400),
+                  checkin(clock, "fresh", group, "2.0.0")], [])
+    for machine in ("m0", "m1", "m2"):
+        assert isinstance(store.try_grant(checkin(clock, machine, group), group.id).decision, Grant)
+    clock.now += 600
+    outcome = store.record([checkin(clock, "m0", group, "2.0.0"), checkin(clock, "m1", group, "2.0.0")], [])
+    assert outcome.completed_rollouts == () and activity_of(store, group, "rollout-completed") == []
+    # The last one checks in from 2.0.0 with its "up after reboot" event; later check-ins change nothing more.
+    outcome = store.record([checkin(clock, "m2", group, "2.0.0")], [EventRecord(
+        COREOS_APP_ID, "m2", group.id, "2.0.0", RequestEvent(3, 2, previous_version="1.0.0"), clock.now)])
+    message = ("rollout of 2.0.0 to group canary completed: all 4 instance(s) seen in the last day run 2.0.0 "
+               "(3 granted, 3 complete, 0 failed)")
+    assert outcome.completed_rollouts == (message,)
+    clock.now += 60
+    assert store.record([checkin(clock, f"m{i}", group, "2.0.0") for i in range(3)], []).completed_rollouts == ()
+    completed = activity_of(store, group, "rollout-completed")
+    assert [(a["version"], a["message"]) for a in completed] == [("2.0.0", message)]
+    rollout = store.rollout(group.id, "2.0.0")
+    assert rollout is not None and rollout["outcome"] == "completed" and rollout["ended_at"] == clock.now - 60
+    # A completed rollout stays completed: the channel moving on does not supersede it.
+    add_release(store, "2.1.0")
+    assert activity_of(store, group, "rollout-superseded") == []
+
+
+def test_a_channel_that_moves_on_supersedes_the_rollout_in_progress(store: Store, clock: FakeClock) -> None:
+    add_release(store)
+    group = make_group(store, update_count=10)
+    other = store.create_group(Group("", COREOS_APP_ID, "idle", "stable", GroupPolicy()))
+    for machine in ("m0", "m1"):
+        store.try_grant(checkin(clock, machine, group), group.id)
+    store.record([checkin(clock, "m0", group, "2.0.0")], [])
+    add_release(store, "2.1.0")
+    superseded = activity_of(store, group, "rollout-superseded")
+    assert [(a["version"], a["message"]) for a in superseded] == [(
+        "2.0.0", "rollout of 2.0.0 to group canary superseded: channel stable now offers 2.1.0 "
+                 "(2 granted, 1 complete, 0 failed)")]
+    assert activity_of(store, other, "rollout-superseded") == []  # nothing was granted there
+    assert store.rollout(group.id, "2.0.0")["outcome"] == "superseded"  # type: ignore[index]
+    # Back to 2.0.0: the rollout is open again, and completes like any other.
+    store.set_channel(COREOS_APP_ID, "stable", "2.0.0")
+    assert store.rollout(group.id, "2.0.0")["outcome"] is None  # type: ignore[index]
+    store.record([checkin(clock, "m1", group, "2.0.0")], [])
+    assert len(activity_of(store, group, "rollout-completed")) == 1
+    # A group moved to a channel with another version supersedes its open rollout as well.
+    store.set_channel(COREOS_APP_ID, "stable", "2.1.0")
+    assert isinstance(store.try_grant(checkin(clock, "m0", group, "2.0.0"), group.id).decision, Grant)
+    store.update_group(COREOS_APP_ID, group.id, lambda g: replace(g, channel="alpha"))
+    assert activity_of(store, group, "rollout-superseded")[0]["message"] == (
+        "rollout of 2.1.0 to group canary superseded: the group now follows channel alpha, which offers nothing "
+        "(1 granted, 0 complete, 0 failed)")
+
+
+def test_two_servers_record_a_completion_once(database_url: str, clock: FakeClock) -> None:
+    """Two engines (two server processes) flush at once the check-ins of the last two instances behind in each
+    group, machines reinstalled on the new version without a grant (so nothing else serialises the batches):
+    whichever commits second sees both and records the completion; neither misses it, neither repeats it."""
+    engines = [db_engine.create(database_url) for _ in range(2)]
+    try:
+        stores = [Store(e, clock=clock) for e in engines]
+        stores[0].migrate()
+        add_release(stores[0])
+        created = [stores[0].create_group(Group("", COREOS_APP_ID, f"g{i}", "stable", GroupPolicy()))
+                   for i in range(24)]
+        for group in created:
+            stores[0].record([checkin(clock, f"{group.name}-{half}", group) for half in range(2)], [])
+            stores[0].try_grant(checkin(clock, f"{group.name}-granted", group), group.id)
+            stores[0].record([checkin(clock, f"{group.name}-granted", group, "2.0.0")], [])
+        start = threading.Barrier(2)
+
+        def flush(half: int) -> None:
+            start.wait(timeout=30)
+            stores[half].record([checkin(clock, f"{g.name}-{half}", g, "2.0.0") for g in created], [])
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(flush, range(2)))
+        for group in created:
+            assert len(activity_of(stores[1], group, "rollout-completed")) == 1, group.name
     finally:
         for e in engines:
             e.dispose()

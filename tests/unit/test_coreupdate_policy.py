@@ -7,17 +7,22 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from coreupdate.instance_status import status_after_checkin, status_after_event
-from coreupdate.model import GroupPolicy, InstanceStatus
+from coreupdate.model import GroupPolicy, InstanceStatus, RolloutOutcome
 from coreupdate.office_hours import parse_office_hours
 from coreupdate.policy import (
     Grant,
     InstanceView,
+    Population,
     Refusal,
     Refuse,
     RolloutCounters,
+    RolloutView,
     decide_grant,
     failure_pause_reason,
     marks_on_hold,
+    rollout_completed,
+    rollout_reopens,
+    rollout_superseded,
 )
 from update_engine.omaha import RequestEvent
 
@@ -156,3 +161,35 @@ def test_a_check_in_from_the_granted_version_completes_the_update() -> None:
     assert status_after_checkin(InstanceStatus.INSTALLED, "2.0.0", "2.0.0") == InstanceStatus.COMPLETE
     assert status_after_checkin(InstanceStatus.INSTALLED, "2.0.0", "1.0.0") is None
     assert status_after_checkin(InstanceStatus.ERROR, "2.0.0", "2.0.0") is None
+
+
+OPEN = RolloutView("2.0.0", granted=3)
+
+
+@pytest.mark.parametrize(
+    ("rollout", "channel", "population", "completed"),
+    [
+        (OPEN, "2.0.0", Population(seen=5, behind=0), True),
+        (OPEN, "2.0.0", Population(seen=5, behind=1), False),  # one instance seen in the last day is behind
+        (OPEN, "2.0.0", Population(seen=0, behind=0), False),  # nobody seen: nothing shows it is done
+        (OPEN, "2.1.0", Population(seen=5, behind=0), False),  # the channel moved on meanwhile
+        (OPEN, None, Population(seen=5, behind=0), False),
+        (RolloutView("2.0.0", granted=0), "2.0.0", Population(5, 0), False),  # never started
+        (RolloutView("2.0.0", 3, RolloutOutcome.COMPLETED), "2.0.0", Population(5, 0), False),  # recorded once
+        (RolloutView("2.0.0", 3, RolloutOutcome.SUPERSEDED), "2.0.0", Population(5, 0), False),
+    ],
+)
+def test_a_rollout_completes_when_everyone_seen_runs_its_version(
+    rollout: RolloutView, channel: str | None, population: Population, completed: bool
+) -> None:
+    assert rollout_completed(rollout, channel, population) is completed
+
+
+def test_only_an_open_started_rollout_is_superseded_and_only_a_superseded_one_reopens() -> None:
+    assert rollout_superseded(OPEN, "2.1.0") and rollout_superseded(OPEN, None)
+    assert not rollout_superseded(OPEN, "2.0.0")
+    assert not rollout_superseded(RolloutView("2.0.0", granted=0), "2.1.0")
+    assert not rollout_superseded(RolloutView("2.0.0", 3, RolloutOutcome.COMPLETED), "2.1.0")
+    superseded = RolloutView("2.0.0", 3, RolloutOutcome.SUPERSEDED)
+    assert rollout_reopens(superseded, "2.0.0") and not rollout_reopens(superseded, "2.1.0")
+    assert not rollout_reopens(RolloutView("2.0.0", 3, RolloutOutcome.COMPLETED), "2.0.0")
