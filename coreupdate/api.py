@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from coreupdate import openapi, validation
 from coreupdate.model import Application, Group, GroupPolicy, InstanceStatus, Package
-from coreupdate.storage.store import Conflict, InstanceFilter, NotFound, token_matches
+from coreupdate.storage.store import Conflict, InstanceFilter, NotFound, TimeWindow, token_matches
 from coreupdate.uploads import store_upload
 from coreupdate.validation import ValidationError
 
@@ -98,14 +99,32 @@ def _int_query(request: web.Request, name: str, default: int, maximum: int) -> i
     return int(text)
 
 
-def _float_query(request: web.Request, name: str, default: float) -> float:
+def _epoch_query(request: web.Request, name: str) -> float | None:
+    """A time in the query, in seconds since the epoch; None when absent."""
     text = request.query.get(name)
     if text is None:
-        return default
+        return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValidationError(name, f"{text!r} is not a number of seconds since the epoch") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValidationError(name, f"{text!r} is not a number of seconds since the epoch")
+    return value
+
+
+def _float_query(request: web.Request, name: str, default: float) -> float:
+    value = _epoch_query(request, name)
+    return default if value is None else value
+
+
+def _window(request: web.Request, *, start: float | None = None, end: float | None = None) -> TimeWindow:
+    """``start`` and ``end`` of the query (the defaults given when absent), in order."""
+    given_start, given_end = _epoch_query(request, "start"), _epoch_query(request, "end")
+    window = TimeWindow(start if given_start is None else given_start, end if given_end is None else given_end)
+    if window.start is not None and window.end is not None and window.start > window.end:
+        raise ValidationError("start", f"{window.start:.0f} is after end {window.end:.0f}")
+    return window
 
 
 class Api:
@@ -337,8 +356,7 @@ class Api:
         app_id = self._app_id(request)
         flt = InstanceFilter(limit=_int_query(request, "limit", 100, MAX_LIST),
                              offset=_int_query(request, "offset", 0, 2**31))
-        if "group" in request.query:
-            flt.group_id = (await self.server.db(self.store.get_group, app_id, request.query["group"])).id
+        flt.group_id = await self._group_query(request, app_id)
         if "status" in request.query:
             try:
                 flt.status = InstanceStatus.from_label(request.query["status"])
@@ -356,12 +374,32 @@ class Api:
         instance["events"] = await self.server.db(self.store.instance_events, app_id, machine)
         return web.json_response(instance)
 
+    async def _group_query(self, request: web.Request, app_id: str) -> str | None:
+        """The id of the group named (by id or name) in the query's ``group``, if any."""
+        if "group" not in request.query:
+            return None
+        return (await self.server.db(self.store.get_group, app_id, request.query["group"])).id
+
     async def app_versions(self, request: web.Request) -> web.Response:
+        """Instances per version and status; ``start``/``end``: only those last seen within."""
         app_id = self._app_id(request)
-        group_id = None
-        if "group" in request.query:
-            group_id = (await self.server.db(self.store.get_group, app_id, request.query["group"])).id
-        return web.json_response(await self.server.db(self.store.version_counts, app_id, group_id))
+        group_id = await self._group_query(request, app_id)
+        seen = _window(request)
+        return web.json_response(await self.server.db(self.store.version_counts, app_id, group_id, seen))
+
+    async def list_updates(self, request: web.Request) -> web.Response:
+        """The instances whose latest update was granted between ``start`` (default a week ago) and ``end``
+        (default now), newest first."""
+        app_id = self._app_id(request)
+        group_id = await self._group_query(request, app_id)
+        end = _float_query(request, "end", time.time())
+        window = _window(request, start=end - 7 * 86400, end=end)
+        page = await self.server.db(
+            self.store.list_updates, app_id, window, group_id=group_id,
+            limit=_int_query(request, "limit", 100, MAX_LIST), offset=_int_query(request, "offset", 0, 2**31),
+        )
+        return web.json_response({"start": window.start, "end": window.end, "total": page.total,
+                                  "updates": page.instances})
 
     async def list_activity(self, request: web.Request) -> web.Response:
         app_id = validation.canonical_app_id(request.query["app"]) if "app" in request.query else None
@@ -406,4 +444,5 @@ def add_routes(app: web.Application, server: Server) -> None:
     r.add_get(f"{p}/apps/{{app_id}}/instances", a(api.list_instances))
     r.add_get(f"{p}/apps/{{app_id}}/instances/{{machine_id}}", a(api.get_instance))
     r.add_get(f"{p}/apps/{{app_id}}/versions", a(api.app_versions))
+    r.add_get(f"{p}/apps/{{app_id}}/updates", a(api.list_updates))
     r.add_get(f"{p}/activity", a(api.list_activity))

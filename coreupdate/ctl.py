@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -278,9 +279,8 @@ def group_delete(c: Client, args: argparse.Namespace) -> None:
 
 
 def group_versions(c: Client, args: argparse.Namespace) -> None:
-    query = urllib.parse.urlencode({k: v for k, v in (("start", args.start), ("end", args.end),
-                                                      ("resolution", args.resolution)) if v is not None})
-    data = c.call("GET", f"{app_path(args)}/groups/{quote(args.group_id)}/versions?{query}")
+    query = _query(start=args.start, end=args.end, resolution=args.resolution)
+    data = c.call("GET", f"{app_path(args)}/groups/{quote(args.group_id)}/versions{query}")
     emit(args, data, ("Time", "Version", "Instances"),
          [(when(p["at"]), p["version"], p["instances"]) for p in data["points"]])
 
@@ -309,14 +309,37 @@ def instance_list(c: Client, args: argparse.Namespace) -> None:
         print(f"({page['total']} instances, {len(page['instances'])} shown; use --limit)", file=sys.stderr)
 
 
+def _query(**values: object) -> str:
+    """``?a=1&b=x`` of the values that are not None ('' when none is)."""
+    given = {k: str(v) for k, v in values.items() if v is not None}
+    return f"?{urllib.parse.urlencode(given)}" if given else ""
+
+
 def instance_versions(c: Client, args: argparse.Namespace) -> None:
-    query = f"?group={quote(args.group_id)}" if args.group_id else ""
-    counts = c.call("GET", f"{app_path(args)}/versions{query}")
+    counts = c.call("GET", f"{app_path(args)}/versions{_query(group=args.group_id, start=args.start, end=args.end)}")
     totals: dict[str, int] = {}
     for row in counts:
         totals[row["version"]] = totals.get(row["version"], 0) + row["instances"]
     rows = sorted(totals.items(), key=lambda kv: _version_sort_key(kv[0]), reverse=True)
     emit(args, counts, ("Version", "Instances"), rows)
+
+
+UPDATE_HEADERS = ("AppID", "ClientID", "Version", "LastSeen", "Group", "Status", "OEM", "Granted")
+
+
+def instance_updates(c: Client, args: argparse.Namespace) -> None:
+    """The original's ``instance list-updates``: each instance whose latest update was granted in the window, with
+    the version granted and where it stands; its columns, then when the grant was made."""
+    query = _query(group=args.group_id, start=args.start, end=args.end, limit=args.limit)
+    page = c.call("GET", f"{app_path(args)}/updates{query}")
+    names = {g["id"]: g["name"] for g in c.call("GET", f"{app_path(args)}/groups")} if not args.json else {}
+    emit(args, page, UPDATE_HEADERS, [
+        (u["app_id"], u["machine_id"], u["granted_version"], when(u["last_check_at"]),
+         names.get(u["group_id"], u["group_id"]), u["status"], u["oem"] or "-", when(u["granted_at"]))
+        for u in page["updates"]
+    ])
+    if not args.json and page["total"] > len(page["updates"]):
+        print(f"({page['total']} updates, {len(page['updates'])} shown; use --limit)", file=sys.stderr)
 
 
 def _version_sort_key(version: str) -> tuple[int, ...]:
@@ -431,6 +454,30 @@ def watch(c: Client, args: argparse.Namespace) -> None:
 # -- command line ----------------------------------------------------------------------------------------------
 
 
+def _time(text: str) -> float:
+    """A time on the command line: seconds since the epoch (the original's), or UTC ISO 8601 (2024-05-01T04:00Z)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a time")
+        return seconds
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither seconds since the epoch nor an ISO 8601 time such as 2024-05-01T04:00:00Z"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _time_flags(sp: argparse.ArgumentParser, start: str, end: str) -> None:
+    sp.add_argument("--start", type=_time, metavar="TIME", help=f"epoch seconds or ISO 8601 UTC (default {start})")
+    sp.add_argument("--end", type=_time, metavar="TIME", help=f"epoch seconds or ISO 8601 UTC (default {end})")
+
+
 def _bool(text: str) -> bool:
     try:
         return parse_bool(text)
@@ -520,8 +567,7 @@ def _parser() -> argparse.ArgumentParser:
     verb(gr, "delete", group_delete, "delete a group").add_argument("--group-id", required=True)
     sp = verb(gr, "versions", group_versions, "instances per version over time")
     sp.add_argument("--group-id", required=True)
-    sp.add_argument("--start", type=float, help="epoch seconds (default a week ago)")
-    sp.add_argument("--end", type=float, help="epoch seconds (default now)")
+    _time_flags(sp, "a week before --end", "now")
     sp.add_argument("--resolution", type=int, choices=(3600, 86400), help="seconds per row (default 3600)")
 
     ins = noun("instance", "instances")
@@ -533,6 +579,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=1000)
     sp = verb(ins, "list-app-versions", instance_versions, "instances per version")
     sp.add_argument("--group-id")
+    _time_flags(sp, "any: only instances last seen from then on", "any: … up to then")
+    sp = verb(ins, "list-updates", instance_updates,
+              "instances whose latest update was granted in a time window, with where each stands")
+    sp.add_argument("--group-id")
+    _time_flags(sp, "a week before --end", "now")
+    sp.add_argument("--limit", type=int, default=1000)
     sp = verb(ins, "show", instance_show, "one instance with its latest events")
     sp.add_argument("--machine-id", required=True)
     sp = verb(ins, "fake", instance_fake, "simulated clients that check in and update")

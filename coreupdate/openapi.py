@@ -66,6 +66,8 @@ SCHEMAS: dict[str, Any] = {
         "granted_at": _TIME, "first_seen_at": _TIME, "last_check_at": _TIME,
     }),
     "InstancePage": _obj({"total": _INT, "instances": {"type": "array", "items": _ref("Instance")}}),
+    "UpdatePage": _obj({"start": _NUM, "end": _NUM, "total": _INT,
+                        "updates": {"type": "array", "items": _ref("Instance")}}),
     "VersionCount": _obj({"group_id": _STR, "version": _STR, "status": _STR, "instances": _INT}),
     "VersionTimeline": _obj({
         "group_id": _STR, "start": _NUM, "end": _NUM, "resolution": _INT,
@@ -106,8 +108,12 @@ OPERATIONS: list[tuple[str, str, str, str | None, str, int]] = [
      "InstancePage", 200),
     ("get", "/apps/{app_id}/instances/{machine_id}", "Show an instance with its latest events", None, "Instance",
      200),
-    ("get", "/apps/{app_id}/versions", "Instances per version and status (query group)", None, "VersionCount[]",
-     200),
+    ("get", "/apps/{app_id}/versions",
+     "Instances per version and status (query group; start, end in epoch seconds: last seen within)", None,
+     "VersionCount[]", 200),
+    ("get", "/apps/{app_id}/updates",
+     "Instances whose latest update was granted within start..end (epoch seconds; default the last 7 days), "
+     "newest first, with their status (query group, start, end, limit, offset)", None, "UpdatePage", 200),
     ("get", "/activity", "The activity log, newest first (query app, group, limit)", None, "Activity[]", 200),
 ]
 

@@ -146,6 +146,22 @@ class InstanceFilter:
     offset: int = 0
 
 
+@dataclass(frozen=True)
+class TimeWindow:
+    """From ``start`` to ``end`` (epoch seconds, both included); None: unbounded on that side."""
+
+    start: float | None = None
+    end: float | None = None
+
+    def conditions(self, column: sa.ColumnElement[Any]) -> list[sa.ColumnElement[bool]]:
+        found = []
+        if self.start is not None:
+            found.append(column >= self.start)
+        if self.end is not None:
+            found.append(column <= self.end)
+        return found
+
+
 @dataclass
 class InstancePage:
     total: int
@@ -963,11 +979,31 @@ class Store:
                 for r in rows
             ]
 
-    def version_counts(self, app_id: str, group_id: str | None = None) -> list[dict[str, Any]]:
-        """Instances per version and status (``instance list-app-versions``; the dashboard's breakdown)."""
+    def list_updates(self, app_id: str, window: TimeWindow, *, group_id: str | None = None, limit: int = 100,
+                     offset: int = 0) -> InstancePage:
+        """``instance list-updates``: the instances whose latest update was granted within ``window``, newest grant
+        first, each with where it stands (its status, the version it runs, when it was last seen)."""
+        conditions = [instances.c.app_id == app_id, instances.c.granted_at.is_not(None),
+                      *window.conditions(instances.c.granted_at)]
+        if group_id is not None:
+            conditions.append(instances.c.group_id == group_id)
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(instances).where(*conditions)).scalar_one()
+            rows = conn.execute(
+                sa.select(instances).where(*conditions)
+                .order_by(instances.c.granted_at.desc(), instances.c.machine_id).limit(limit).offset(offset)
+            )
+            return InstancePage(total=int(total), instances=[instance_json(r) for r in rows])
+
+    def version_counts(self, app_id: str, group_id: str | None = None,
+                       seen: TimeWindow | None = None) -> list[dict[str, Any]]:
+        """Instances per version and status (``instance list-app-versions``; the dashboard's breakdown); with
+        ``seen``, only the instances whose last check-in lies within it."""
         conditions = [instances.c.app_id == app_id]
         if group_id is not None:
             conditions.append(instances.c.group_id == group_id)
+        if seen is not None:
+            conditions += seen.conditions(instances.c.last_check_at)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(instances.c.group_id, instances.c.version, instances.c.status, sa.func.count())

@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,6 +112,58 @@ def test_a_rollout_driven_from_the_command_line(server: CoreUpdateServer, signed
     assert daily.splitlines()[0].split() == ["Time", "Version", "Instances"]
     activity = ok(server, "activity", "list", "--app-id", COREOS_APP_ID)
     assert "group-unpaused" in activity and "group-paused" in activity and "rollout-started" in activity
+
+
+def wait_for_json(server: CoreUpdateServer, done: Callable[[Any], bool], *args: str) -> Any:
+    """The JSON of an updateservicectl command, once ``done`` accepts it (check-ins are written behind the
+    answers); at most 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        answer = json.loads(ok(server, "--json", *args))
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
+def test_updates_over_time_and_the_end_of_a_rollout(server: CoreUpdateServer, signed: dict[str, Path]) -> None:
+    app = "1b9bd9d7-5a4c-4a52-9d2c-6e1f4f3e6a10"  # an application of its own: fake clients' ids are per app
+    ok(server, "app", "create", "--app-id", app, "--label", "Updates")
+    ok(server, "package", "create", "--app-id", app, "--version", "2.0.0", "--file", str(signed["payload"]),
+       "--public-key", str(signed["public"]), "--url", "https://mirror.example/2.0.0/update.gz")
+    ok(server, "channel", "create", "--app-id", app, "--channel", "stable", "--version", "2.0.0")
+    ok(server, "group", "create", "--app-id", app, "--channel", "stable", "--group-id", "prod", "--label", "Prod")
+    before = time.time() - 1
+    ok(server, "instance", "fake", "--app-id", app, "--group-id", "prod", "--version", "1.0.0",
+       "--clients-per-app", "2", "--min-sleep", "0", "--max-sleep", "0")
+    groups = wait_for_json(server, lambda gs: gs[0]["rollout"]["outcome"] is not None, "group", "list",
+                           "--app-id", app)
+    assert groups[0]["rollout"]["outcome"] == "completed" and groups[0]["rollout"]["ended_at"] >= before
+    assert ", completed 20" in ok(server, "group", "list", "--app-id", app).splitlines()[1]
+    activity = json.loads(ok(server, "--json", "activity", "list", "--app-id", app))
+    assert [a["kind"] for a in activity if a["kind"].startswith("rollout-")] == ["rollout-completed",
+                                                                                 "rollout-started"]
+    assert activity[0]["message"] == ("rollout of 2.0.0 to group Prod completed: all 2 instance(s) seen in the "
+                                      "last day run 2.0.0 (2 granted, 2 complete, 0 failed)")
+
+    table = ok(server, "instance", "list-updates", "--app-id", app, "--group-id", "prod").splitlines()
+    assert table[0].split() == ["AppID", "ClientID", "Version", "LastSeen", "Group", "Status", "OEM", "Granted"]
+    rows = sorted(row.split() for row in table[1:])
+    assert [(r[0], r[1], r[2], r[4], r[5], r[6]) for r in rows] == [
+        (app, f"fake-client-00{i}", "2.0.0", "Prod", "Complete", "-") for i in range(2)]
+    updates = json.loads(ok(server, "--json", "instance", "list-updates", "--app-id", app, "--start",
+                            datetime.fromtimestamp(before, UTC).isoformat()))
+    assert updates["total"] == 2 and {u["granted_version"] for u in updates["updates"]} == {"2.0.0"}
+    later = str(time.time() + 3600)
+    empty = ok(server, "instance", "list-updates", "--app-id", app, "--start", later, "--end", str(time.time() + 7200))
+    assert [line.split() for line in empty.splitlines()] == [table[0].split()]
+    assert ok(server, "instance", "list-app-versions", "--app-id", app, "--start", later).split() == [
+        "Version", "Instances"]
+    assert ok(server, "instance", "list-app-versions", "--app-id", app, "--start", str(before),
+              "--end", later).splitlines()[1].split() == ["2.0.0", "2"]
+    for bad, message in ((("--start", "yesterday"), "neither seconds since the epoch nor an ISO 8601 time"),
+                         (("--start", later, "--end", str(before)), "is after end")):
+        result = ctl(server, "instance", "list-updates", "--app-id", app, *bad)
+        assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_watch_runs_the_program_with_the_groups_version(server: CoreUpdateServer, tmp_path: Path) -> None:
