@@ -12,6 +12,9 @@ Rules of this file:
 * Every response is bounded: its head (status line and headers) by ``MAX_HEAD``, its body by the caller's
   ``max_body`` (None only for streams, whose consumers bound each message themselves). Exceeding a bound is a
   ResponseTooLarge naming the limit, never a silent truncation.
+* A request body is bytes, or a ``StreamedBody`` (an upload too large to hold in memory): its length is
+  announced in ``Content-Length`` and the shell sends its pieces as they come (``checked_pieces``), never more
+  or fewer bytes than announced.
 * Framing follows RFC 9112: a body is delimited by ``Transfer-Encoding: chunked``, else by ``Content-Length``,
   else by the end of the connection; responses to HEAD and statuses 1xx/204/304 have none. A connection is
   reused only after a response that was framed (not close-delimited) and did not ask to close.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import base64
 import errno
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -50,6 +53,42 @@ class HttpProtocolError(HttpError):
 
 class ResponseTooLarge(HttpProtocolError):
     """The response went past a size limit; nothing beyond the limit was kept."""
+
+
+class RequestBodyError(HttpError):
+    """A streamed request body could not be read, or did not have the length announced for it (the file changed
+    while it was being sent); the request was not completed."""
+
+
+@dataclass(frozen=True)
+class StreamedBody:
+    """A request body sent in pieces instead of held in memory: ``length`` bytes in all, produced by ``pieces()``,
+    which starts from the beginning at every call (a request retried on a new connection sends them again)."""
+
+    length: int
+    pieces: Callable[[], Iterable[bytes]]
+
+
+def checked_pieces(body: StreamedBody) -> Iterator[bytes]:
+    """``body``'s pieces, as long as they add up to its announced length: RequestBodyError when they run past it
+    or end short of it, or when producing them fails with OSError (a file that cannot be read)."""
+    sent = 0
+    pieces: Iterator[bytes] | None = None
+    while True:
+        try:
+            if pieces is None:
+                pieces = iter(body.pieces())
+            piece = next(pieces)
+        except StopIteration:
+            break
+        except OSError as exc:
+            raise RequestBodyError(f"cannot read the request body: {exc.strerror or exc}") from None
+        sent += len(piece)
+        if sent > body.length:
+            raise RequestBodyError(f"the request body grew past its announced {body.length} bytes while being sent")
+        yield piece
+    if sent != body.length:
+        raise RequestBodyError(f"the request body ended after {sent} of its announced {body.length} bytes")
 
 
 def describe_limit(size: int) -> str:
@@ -137,35 +176,40 @@ def encode_request(
     target: str,
     origin: Origin,
     headers: Sequence[tuple[str, str]] = (),
-    body: bytes | None = None,
+    body: bytes | StreamedBody | None = None,
 ) -> bytes:
-    """The bytes of one request. ``Host`` and ``Content-Length`` are added; header values may not contain
-    line breaks (a ValueError, so no input can add a header of its own)."""
+    """The bytes of one request (for a StreamedBody, its head alone: the shell sends the pieces after it).
+    ``Host`` and ``Content-Length`` are added; header values may not contain line breaks (a ValueError, so no
+    input can add a header of its own)."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}"]
     for name, value in headers:
         if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
             raise ValueError(f"invalid HTTP header {name!r}")
         lines.append(f"{name}: {value}")
-    if body is not None or method in ("POST", "PUT"):
+    if isinstance(body, StreamedBody):
+        lines.append(f"Content-Length: {body.length}")
+    elif body is not None or method in ("POST", "PUT"):
         lines.append(f"Content-Length: {len(body or b'')}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head + body if body else head
+    return head + body if isinstance(body, bytes) and body else head
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A request ready to send: where to connect (the origin, or a proxy on the way) and its bytes."""
+    """A request ready to send: where to connect (the origin, or a proxy on the way), its bytes, and the body
+    to send after them when it is streamed."""
 
     origin: Origin
     proxy: Proxy | None
     message: bytes
+    stream: StreamedBody | None = None
 
 
 def prepare_request(
     method: str,
     url: str,
     headers: Sequence[tuple[str, str]],
-    body: bytes | None,
+    body: bytes | StreamedBody | None,
     environ: Mapping[str, str],
     user_agent: str = "",
 ) -> PreparedRequest:
@@ -186,7 +230,8 @@ def prepare_request(
         target = origin.url + target
         if proxy.authorization:
             extra.append(("Proxy-Authorization", proxy.authorization))
-    return PreparedRequest(origin, proxy, encode_request(method, target, origin, extra, body))
+    stream = body if isinstance(body, StreamedBody) else None
+    return PreparedRequest(origin, proxy, encode_request(method, target, origin, extra, body), stream)
 
 
 def tunnel_request(origin: Origin, proxy: Proxy) -> bytes:

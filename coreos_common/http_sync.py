@@ -7,7 +7,9 @@ here; ``http.client`` brings the email package. This shell drives ``coreos_commo
 Rules of this file: the same as ``http_async``'s — every response bounded by ``max_body`` and every request by
 ``timeout`` (each blocking step gets what is left of it), kept-alive connections reused per origin and a
 request retried once only when a reused connection turned out closed before any byte came back, every failure
-an ``http1.HttpError``, proxies from the environment.
+an ``http1.HttpError``, proxies from the environment.  A body may also be streamed (``file_body``: an upload
+read a piece at a time, so memory stays flat whatever its size); when the server stops reading it and closes
+(it answered early: 401, 413…), that answer is returned if it arrived whole.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 from coreos_common.http1 import (
+    HttpError,
     HttpUnreachable,
     Origin,
     Proxy,
     Response,
+    StreamedBody,
     WholeResponseReader,
     check_tunnel,
+    checked_pieces,
     describe_os_error,
     prepare_request,
     tunnel_request,
@@ -36,6 +41,21 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_BODY = 1 << 20
 _READ_SIZE = 65536
+FILE_PIECE = 1 << 20
+
+
+def file_body(file: BinaryIO, *, piece_size: int = FILE_PIECE) -> StreamedBody:
+    """The rest of an open file, from where it stands now, as a streamed request body read ``piece_size`` bytes
+    at a time; its length is what the file holds now (a file that changes meanwhile fails the request)."""
+    start = file.tell()
+    length = os.fstat(file.fileno()).st_size - start
+
+    def pieces() -> Iterator[bytes]:
+        file.seek(start)
+        while piece := file.read(piece_size):
+            yield piece
+
+    return StreamedBody(length, pieces)
 
 
 SyncResponse = Response
@@ -98,11 +118,12 @@ class SyncHttpClient:
         url: str,
         *,
         headers: Sequence[tuple[str, str]] = (),
-        body: bytes | None = None,
+        body: bytes | StreamedBody | None = None,
         timeout: float = 30.0,
         max_body: int | None = DEFAULT_MAX_BODY,
     ) -> SyncResponse:
-        """Send one request and read the whole response (at most ``max_body`` bytes of body)."""
+        """Send one request and read the whole response (at most ``max_body`` bytes of body).  A StreamedBody is
+        sent a piece at a time; RequestBodyError when it cannot be read or its length is not the announced one."""
         deadline = time.monotonic() + timeout
         prepared = prepare_request(method, url, headers, body, self._environ, self._user_agent)
         origin, proxy, message = prepared.origin, prepared.proxy, prepared.message
@@ -113,13 +134,23 @@ class SyncHttpClient:
             if sock is None:
                 sock = self._open(origin, proxy, deadline)
             reader = WholeResponseReader(method=method, max_body=max_body)
+            sending_body = False
             try:
                 sock.settimeout(_left(deadline))
                 sock.sendall(message)
+                if prepared.stream is not None:
+                    sending_body = True
+                    for piece in checked_pieces(prepared.stream):
+                        sock.settimeout(_left(deadline))
+                        sock.sendall(piece)
+                    sending_body = False
                 while not reader.feed(_recv(sock, deadline)):
                     pass
             except (OSError, EOFError, HttpUnreachable) as exc:
+                early = _early_answer(sock, reader, deadline) if sending_body else None
                 sock.close()
+                if early is not None:
+                    return early
                 if reused and reader.received == 0:
                     continue
                 reason = exc.args[0] if isinstance(exc, HttpUnreachable) else describe_os_error(exc)
@@ -158,6 +189,16 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
             sock.close()
             failure = exc
     raise failure if failure is not None else OSError(f"{host} has no address")
+
+
+def _early_answer(sock: socket.socket, reader: WholeResponseReader, deadline: float) -> Response | None:
+    """The whole response a server sent before it stopped reading the body and closed, if it can still be read."""
+    try:
+        while not reader.feed(_recv(sock, deadline)):
+            pass
+    except (OSError, EOFError, HttpError):
+        return None
+    return reader.response()
 
 
 def _left(deadline: float) -> float:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from coreos_common.boolean import parse_bool
-from coreos_common.http1 import HttpError
-from coreos_common.http_sync import SyncHttpClient
+from coreos_common.http1 import HttpError, RequestBodyError, StreamedBody
+from coreos_common.http_sync import SyncHttpClient, file_body
 from coreupdate import COREOS_APP_ID
 from coreupdate.cliutil import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, run_cli
 from coreupdate.validation import ValidationError, canonical_app_id
@@ -46,13 +46,14 @@ class Client:
         self.key = key
         self.http = SyncHttpClient(user_agent=f"{PROG}/1")
 
-    def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+    def call(self, method: str, path: str, body: Any = None, *, raw: StreamedBody | None = None,
              timeout: float = 60.0) -> Any:
+        """One API call; ``raw`` is an octet-stream body sent a piece at a time (a payload upload)."""
         if not self.key:
             raise CliError("no API key: give --key or set UPDATECTL_KEY (make one with 'coreupdate token create')",
                            EXIT_AUTH)
         headers = [("Authorization", f"Bearer {self.key}"), ("Accept", "application/json")]
-        data = raw
+        data: bytes | StreamedBody | None = raw
         if raw is not None:
             headers.append(("Content-Type", "application/octet-stream"))
         elif body is not None:
@@ -62,6 +63,8 @@ class Client:
         try:
             response = self.http.request(method, url, headers=headers, body=data, timeout=timeout,
                                          max_body=MAX_ANSWER)
+        except RequestBodyError:
+            raise  # the caller names the file
         except HttpError as exc:
             raise CliError(f"cannot reach {self.server}: {exc}", EXIT_UNREACHABLE) from None
         except ValueError as exc:
@@ -188,8 +191,16 @@ def package_create(c: Client, args: argparse.Namespace) -> None:
         })
     else:
         name = quote(path.name)
-        package = c.call("PUT", f"{app_path(args)}/packages/{quote(args.version)}/payload?file_name={name}",
-                         raw=path.read_bytes(), timeout=3600)
+        try:
+            payload = path.open("rb")
+        except OSError as exc:
+            raise CliError(f"cannot read --file {path}: {exc.strerror or exc}") from None
+        with payload:  # sent a piece at a time: memory stays flat whatever the payload's size
+            try:
+                package = c.call("PUT", f"{app_path(args)}/packages/{quote(args.version)}/payload?file_name={name}",
+                                 raw=file_body(payload), timeout=3600)
+            except RequestBodyError as exc:
+                raise CliError(f"--file {path} was not uploaded: {exc}") from None
         if package.get("sha256") != digests.sha256_b64:
             raise CliError(f"the server stored a payload with SHA-256 {package.get('sha256')}, not the file's "
                            f"{digests.sha256_b64}: the upload was damaged; delete the package and retry")

@@ -220,6 +220,43 @@ def build_payload(
     return Built(body, manifest, metadata_size, ranges, signature_range)
 
 
+def write_sparse_payload(path: Path, size: int, key: KeyPair, *, chunk_size: int = CHUNK_SIZE) -> int:
+    """A valid signed payload of about ``size`` bytes that costs next to nothing to make or store: a partition of
+    zeros written by raw REPLACE operations, whose blobs are left as a hole in the file.  For tests of how a
+    large upload is handled; returns the file's size."""
+    count = max(1, size // chunk_size)
+    zeros = bytes(chunk_size)
+    zeros_sha256 = hashlib.sha256(zeros).digest()
+    blocks = chunk_size // BLOCK_SIZE
+    manifest = pb.DeltaArchiveManifest(block_size=BLOCK_SIZE)
+    for i in range(count):
+        manifest.partition_operations.add(
+            type=REPLACE, data_offset=i * chunk_size, data_length=chunk_size, data_sha256_hash=zeros_sha256,
+            dst_extents=[pb.Extent(start_block=i * blocks, num_blocks=blocks)],
+        )
+    partition = hashlib.sha256()
+    for _ in range(count):
+        partition.update(zeros)
+    manifest.new_partition_info.size = count * chunk_size
+    manifest.new_partition_info.hash = partition.digest()
+    manifest.signatures_offset = count * chunk_size
+    manifest.signatures_size = len(encode_signatures([(2, bytes(256))]))
+    manifest_bytes = manifest.SerializeToString()
+    metadata = encode_header(len(manifest_bytes)) + manifest_bytes
+    signed = hashlib.sha256(metadata)
+    for _ in range(count):
+        signed.update(zeros)
+    private = serialization.load_pem_private_key(key.private_pem, password=None)
+    assert isinstance(private, rsa.RSAPrivateKey)
+    signature = private.sign(signed.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    blob = encode_signatures([(2, signature)])
+    with path.open("wb") as out:
+        out.write(metadata)
+        out.seek(len(metadata) + count * chunk_size)  # the blobs: a hole, read back as zeros
+        out.write(blob)
+    return len(metadata) + count * chunk_size + len(blob)
+
+
 class RecordingFile(BoundedFile):
     """A bounded target file that notes the (offset, length) of every write, then writes as usual."""
 

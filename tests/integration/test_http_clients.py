@@ -4,6 +4,8 @@ that drops idle connections, streamed chunks, bounded bodies, time limits, refus
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import select
 import socket
 import socketserver
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from coreos_common.http1 import HttpUnreachable, ResponseTooLarge
+from coreos_common.http1 import HttpUnreachable, RequestBodyError, ResponseTooLarge, StreamedBody
 from coreos_common.http_async import HttpClient
-from coreos_common.http_sync import SyncHttpClient
+from coreos_common.http_sync import SyncHttpClient, file_body
 from sim.ports import free_port
 from sim.tls import make_server_tls
 
@@ -59,6 +61,9 @@ class Handler(socketserver.BaseRequestHandler):
             request_line = head.split(b"\r\n")[0].decode()
             lines = head.split(b"\r\n")
             length = next((int(h.split(b":")[1]) for h in lines if h.lower().startswith(b"content-length")), 0)
+            if request_line.split(" ")[1] == "/refuse-early":  # answers before reading the body, then closes
+                sock.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 8\r\nConnection: close\r\n\r\nno token")
+                return
             while len(buffer) < length:
                 buffer += sock.recv(65536)
             body, buffer = buffer[:length], buffer[length:]
@@ -72,6 +77,10 @@ class Handler(socketserver.BaseRequestHandler):
         """Answer one request; False ends the connection."""
         if path == "/echo":
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            return True
+        if path == "/digest":  # what arrived, in a few bytes: its length and SHA-256
+            answer = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
             return True
         if path == "/drop-after":  # says keep-alive, then closes: a server dropping idle connections
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -134,6 +143,41 @@ def test_sync_keep_alive_and_a_dropped_idle_connection(server: Scripted) -> None
         assert client.request("GET", f"{server.url}/drop-after").body == b"ok"
         assert client.request("POST", f"{server.url}/echo", body=b"c").body == b"c"
         assert server.connections == 2
+    finally:
+        client.close()
+
+
+def test_sync_streams_a_file_body_and_sends_it_again_on_a_new_connection(server: Scripted, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20) + b"tail"
+    path = tmp_path / "upload"
+    path.write_bytes(b"skipped" + data)
+    client = SyncHttpClient()
+    try:
+        with path.open("rb") as file:
+            file.seek(len(b"skipped"))  # the body is the rest of the file, from where it stands
+            body = file_body(file, piece_size=65536)
+            expected = b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode())
+            assert client.request("PUT", f"{server.url}/digest", body=body).body == expected
+            # An idle connection the server has dropped: the request goes out again, the body from its start.
+            assert client.request("GET", f"{server.url}/drop-after").body == b"ok"
+            assert client.request("PUT", f"{server.url}/digest", body=body).body == expected
+        assert server.connections == 2
+        # A body shorter than announced (a file truncated meanwhile) is an error, not a request cut short.
+        short = StreamedBody(10, lambda: [b"12345"])
+        with pytest.raises(RequestBodyError, match="ended after 5 of its announced 10 bytes"):
+            client.request("PUT", f"{server.url}/digest", body=short)
+    finally:
+        client.close()
+
+
+def test_sync_returns_the_answer_of_a_server_that_stops_reading_the_body(server: Scripted) -> None:
+    """A server refusing an upload (no token, too large) answers after the head and closes: that answer, not
+    "connection reset", is what the caller gets, however much of the body was left to send."""
+    body = StreamedBody(256 << 20, lambda: (bytes(1 << 20) for _ in range(256)))
+    client = SyncHttpClient()
+    try:
+        answer = client.request("PUT", f"{server.url}/refuse-early", body=body, timeout=30)
+        assert (answer.status, answer.body) == (401, b"no token")
     finally:
         client.close()
 

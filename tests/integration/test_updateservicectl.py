@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, coreupdate_command, start_coreupdate
-from sim.payload import Keys
+from sim.payload import Keys, key_pair, write_sparse_payload
 from sim.tools import VENV_BIN
 from update_engine.payload.generate import generate_full_payload
 
@@ -164,6 +164,48 @@ def test_updates_over_time_and_the_end_of_a_rollout(server: CoreUpdateServer, si
                          (("--start", later, "--end", str(before)), "is after end")):
         result = ctl(server, "instance", "list-updates", "--app-id", app, *bad)
         assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def ctl_peak_rss(server: CoreUpdateServer, tmp_path: Path, *args: str) -> tuple[int, str, int]:
+    """Exit code, stderr and peak resident memory (KiB, from wait4) of one updateservicectl run."""
+    err = tmp_path / "stderr"
+    with err.open("w") as errf:
+        proc = subprocess.Popen([str(VENV_BIN / "updateservicectl"), "--server", server.url, "--key", server.token,
+                                 *args], stdout=subprocess.DEVNULL, stderr=errf)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err.read_text(), usage.ru_maxrss
+
+
+def test_a_large_payload_is_uploaded_and_stored_in_flat_memory(
+    server: CoreUpdateServer, signed: dict[str, Path], tmp_path: Path
+) -> None:
+    """200 MiB (a sparse file: cheap to make and read) cost the command and the server about what a tiny payload
+    costs: the file is sent a piece at a time and written to disk as it arrives, never held whole."""
+    big = tmp_path / "big.gz"
+    size = write_sparse_payload(big, 200 << 20, key_pair("main"))
+    code, err, small_rss = ctl_peak_rss(server, tmp_path, "package", "create", "--app-id", COREOS_APP_ID,
+                                        "--version", "7.0.0", "--file", str(signed["payload"]),
+                                        "--public-key", str(signed["public"]))
+    assert code == 0, err
+    server_before = peak_rss_kib(server.process.pid)
+    code, err, big_rss = ctl_peak_rss(server, tmp_path, "package", "create", "--app-id", COREOS_APP_ID,
+                                      "--version", "7.1.0", "--file", str(big), "--public-key", str(signed["public"]))
+    assert code == 0, err
+    server_growth = peak_rss_kib(server.process.pid) - server_before
+    try:
+        stored = server.data_dir / "packages" / COREOS_APP_ID / "7.1.0" / "big.gz"
+        assert stored.stat().st_size == size
+        assert big_rss - small_rss < 32 << 10, f"{size >> 20} MiB cost the command {(big_rss - small_rss) >> 10} MiB"
+        assert server_growth < 64 << 10, f"{size >> 20} MiB cost the server {server_growth >> 10} MiB"
+    finally:
+        ok(server, "package", "delete", "--app-id", COREOS_APP_ID, "--version", "7.1.0")
 
 
 def test_watch_runs_the_program_with_the_groups_version(server: CoreUpdateServer, tmp_path: Path) -> None:

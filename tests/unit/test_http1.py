@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,9 +14,12 @@ from coreos_common.http1 import (
     HttpProtocolError,
     HttpUnreachable,
     Origin,
+    RequestBodyError,
     ResponseHead,
     ResponseParser,
     ResponseTooLarge,
+    StreamedBody,
+    checked_pieces,
     describe_limit,
     encode_request,
     prepare_request,
@@ -44,6 +49,33 @@ def test_request_bytes() -> None:
         b"Content-Length: 2\r\n\r\n{}"
     )
     assert encode_request("GET", "/", Origin("http", "::1", 80)).startswith(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n")
+
+
+def test_a_streamed_body_announces_its_length_and_is_sent_after_the_head() -> None:
+    body = StreamedBody(6, lambda: [b"abc", b"def"])
+    head = encode_request("PUT", "/payload", ORIGIN, [], body)
+    assert head.endswith(b"Content-Length: 6\r\n\r\n")
+    prepared = prepare_request("PUT", "http://127.0.0.1:8080/payload", [], body, {})
+    assert prepared.message.endswith(b"\r\n\r\n") and prepared.stream is body
+    assert b"".join(checked_pieces(body)) == b"abcdef"
+    assert b"".join(checked_pieces(body)) == b"abcdef"  # each call starts again from the beginning
+
+
+def _unreadable() -> list[bytes]:
+    raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize(
+    ("pieces", "message"),
+    [
+        (lambda: [b"abc", b"defg"], "grew past its announced 6 bytes"),
+        (lambda: [b"abc"], "ended after 3 of its announced 6 bytes"),
+        (_unreadable, "cannot read the request body: Permission denied"),
+    ],
+)
+def test_a_streamed_body_must_have_its_announced_length(pieces: Any, message: str) -> None:
+    with pytest.raises(RequestBodyError, match=message):
+        list(checked_pieces(StreamedBody(6, pieces)))
 
 
 @pytest.mark.parametrize("header", [("X", "a\r\nInjected: yes"), ("Bad:Name", "v"), ("", "v")])
