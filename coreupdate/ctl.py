@@ -1,8 +1,10 @@
 """``updateservicectl``: the command-line client of coreupdate's API, with the original's vocabulary.
 
 ``updateservicectl [--server URL] [--key TOKEN] [--json] COMMAND SUBCOMMAND [flags]``; the server and key also
-come from ``UPDATECTL_SERVER`` and ``UPDATECTL_KEY`` (``--user``/``UPDATECTL_USER`` are accepted for old
-scripts and ignored: a token names its owner).  Tables are aligned columns with a header; ``--json`` prints the
+come from ``UPDATECTL_SERVER`` and ``UPDATECTL_KEY``.  The original's ``--user``/``UPDATECTL_USER`` (a token names
+its owner here) and ``package create --meta`` (nodes get no metadata signature from this server; the payload's
+own signature covers its metadata) are refused with a message saying so, never ignored: a script that relies on
+them learns at once that they do nothing here.  Tables are aligned columns with a header; ``--json`` prints the
 API's JSON instead.  Exit codes (``cliutil``): 0 done; 1 refused (not found, conflict, invalid input, a payload
 that does not verify); 2 bad command line; 3 server unreachable or failing (5xx); 4 no token or token refused.
 """
@@ -502,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=os.environ.get("UPDATECTL_SERVER") or DEFAULT_SERVER,
                    help=f"server URL (UPDATECTL_SERVER; default {DEFAULT_SERVER})")
     p.add_argument("--key", default=os.environ.get("UPDATECTL_KEY", ""), help="API token (UPDATECTL_KEY)")
-    p.add_argument("--user", default=os.environ.get("UPDATECTL_USER", ""), help="accepted and ignored")
+    p.add_argument("--user", help="the original's user name: not supported (a token names its owner), refused")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     top = p.add_subparsers(dest="noun", required=True)
 
@@ -543,7 +545,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--url", help="where nodes download it; without it the file is uploaded to the server")
     sp.add_argument("--public-key", help="PEM key the payload's signature must verify with")
     sp.add_argument("--no-verify", action="store_true", help="do not check the signature here")
-    sp.add_argument("--meta", help="accepted for compatibility and ignored")
+    sp.add_argument("--meta", help="the original's metadata file: not supported (the payload's signature covers "
+                                   "its metadata), refused")
     verb(pk, "list", package_list, "list packages")
     verb(pk, "delete", package_delete, "delete a package").add_argument("--version", required=True)
 
@@ -622,12 +625,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """The original's options this server has no use for: a CliError saying why, rather than doing nothing."""
+    token_hint = "give the API token alone with --key or UPDATECTL_KEY (coreupdate token create --name NAME)"
+    if args.user is not None:
+        raise CliError(f"--user is not supported: coreupdate's API tokens name their owner; drop it and {token_hint}",
+                       EXIT_USAGE)
+    if os.environ.get("UPDATECTL_USER"):
+        raise CliError("UPDATECTL_USER is set, but a user name is not supported: coreupdate's API tokens name their "
+                       f"owner; unset it and {token_hint}", EXIT_USAGE)
+    if getattr(args, "meta", None) is not None:
+        raise CliError("--meta is not supported: this server sends nodes no MetadataSize or MetadataSignatureRsa; "
+                       "the payload's own signature, checked here with --public-key and by every node, covers its "
+                       "metadata; drop --meta", EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             args = _parser().parse_args(argv)
         except SystemExit as exc:
             return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
+        refuse_unsupported(args)
         client = Client(args.server, args.key)
         try:
             args.fn(client, args)

@@ -238,6 +238,22 @@ def test_exit_codes(server: CoreUpdateServer, args: tuple[str, ...], key: str | 
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--user", "admin", "app", "list"), {}, "--user is not supported: coreupdate's API tokens name their owner"),
+        (("app", "list"), {"UPDATECTL_USER": "admin"}, "UPDATECTL_USER is set, but a user name is not supported"),
+        (("package", "create", "--app-id", COREOS_APP_ID, "--version", "3.0.0", "--file", "update.gz",
+          "--no-verify", "--meta", "meta.json"), {}, "--meta is not supported"),
+    ],
+)
+def test_the_originals_user_and_meta_are_refused_not_ignored(args: tuple[str, ...], env: dict[str, str],
+                                                              message: str) -> None:
+    """Refused before anything is sent (the server named here does not even answer), with what to do instead."""
+    result = ctl(None, "--server", "http://127.0.0.1:9", "--key", "k", *args, env=env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unreachable_server_and_environment_variables(server: CoreUpdateServer) -> None:
     result = ctl(None, "app", "list", env={"UPDATECTL_SERVER": "http://127.0.0.1:9", "UPDATECTL_KEY": "k"})
     assert result.returncode == 3 and "cannot reach http://127.0.0.1:9" in result.stderr
