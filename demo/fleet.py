@@ -45,7 +45,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from demo.operator import Operator
+from demo.operator import DASHBOARD_USER, Operator
 from demo.report import Report
 from demo.scenario import (
     CHANNEL,
@@ -167,6 +167,7 @@ async def run_demo(options: DemoOptions, console: Console, workdir: Path) -> int
     story = Story(console, options.rollout_text())
     operator = Operator(story, workdir)
     fleet: Fleet | None = None
+    sign_in = ("", "")  # the dashboard's account, made when serving
     try:
         story.say("fleet", options.describe(), NOTE)
         story.say("fleet", f"work dir {workdir} (the commands below run there)", DIM)
@@ -178,6 +179,8 @@ async def run_demo(options: DemoOptions, console: Console, workdir: Path) -> int
         if options.on_coreupdate:
             data_dir = workdir / "coreupdate"
             omaha = CoreUpdateOmaha(data_dir, await operator.make_token(data_dir), release.public_key, LINK_RATE)
+            if options.serve:
+                sign_in = (DASHBOARD_USER, await operator.add_dashboard_user(data_dir))
         else:
             omaha = DevServerOmaha([(release.payload, NEW_VERSION)], LINK_RATE)
         fleet = Fleet(workdir, omaha, release.public_key, story, console.elapsed, semaphore_max=SEMAPHORE_MAX,
@@ -195,7 +198,7 @@ async def run_demo(options: DemoOptions, console: Console, workdir: Path) -> int
         report = Report(console, fleet, options, expected, setup_done_at, promoted_at, console.elapsed())
         code = await report.print()
         if options.serve and isinstance(omaha, CoreUpdateOmaha):
-            await serve_until_stopped(omaha, console, main_task.cancel)
+            await serve_until_stopped(omaha, console, main_task.cancel, sign_in)
         return code
     finally:
         if fleet is not None:

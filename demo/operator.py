@@ -1,6 +1,7 @@
 """The demo's operator: sets up the rollout on ``coreupdate`` with the real commands, printing each one as it runs.
 
-What an operator of a fleet would type: ``coreupdate token create`` for an API token, then ``updateservicectl``
+What an operator of a fleet would type: ``coreupdate token create`` for an API token (and, with ``--serve``,
+``coreupdate user add`` for a dashboard account), then ``updateservicectl``
 with ``UPDATECTL_SERVER`` and ``UPDATECTL_KEY`` set: a group that follows a channel at a limited rate, the signed
 payload uploaded as a package (checked against the fleet's public key before it leaves, and again by the server),
 and later the package promoted to the channel, which starts the rollout.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from sim.tools import VENV_BIN
 
 COMMAND_TIMEOUT = 60.0
 LABEL = "admin"
+DASHBOARD_USER = "admin"
 
 
 class OperatorError(RuntimeError):
@@ -54,15 +57,18 @@ class Operator:
         """Print the command line ``argv`` (``&`` when it keeps running)."""
         self.say("$ " + " ".join([str(argv[0]), *(self.shown(a) for a in argv[1:])]) + (" &" if background else ""))
 
-    async def run(self, command: str, *args: str | Path) -> list[str]:
-        """Run ``command args…``, print it and its output; returns the output's lines."""
+    async def run(self, command: str, *args: str | Path, stdin: str | None = None) -> list[str]:
+        """Run ``command args…`` (``stdin``: what it reads, as a person would type it), print it and its output;
+        returns the output's lines."""
         self.tell([command, *args])
         proc = await asyncio.create_subprocess_exec(
             str(VENV_BIN / command), *(str(a) for a in args), cwd=self.workdir, env=self.env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(None if stdin is None else stdin.encode()),
+                                            COMMAND_TIMEOUT)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -86,6 +92,14 @@ class Operator:
         if not token:
             raise OperatorError("coreupdate token create printed no token")
         return token
+
+    async def add_dashboard_user(self, data_dir: Path, name: str = DASHBOARD_USER) -> str:
+        """An admin account for the dashboard, with a fresh password (typed on stdin, as the command reads it);
+        returns the password."""
+        password = secrets.token_urlsafe(12)
+        self.show_output(await self.run("coreupdate", "user", "add", name, "--role", "admin", "--data-dir", data_dir,
+                                        stdin=password + "\n"))
+        return password
 
     def use_server(self, url: str, token: str) -> None:
         """``updateservicectl``'s server and key from now on, as an operator would export them."""

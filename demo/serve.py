@@ -1,7 +1,8 @@
 """``--serve``: after the rolling update, the fleet and ``coreupdate`` keep running until Ctrl-C or SIGTERM.
 
 :func:`serve_lines` is what a person needs to look around, and the one place to add to it: the server's URL (its
-API, and the dashboard at ``/``), the API token, and a command to paste. :func:`serve_until_stopped` prints them
+API, and the dashboard at ``/``), the dashboard's account (made by the operator with ``coreupdate user add``), the
+API token, and a command to paste. :func:`serve_until_stopped` prints them
 and waits.
 
 Rules: Ctrl-C and SIGTERM end the wait, not the run: the caller then stops everything as usual and its exit status
@@ -21,11 +22,13 @@ from sim.fleet.coreupdate import CoreUpdateOmaha
 from sim.tools import VENV_BIN
 
 
-def serve_lines(omaha: CoreUpdateOmaha) -> list[str]:
-    """The server's addresses and token, and how to use them."""
+def serve_lines(omaha: CoreUpdateOmaha, sign_in: tuple[str, str]) -> list[str]:
+    """The server's addresses, the dashboard's account and the API token, and how to use them."""
     ctl = VENV_BIN / "updateservicectl"
     return [
         f"coreupdate keeps serving at {omaha.url}/ (API and dashboard), and the fleet keeps running.",
+        f"  dashboard:   {omaha.url}/",
+        f"  sign in:     {sign_in[0]} / {sign_in[1]}",
         f"  API token:   {omaha.token}",
         f"  try:         UPDATECTL_SERVER={omaha.url} UPDATECTL_KEY={omaha.token} {ctl} instance list "
         f"--app-id {COREOS_APP_ID}",
@@ -34,11 +37,12 @@ def serve_lines(omaha: CoreUpdateOmaha) -> list[str]:
     ]
 
 
-async def serve_until_stopped(omaha: CoreUpdateOmaha, console: Console, on_sigterm: Callable[[], object]) -> None:
+async def serve_until_stopped(omaha: CoreUpdateOmaha, console: Console, on_sigterm: Callable[[], object],
+                              sign_in: tuple[str, str]) -> None:
     """Print :func:`serve_lines`, then wait for SIGINT or SIGTERM; ``on_sigterm`` is the caller's SIGTERM handler,
-    put back afterwards."""
+    put back afterwards; ``sign_in``: the dashboard's user and password."""
     console.plain()
-    for index, line in enumerate(serve_lines(omaha)):
+    for index, line in enumerate(serve_lines(omaha, sign_in)):
         console.plain(line, NOTE if index == 0 else None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -60,8 +60,9 @@ def ordered_versions(versions: set[str] | Sequence[str]) -> list[str]:
 
 
 def _nice_top(value: int) -> int:
+    """The axis' top: the peak rounded up to an even number (so the middle line is whole) or a round one."""
     if value <= 4:
-        return max(value, 1)
+        return 2 if value <= 2 else 4
     magnitude = 10 ** (len(str(value)) - 1)
     for step in (1, 2, 2.5, 5, 10):
         top = int(step * magnitude)

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 READ_TIMEOUT = 5.0  # seconds for one API call; a slow answer is a failed read, asked again
+# A demo's rollout lasts about a minute: the dashboard's versions-over-time chart gets a point every 5 s.
+HISTORY_RESOLUTION_S = 5
 
 
 class CoreUpdateOmaha:
@@ -74,7 +76,8 @@ class CoreUpdateOmaha:
 
     async def start(self, workdir: Path) -> None:
         """Start the server on the data directory given at construction (``workdir`` is not needed)."""
-        extra = ("--payload-public-key", str(self.payload_public_key))
+        extra = ("--payload-public-key", str(self.payload_public_key),
+                 "--history-resolution", str(HISTORY_RESOLUTION_S))
         self.server = await asyncio.to_thread(start_coreupdate, self.data_dir, extra_args=extra, token=self.token)
         self.token = self.server.token
         self.link = await SlowLink(self.server.url, self.link_rate).start()

@@ -8,6 +8,7 @@ output as a user would (and the API), and then look for any process still runnin
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,18 @@ def operator_line(output: str, command: str) -> bool:
     return re.search(rf"^\s*[\d.]+s\s+admin\s+\$ {command}", output, re.MULTILINE) is not None
 
 
+def dashboard_page(base: str, user: str, password: str, path: str) -> str:
+    """A dashboard page, after signing in as a browser would (the form's token, its cookie, the session)."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(f"{base}/login", timeout=30) as response:
+        form = response.read().decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert token, form
+    data = urllib.parse.urlencode({"csrf_token": token[1], "name": user, "password": password, "next": path})
+    with opener.open(f"{base}/login", data.encode(), timeout=30) as response:
+        return str(response.read().decode())
+
+
 def api(url: str, token: str, path: str) -> Any:
     request = urllib.request.Request(f"{url}api/v1{path}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as answer:
@@ -185,7 +199,8 @@ def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(
         assert "Ctrl-C or SIGTERM stops everything." in out, out[-3000:]
         assert operator_line(out, r"coreupdate token create --data-dir coreupdate --name demo")
         assert operator_line(out, r"coreupdate serve --listen 127\.0\.0\.1:\d+ --data-dir coreupdate "
-                                  r"--payload-public-key release/key\.pub\.pem &")  # fmt: skip
+                                  r"--payload-public-key release/key\.pub\.pem --history-resolution 5 &")  # fmt: skip
+        assert operator_line(out, r"coreupdate user add admin --role admin --data-dir coreupdate")
         assert operator_line(out, r"updateservicectl group create --app-id \$APP --group-id demo-fleet .*"
                                   r"--channel stable --update-count 1 --update-interval 10")  # fmt: skip
         assert operator_line(out, r"updateservicectl package create --app-id \$APP --version 2\.0\.0 "
@@ -211,6 +226,12 @@ def test_update_scenario_rolls_out_on_coreupdate_one_node_at_a_time_then_serves(
         for before, after in itertools.pairwise(grants):
             assert after["granted_at"] - before["granted_at"] >= 10, grants
             assert before["status_at"] <= after["granted_at"], grants
+        # The dashboard, with the account the demo printed: the group's rollout is complete.
+        dashboard = re.search(r"dashboard:\s+(http://127\.0\.0\.1:\d+)/", out)
+        sign_in = re.search(r"sign in:\s+(\S+) / (\S+)", out)
+        assert dashboard and sign_in, out
+        overview = dashboard_page(dashboard[1], sign_in[1], sign_in[2], "/")
+        assert "demo-fleet" in overview and "Complete" in overview and "3 of 3 (100 %)" in overview
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
