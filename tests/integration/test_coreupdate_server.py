@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coreupdate import openapi
-from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, cpp_update_check, start_coreupdate
+from coreupdate.storage import engine as db_engine
+from coreupdate.storage.store import CheckIn, EventRecord, Store
+from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, coreupdate_command, cpp_update_check, start_coreupdate
+from update_engine.omaha import RequestEvent
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +270,42 @@ def test_a_database_outage_gives_503_and_recovers_without_a_restart(
     finally:
         srv.stop()
         pg.close()
+
+
+def test_serve_prunes_events_and_silent_instances_after_the_retention_it_is_given(
+    tmp_path: Path, database: str | None
+) -> None:
+    """``--events-retention`` and ``--instances-retention`` (days) are applied when the server starts, then
+    hourly: events older than the first go, and instances whose last check-in is older than the second."""
+    day = 86400.0
+    data_dir = tmp_path / "srv"
+    data_dir.mkdir()
+    engine = db_engine.create(database or db_engine.sqlite_url(data_dir))
+    now = time.time()
+    try:
+        store = Store(engine, clock=lambda: now)
+        store.migrate()
+        stable = store.get_group(COREOS_APP_ID, "stable").id
+        store.record(
+            [CheckIn(COREOS_APP_ID, "silent", "1.0.0", "stable", stable, now - 25 * day),
+             CheckIn(COREOS_APP_ID, "active", "1.0.0", "stable", stable, now)],
+            [EventRecord(COREOS_APP_ID, "active", stable, "1.0.0", RequestEvent(3, 0, code), now - age * day)
+             for code, age in ((9, 15), (10, 5))],
+        )
+    finally:
+        engine.dispose()
+    srv = start_coreupdate(data_dir, database=database,
+                           extra_args=("--events-retention", "10", "--instances-retention", "20"))
+    try:
+        srv.wait_for_log("Retention: deleted")
+        deleted = srv.log_text().split("Retention: deleted ", 1)[1].splitlines()[0]
+        assert "1 events" in deleted and "1 instances" in deleted
+        status, _ = srv.request("GET", f"/api/v1{APP}/instances/silent")
+        assert status == 404
+        active = srv.api("GET", f"{APP}/instances/active")
+        assert [e["error_code"] for e in active["events"]] == [10]
+    finally:
+        srv.stop()
+    refused = subprocess.run(coreupdate_command("serve", "--events-retention", "0", "--data-dir", str(data_dir)),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "must be more than 0 days" in refused.stderr
