@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, coreupdate_command, start_coreupdate
-from tests.integration.test_coreupdate_server import event_request, release
+from sim.coreupdate import COREOS_APP_ID, CoreUpdateServer, coreupdate_command, cpp_update_check, start_coreupdate
+from tests.integration.test_coreupdate_server import event_request, release, wait_for
 from update_engine.payload.generate import generate_full_payload, make_key_pair
 
 pytestmark = pytest.mark.integration
@@ -279,3 +279,19 @@ async def test_behind_a_tls_proxy_cookies_are_secure_and_the_address_is_the_clie
         session_cookie = next(c for c in cookie if c.startswith("coreupdate_session="))
         assert "Secure" in session_cookie and "HttpOnly" in session_cookie and "SameSite=Strict" in session_cookie
         srv.wait_for_log("User alice (admin) signed in from 203.0.113.7")
+
+
+async def test_the_group_page_shows_the_end_of_a_rollout(server: CoreUpdateServer, browser: Browser) -> None:
+    release(server, "3.5.0", "finish")
+    server.api("POST", f"/apps/{COREOS_APP_ID}/groups", {"id": "finish", "name": "finish", "channel": "finish"})
+    assert server.omaha(cpp_update_check("finisher", "finish", "1.0.0"))[0] == 200  # granted 3.5.0
+    assert server.omaha(cpp_update_check("finisher", "finish", "3.5.0"))[0] == 200  # back up on it: complete
+
+    def completed() -> list[str]:
+        return [a["message"] for a in server.api("GET", f"/activity?app={COREOS_APP_ID}&group=finish")
+                if a["kind"] == "rollout-completed"]
+
+    wait_for(lambda: bool(completed()), "the rollout of 3.5.0 to finish recorded as completed")
+    await browser.sign_in(*ADMIN)
+    page = html.unescape(await browser.get(f"/apps/{COREOS_APP_ID}/groups/finish"))
+    assert "rollout-completed" in page and completed()[0] in page
