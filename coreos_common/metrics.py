@@ -192,9 +192,8 @@ def _set_group_readable(path: Path) -> None:
     try:
         os.chown(path, -1, gid)
     except PermissionError:
-        log.warning("Cannot give %s to group %r: this process may not (it needs CAP_CHOWN, or to be in the group, "
-                    "e.g. SupplementaryGroups=%s in its unit); only this user can read it", path, METRICS_GROUP,
-                    METRICS_GROUP)
+        log.warning("Cannot give %s to group %r: this process may not (it needs CAP_CHOWN, or to be in the group); "
+                    "only this user can read it", path, METRICS_GROUP)
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -59,9 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy-hook-timeout", type=float, default=300.0,
                    help="seconds each healthy-boot hook may run (default 300)")
     p.add_argument("--healthy-hook-retry", type=float, default=10.0, help=argparse.SUPPRESS)
-    p.add_argument("--metrics-socket", type=Path,
-                   help="Unix socket serving Prometheus metrics (default metrics.promsock in --run-dir; "
-                        "'' for none)")
+    p.add_argument("--metrics-socket",
+                   help="Unix socket serving Prometheus metrics (default metrics.promsock in --run-dir; none: off)")
     p.add_argument("--metrics-textfile", type=Path,
                    help="also write the metrics to this .prom file, for node_exporter's textfile collector")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -133,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         healthy_hook_timeout=args.healthy_hook_timeout,
         healthy_hook_retry=BackoffPolicy(args.healthy_hook_retry, max(args.healthy_hook_retry, 300.0)),
     )
-    socket = args.metrics_socket if args.metrics_socket is not None else options.run_dir / METRICS_SOCKET_NAME
+    socket = Path(args.metrics_socket) if args.metrics_socket else options.run_dir / METRICS_SOCKET_NAME
     outputs = DaemonOutputs(
-        metrics_socket=socket if str(socket) not in ("", ".") else None,
+        metrics_socket=None if args.metrics_socket in ("none", "") else socket,
         metrics_textfile=args.metrics_textfile,
         healthy_boot_dir=args.healthy_boot_dir or options.config_root / DEFAULT_HOOK_DIR,
     )

@@ -149,3 +149,22 @@ async def test_a_socket_path_taken_by_something_else_is_named_and_the_daemon_run
     assert taken.read_text() == "not a socket\n"
     assert daemon.process is not None and daemon.process.poll() is None
 
+
+
+async def test_the_default_socket_is_in_the_run_directory_and_none_turns_it_off(
+    tmp_path: Path, bus: PrivateBus, keys: Keys, started: tuple[MessageBus, list[Daemon]],
+) -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="ue-run-", dir="/tmp"))  # short: a socket path must fit in 108 bytes
+    try:
+        node = make_node_root(tmp_path / "root", server="disabled")
+        daemon = make_daemon(tmp_path, node, make_usr_disk(tmp_path / "disk.img"), bus, keys)
+        daemon.args[daemon.args.index("--run-dir") + 1] = str(run_dir)
+        await start(started, daemon)
+        assert parse(scrape_text(run_dir / "metrics.promsock"))[0]
+        daemon.stop()
+        assert not (run_dir / "metrics.promsock").exists()  # removed on the way out
+        daemon.args += ["--metrics-socket", "none"]
+        await start(started, daemon)
+        assert not (run_dir / "metrics.promsock").exists()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
