@@ -278,14 +278,21 @@ async def run_hook(path: Path, *, env: Mapping[str, str], timeout: float, args: 
     name = path.name
     output = _OutputLog(name)
     log.info("Running hook %s", path)
+    starting = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        str(path), *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=dict(env), start_new_session=True,
+    ))
     try:
-        process = await asyncio.create_subprocess_exec(
-            str(path), *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=dict(env), start_new_session=True,
-        )
+        process = await asyncio.shield(starting)
     except OSError as exc:
         return RunResult(Outcome.REFUSED, hook=path, detail=f"cannot be started: {exc.strerror}")
+    except asyncio.CancelledError:
+        # Cancelled while the process was being set up: asyncio alone would kill the hook but not what it started
+        # already. Let the start finish, then stop the whole group as any cancel does.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_stop(await starting))
+        raise
     assert process.stdout is not None
     reader = asyncio.ensure_future(_read_output(process.stdout, output))
     try:

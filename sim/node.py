@@ -21,7 +21,7 @@ from sim.disks import make_usr_disk
 from sim.payload import Keys
 from sim.tools import VENV_BIN
 from update_engine.engine.options import EngineOptions
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 OLD_VERSION = "1.0.0"
 DEFAULT_APPID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"

@@ -15,7 +15,7 @@ from coreos_common.updateconf import SettingsFileError
 from update_engine import __version__
 from update_engine.config import startup_refusal
 from update_engine.engine.attempter import EngineOptions, UpdateAttempter, describe_outcome
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 log = logging.getLogger("update_engine")
 

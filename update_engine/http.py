@@ -1,74 +1,35 @@
-"""HTTP for the update-engine: the Omaha POST and the payload download with Range resume.
+"""HTTP for the update-engine's payload download, with Range resume, over aiohttp.
 
-The limits follow the original's libcurl settings where users depend on them (30 s connect, a stalled transfer is
-abandoned, at most 10 redirects, a short download resumed with ``Range`` up to 20 times) and are stricter where the
-original trusted the network: the Omaha body is capped at 1 MiB, and a redirect may never change an https URL into
-anything else or leave http(s).
+The rules (limits, redirects, URL checks) are ``http_rules``, shared with the Omaha client (``omaha_client``, which
+needs no aiohttp); this module is imported only when a payload is downloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from update_engine.errors import ErrorCode, UpdateEngineError, http_error_code
+from coreos_common.http1 import describe_os_error
+from update_engine.errors import ErrorCode
+from update_engine.http_rules import (
+    MAX_REDIRECTS,
+    HttpError,
+    HttpLimits,
+    check_url,
+    host_of,
+    redirect_target,
+)
 
 log = logging.getLogger(__name__)
 
-OMAHA_BODY_LIMIT = 1 << 20
-MAX_REDIRECTS = 10
 # aiohttp buffers up to twice this much of a response before it stops reading the socket. The default (64 KiB)
 # makes it stop and restart reading every few hundred KiB; the payload sink bounds what is in flight after it.
 DOWNLOAD_READ_BUFFER = 1 << 20
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """Timeouts and retry counts; tests shrink them, the defaults are the original's."""
-
-    connect_timeout: float = 30.0
-    stall_timeout: float = 90.0  # no byte for this long, or too few (see min_rate), → resume or abandon
-    min_rate: float = 10.0  # bytes/s averaged over each stall_timeout window, as the original's low-speed limit
-    omaha_total_timeout: float = 120.0
-    resume_attempts: int = 20
-    resume_delay: float = 20.0
-
-
-class HttpError(UpdateEngineError):
-    """A transfer failed; ``status`` is the HTTP status when there was a response."""
-
-    def __init__(self, code: ErrorCode | int, message: str, status: int | None = None) -> None:
-        super().__init__(code, message)
-        self.status = status
-
-
-def check_url(url: str, *, what: str) -> None:
-    """Refuse anything but http(s) URLs with a host; ``what`` names the URL in the message."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HttpError(ErrorCode.OMAHA_RESPONSE_INVALID, f"{what} {url!r} is not an http(s) URL with a host")
-
-
-def redirect_target(current: str, location: str | None) -> str:
-    """Where a redirect leads, refusing scheme changes away from https and non-http(s) schemes."""
-    if not location:
-        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from {current} has no Location header")
-    target = urljoin(current, location)
-    old_scheme = urlsplit(current).scheme
-    new_scheme = urlsplit(target).scheme
-    if new_scheme not in ("http", "https"):
-        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from {current} to non-http(s) URL {target!r}")
-    if old_scheme == "https" and new_scheme != "https":
-        raise HttpError(ErrorCode.DOWNLOAD_TRANSFER_ERROR, f"redirect from https {current} downgrades to {target!r}")
-    return target
 
 
 def make_session(limits: HttpLimits) -> aiohttp.ClientSession:
@@ -79,70 +40,15 @@ def make_session(limits: HttpLimits) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
 
 
-async def post_omaha(session: aiohttp.ClientSession, url: str, body: bytes, limits: HttpLimits) -> bytes:
-    """POST an Omaha request; return the response body (≤ 1 MiB) of a 2xx answer, else raise HttpError."""
-    check_url(url, what="Omaha server URL")
-    current = url
-    try:
-        async with asyncio.timeout(limits.omaha_total_timeout):
-            for _ in range(MAX_REDIRECTS + 1):
-                async with session.post(
-                    current, data=body, headers={"Content-Type": "text/xml"}, allow_redirects=False
-                ) as resp:
-                    if resp.status in (301, 302, 303, 307, 308):
-                        current = redirect_target(current, resp.headers.get("Location"))
-                        continue
-                    if not 200 <= resp.status < 300:
-                        raise HttpError(
-                            http_error_code(resp.status),
-                            f"Omaha server {host_of(current)} answered HTTP {resp.status}",
-                            status=resp.status,
-                        )
-                    declared = resp.content_length
-                    if declared is not None and declared > OMAHA_BODY_LIMIT:
-                        raise HttpError(
-                            ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
-                            f"Omaha response from {host_of(current)} is {declared} bytes, over the 1 MiB limit",
-                        )
-                    data = bytearray()
-                    async for chunk in resp.content.iter_chunked(65536):
-                        data += chunk
-                        if len(data) > OMAHA_BODY_LIMIT:
-                            raise HttpError(
-                                ErrorCode.OMAHA_REQUEST_XML_PARSE_ERROR,
-                                f"Omaha response from {host_of(current)} exceeds the 1 MiB limit",
-                            )
-                    return bytes(data)
-            raise HttpError(ErrorCode.OMAHA_REQUEST_ERROR, f"more than {MAX_REDIRECTS} redirects from {url}")
-    except TimeoutError as exc:
-        raise HttpError(http_error_code(None), f"Omaha server {host_of(current)} timed out") from exc
-    except aiohttp.ClientError as exc:
-        raise HttpError(
-            http_error_code(None), f"Omaha server {host_of(current)} unreachable: {describe_transport_error(exc)}"
-        ) from exc
-
-
 def describe_transport_error(exc: BaseException) -> str:
     """What failed below HTTP, in words (aiohttp's own text names a TLS setting even for a plain-http URL)."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return f"the TLS certificate of {exc.host} was not accepted: {exc.certificate_error}"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        error = exc.os_error
-        if isinstance(error, socket.gaierror):
-            return f"cannot resolve {exc.host}: {error.strerror}"
-        text = os.strerror(error.errno) if error.errno and error.errno > 0 else str(error.strerror or error)
-        return f"cannot connect to {exc.host} port {exc.port}: {text[:1].lower()}{text[1:]}"
+        return f"cannot connect to {exc.host} port {exc.port}: {describe_os_error(exc.os_error)}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def host_of(url: str) -> str:
-    """The host:port of a URL, for log lines (never the path, which may carry tokens)."""
-    parts = urlsplit(url)
-    return parts.netloc.rpartition("@")[2] or url
+    return describe_os_error(exc)
 
 
 DeliverFn = Callable[[bytes], Awaitable[None]]

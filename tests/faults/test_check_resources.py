@@ -11,6 +11,7 @@ descriptors before and after.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,10 @@ from sim.disks import disk_facts
 from sim.node import Node, make_node
 from sim.omaha import Offer, OmahaStub, serve_bytes
 from sim.payload import Keys, Release, build_release, sha256_b64
-from tests.faults.support import MIB, NEW_VERSION, assert_nothing_armed
+from tests.faults.support import MIB, NEW_VERSION, assert_nothing_armed, assert_running_untouched
 from update_engine.engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 pytestmark = pytest.mark.faults
 
@@ -167,3 +168,46 @@ async def test_cancelled_checks_leak_nothing_and_leave_the_partition_disarmed(
     assert _resources() == (threads, fds)
     assert_nothing_armed(node, before)
 
+
+
+async def test_a_cancel_during_the_postinstall_hook_kills_it_and_disarms_the_partition(
+    tmp_path: Path, keys: Keys, stub: OmahaStub, release: Release
+) -> None:
+    """Before, the hook ran in a thread with a 600 s timeout: a cancelled check (SIGTERM) left it running, and the
+    daemon's exit waited for it."""
+    node = make_node(tmp_path, stub.url)
+    node.root.set_update_conf(SERVER=stub.url)
+    stub.offer = Offer(NEW_VERSION, release.size, release.sha256_b64)
+    before = disk_facts(node.disk)
+    pid_file = tmp_path / "hook.pid"
+    hook = tmp_path / "postinst"
+    hook.write_text(f"#!/bin/sh\nsleep 600 &\necho $! > {pid_file}\nwait\n")
+    hook.chmod(0o755)
+    options = dataclasses.replace(node.options(keys, "", QUICK), postinstall_hook=hook)
+    task = asyncio.create_task(UpdateAttempter(options).check_and_update(interactive=True))
+    try:
+        async with asyncio.timeout(BOUND):
+            while not pid_file.exists() or not pid_file.read_text().strip():
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, BOUND)
+    child = int(pid_file.read_text())
+    async with asyncio.timeout(BOUND):
+        while _alive(child):
+            await asyncio.sleep(0.02)
+    # The partition that was armed before the hook ran is disarmed again; the running one is untouched.
+    after = disk_facts(node.disk)
+    assert_running_untouched(before, after)
+    assert after.usr_b_flags[0] == 0 and not node.reboot_marker.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return status != "Z"

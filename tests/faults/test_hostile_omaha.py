@@ -34,7 +34,7 @@ from tests.faults.support import FRESH_USR_A, MIB, NEW_VERSION, TEST_OMAHA_URL_F
 from update_engine import omaha
 from update_engine.engine.attempter import UpdateAttempter
 from update_engine.errors import ErrorCode
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 pytestmark = pytest.mark.faults
 

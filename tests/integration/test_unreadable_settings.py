@@ -29,7 +29,7 @@ from sim.omaha import OmahaStub
 from sim.ports import free_port
 from update_engine import daemon as update_engine_daemon
 from update_engine.engine.attempter import EngineOptions, UpdateAttempter
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 NOBODY = 65534
 CONF = "etc/coreos/update.conf"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coreos_common import hooks
-from coreos_common.hooks import Outcome, Verdict, judge, run_hooks
+from coreos_common.hooks import Outcome, Verdict, judge, run_hook, run_hooks
 
 
 def write_hook(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
@@ -166,3 +166,35 @@ def process_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _processes_running(*argv: str) -> list[int]:
+    """Processes (not zombies) whose command line is ``argv``."""
+    wanted = "\0".join(argv) + "\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_text() == wanted and (entry / "stat").read_text().split()[2] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+async def test_a_cancel_while_the_hook_is_starting_still_stops_its_whole_group(tmp_path: Path) -> None:
+    """Before, a cancel that came while asyncio was still setting the process up killed the hook alone (asyncio's
+    transport sends SIGKILL to its pid): what the hook had started ran on."""
+    marker = str(4000 + os.getpid() % 1000)
+    hook = write_hook(tmp_path / "hooks", "10-spawns", f"sleep {marker} &\nsleep {marker} &\nwait")
+    for _ in range(5):
+        task = asyncio.create_task(run_hook(hook, env={"PATH": os.environ["PATH"]}, timeout=60))
+        await asyncio.sleep(0)  # the hook is forked; asyncio now waits for its pipes to be connected
+        time.sleep(0.05)  # not yielding: the shell starts its children while that wait is still pending
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(10):
+            while _processes_running("sleep", marker):
+                await asyncio.sleep(0.02)

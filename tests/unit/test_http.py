@@ -1,20 +1,13 @@
-"""The sans-IO rules of update_engine.http: URL checks, redirect targets and the low-speed limit."""
+"""The sans-IO rules of the payload download and of every transfer: URL checks, redirect targets, the low-speed
+limit, Content-Range."""
 
 from __future__ import annotations
 
 import pytest
 
 from update_engine.errors import ErrorCode
-from update_engine.http import (
-    HttpError,
-    RateWatch,
-    TransferTooSlow,
-    WrongRange,
-    check_content_range,
-    check_url,
-    host_of,
-    redirect_target,
-)
+from update_engine.http import RateWatch, TransferTooSlow, WrongRange, check_content_range
+from update_engine.http_rules import HttpError, check_url, host_of, redirect_target
 
 
 def test_rate_watch_lets_a_fast_transfer_through() -> None:

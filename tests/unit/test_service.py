@@ -22,7 +22,7 @@ from sim.standins.systemd import start_systemd_standin
 from tests.conftest import require_tool
 from update_engine.engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
 from update_engine.healthy_boot import BOOT_MARKED_NAME, mark_boot_healthy, read_uptime, wait_for_healthy_boot
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 from update_engine.scheduler import CheckScheduler
 from update_engine.service import DaemonTiming, scheduler_loop, status_line
 

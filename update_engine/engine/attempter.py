@@ -42,7 +42,8 @@ from update_engine.engine.machine import (
 from update_engine.engine.options import REBOOT_MARKER_NAME, EngineOptions
 from update_engine.errors import UpdateEngineError, describe
 from update_engine.gpt import PartitionFlags
-from update_engine.http import HttpError, host_of, make_session, post_omaha
+from update_engine.http_rules import HttpError, host_of
+from update_engine.omaha_client import OmahaClient
 from update_engine.prefs import Prefs
 
 log = logging.getLogger(__name__)
@@ -277,9 +278,9 @@ class UpdateAttempter:
         if settings.updates_disabled:
             return
         params = request_params(self.options, settings, self.history, interactive=False)
-        async with make_session(self.options.http) as session:
+        async with OmahaClient(self.options.http) as server:
             try:
-                await post_omaha(session, settings.server, omaha.build_ping(params), self.options.http)
+                await server.post(settings.server, omaha.build_ping(params))
                 log.info("Reboot pending: pinged %s", host_of(settings.server))
             except HttpError as exc:
                 log.warning("Ping to %s failed: %s", host_of(settings.server), exc)

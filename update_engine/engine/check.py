@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from coreos_common.hooks import run_hook
 from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
 from coreos_common.status import UpdateStatus
@@ -55,10 +53,13 @@ from update_engine.engine.machine import (
 from update_engine.engine.options import EngineOptions
 from update_engine.engine.progress import DownloadMeter
 from update_engine.errors import DEFERRED_CODES, ErrorCode, UpdateEngineError, describe
-from update_engine.http import HttpError, download, host_of, make_session, post_omaha
+from update_engine.http_rules import HttpError, host_of
+from update_engine.omaha_client import OmahaClient
 from update_engine.partitions import UsrSlot, ensure_not_running
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from update_engine.payload.sink import PayloadSink
 
 log = logging.getLogger(__name__)
@@ -195,13 +196,11 @@ def request_params(
     )
 
 
-async def send_event(
-    session: aiohttp.ClientSession, options: EngineOptions, request: Request, event: omaha.OmahaEvent
-) -> None:
+async def send_event(server: OmahaClient, request: Request, event: omaha.OmahaEvent) -> None:
     """Events are best-effort: a lost event must not fail an update that succeeded."""
     settings, params = request.settings, request.params
     try:
-        await post_omaha(session, settings.server, omaha.build_event(params, event), options.http)
+        await server.post(settings.server, omaha.build_event(params, event))
     except HttpError as exc:
         log.warning("Omaha event %d/%d not delivered to %s: %s", event.type, event.result, host_of(settings.server),
                     exc)
@@ -260,11 +259,11 @@ class UpdateCheck:
             log.info("Updates are disabled (SERVER=disabled); no check sent")
             self._fire(NoUpdate())
             return CheckOutcome(UpdateStatus.IDLE)
-        async with make_session(self.options.http) as session:
+        async with OmahaClient(self.options.http) as server:
             request = Request(settings, request_params(self.options, settings, self.history,
                                                        interactive=self._interactive))
             self.phase = Asking(request)
-            response = await self._ask(session, request)
+            response = await self._ask(server, request)
             checked_at = int(self._clock())
             self._fire(Checked(checked_at))
             self.history.record_check_time(checked_at)
@@ -285,9 +284,9 @@ class UpdateCheck:
                 interactive=self._interactive,
             )
             auth = download_auth(settings)  # before anything is touched: credentials that cannot be sent end here
-            return await self._install(session, offered, url, auth)
+            return await self._install(server, offered, url, auth)
 
-    async def _ask(self, session: aiohttp.ClientSession, request: Request) -> omaha.OmahaResponse:
+    async def _ask(self, server: OmahaClient, request: Request) -> omaha.OmahaResponse:
         """The update check with its report on the last install (``previousversion`` or a rollback)."""
         settings, params = request.settings, request.params
         report = policy.report_for_check(
@@ -311,12 +310,12 @@ class UpdateCheck:
         )
         log.info("Checking for update at %s: app %s version %s track %s", host_of(settings.server), params.app_id,
                  params.version, params.track)
-        raw = await post_omaha(session, settings.server, body, self.options.http)
+        raw = await server.post(settings.server, body)
         self.history.record_response(raw)
         return omaha.parse_response(raw)
 
     async def _install(
-        self, session: aiohttp.ClientSession, offered: Offered, url: str, auth: aiohttp.BasicAuth | None
+        self, server: OmahaClient, offered: Offered, url: str, auth: aiohttp.BasicAuth | None
     ) -> CheckOutcome:
         offer, request = offered.offer, offered.request
         log.info("Update available: %s → %s, %d bytes, from %s", request.params.version, offer.version, offer.size,
@@ -330,17 +329,15 @@ class UpdateCheck:
         self.phase = preparing
         log.info("Writing %s (running %s); %s disarmed until the payload is verified", target.label, running.label,
                  target.label)
-        await send_event(session, self.options, request, omaha.OmahaEvent.download_started())
-        resumed = await self._download(session, preparing, auth)
-        await send_event(session, self.options, request, omaha.OmahaEvent.download_finished())
+        await send_event(server, request, omaha.OmahaEvent.download_started())
+        resumed = await self._download(preparing, auth)
+        await send_event(server, request, omaha.OmahaEvent.download_finished())
         self._fire(Trigger.VERIFIED)
         arming = Arming(offered, target, resumed)
         self.phase = arming
-        return await self._arm(session, arming)
+        return await self._arm(server, arming)
 
-    async def _download(
-        self, session: aiohttp.ClientSession, preparing: Preparing, auth: aiohttp.BasicAuth | None
-    ) -> bool:
+    async def _download(self, preparing: Preparing, auth: aiohttp.BasicAuth | None) -> bool:
         """Stream, write and verify the payload; True when the download had to resume."""
         offer, target, url = preparing.offered.offer, preparing.target, preparing.url
         key_path = self.options.public_key_path
@@ -357,7 +354,9 @@ class UpdateCheck:
         if kernel_path is None:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
-        # Imported here: the signature and protobuf code cost ~9 MiB that an idle daemon should not carry.
+        # Imported here: aiohttp (~13 MiB), the signature and protobuf code (~9 MiB) are for downloads only; an idle
+        # daemon should not carry them.
+        from update_engine.http import download, make_session
         from update_engine.payload.sink import PayloadSink
         from update_engine.payload.target import WriteTarget, remove_partial_kernels
 
@@ -396,10 +395,11 @@ class UpdateCheck:
             if line is not None:
                 log.info("%s", line)
 
-        resumes = await download(
-            session, url, deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
-            on_first_byte=first_byte,
-        )
+        async with make_session(self.options.http) as session:
+            resumes = await download(
+                session, url, deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
+                on_first_byte=first_byte,
+            )
         if not self._can_fire(Trigger.DOWNLOAD_FINISHED):
             first_byte()  # an empty body still passes through DOWNLOADING
         self._fire(Trigger.DOWNLOAD_FINISHED)
@@ -413,7 +413,7 @@ class UpdateCheck:
         )
         return resumes > 0
 
-    async def _arm(self, session: aiohttp.ClientSession, arming: Arming) -> CheckOutcome:
+    async def _arm(self, server: OmahaClient, arming: Arming) -> CheckOutcome:
         target, offered = arming.target, arming.offered
         offer, params = offered.offer, offered.request.params
         with self._disk.open() as disk:
@@ -436,7 +436,7 @@ class UpdateCheck:
             running_version=params.version, boot_id=params.boot_id, response_signature=offered.response_signature,
         )
         self.history.write_pending_reboot(PendingReboot(PendingKind.UPDATE, target.label))
-        await send_event(session, self.options, offered.request, omaha.OmahaEvent.update_complete())
+        await send_event(server, offered.request, omaha.OmahaEvent.update_complete())
         self._fire(Finalized(AttemptResult(AttemptKind.UPDATED, int(self._clock()))))
         log.info("Update to %s installed on %s; reboot needed", offer.version, target.label)
         return CheckOutcome(UpdateStatus.UPDATED_NEED_REBOOT, poll_interval=offer.poll_interval)
@@ -491,8 +491,8 @@ class UpdateCheck:
             full_code = policy.failure_event_code(code, custom_server=request.settings.custom_server,
                                                   resumed=resumed)
             try:
-                async with make_session(self.options.http) as session:
-                    await send_event(session, self.options, request, omaha.OmahaEvent.failure(full_code))
+                async with OmahaClient(self.options.http) as server:
+                    await send_event(server, request, omaha.OmahaEvent.failure(full_code))
             except Exception as exc:
                 log.warning("Could not report the failure to Omaha: %s", exc)
         if self._can_fire(Trigger.ERROR_REPORTED):
@@ -530,6 +530,8 @@ def download_auth(settings: ue_config.UpdateSettings) -> aiohttp.BasicAuth | Non
         raise ue_config.ConfigError(problem)
     if not settings.download_user:
         return None
+    import aiohttp  # for the download only (see _download)
+
     return aiohttp.BasicAuth(settings.download_user, settings.download_password or "")
 
 

@@ -9,7 +9,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from update_engine.http import HttpLimits
+from update_engine.http_rules import HttpLimits
 
 DEFAULT_PUBLIC_KEY = Path("usr/share/update_engine/update-payload-key.pub.pem")
 REBOOT_MARKER_NAME = "update_engine_autoupdate_completed"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from update_engine import omaha
 from update_engine import payload_state as attempts
 from update_engine.errors import FLAG_RESUMED, FLAG_TEST_OMAHA_URL, ErrorCode, UpdateEngineError
-from update_engine.http import host_of
+from update_engine.http_rules import host_of
 
 
 class OfferRefused(UpdateEngineError):
