@@ -10,6 +10,7 @@ Modules, each with its rules at its top:
 * ``check`` — one object per update check, its phases explicit; owns the payload sink and the disarmed partition
   until it ends.
 * ``attempter`` — the facade the D-Bus adapter and ``update_engine --once`` use.
+* ``progress`` — when the journal hears about a download (every 10 % or 30 s), pure.
 * ``options``, ``disk``, ``errors`` — paths and limits, the boot disk, the engine's refusals.
 
 Nothing here imports ``update_engine.dbus_service``: the adapter drives the engine, not the other way round.
