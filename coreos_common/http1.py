@@ -317,6 +317,10 @@ class ResponseParser:
             if data:
                 raise HttpProtocolError("data after the end of the response")
             return []
+        if self._head is not None and not self._buffer and data:
+            whole = self._whole_body_piece(data)
+            if whole is not None:
+                return whole
         self._buffer += data
         events: list[ResponseEvent] = []
         if self._head is None:
@@ -326,6 +330,21 @@ class ResponseParser:
             events.append(head)
         events.extend(self._parse_body())
         return events
+
+    def _whole_body_piece(self, data: bytes) -> list[ResponseEvent] | None:
+        """``data`` as one body piece, not copied, when all of it is body (the common case of a large download);
+        None when it must go through the buffer."""
+        if self._framing == "close":
+            self._count(len(data))
+            return [BodyPiece(data)]
+        if self._framing != "length" or len(data) > self._remaining:
+            return None
+        self._count(len(data))
+        self._remaining -= len(data)
+        if self._remaining:
+            return [BodyPiece(data)]
+        self._done = True
+        return [BodyPiece(data), EndOfMessage(self._reusable())]
 
     def feed_eof(self) -> list[ResponseEvent]:
         """The peer closed the connection: the end of a close-delimited body, else a truncated response."""
@@ -579,6 +598,7 @@ def proxy_for(origin: Origin, environ: Mapping[str, str]) -> Proxy | None:
     return Proxy(proxy_origin, authorization)
 
 
-def basic_authorization(user: str, password: str) -> str:
-    """The ``Authorization`` value of HTTP basic authentication."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+def basic_authorization(user: str, password: str, *, encoding: str = "utf-8") -> str:
+    """The ``Authorization`` value of HTTP basic authentication (UnicodeEncodeError when ``encoding`` cannot
+    carry the credentials)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode(encoding)).decode("ascii")

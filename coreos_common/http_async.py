@@ -8,8 +8,9 @@ Rules of this file:
 
 * ``request`` sends one request and returns the whole response, bounded by ``max_body`` (1 MiB unless the
   caller needs more) and by ``timeout`` for everything (connecting, proxy tunnel, TLS, sending, receiving).
-* ``stream`` is for responses that go on (etcd watches): a connection of its own, never pooled, closed when
-  the ``async with`` ends. Reads of it are bounded in time by the caller.
+* ``stream`` is for responses that go on (etcd watches) or are large (a payload download): a connection of its
+  own, never pooled, closed when the ``async with`` ends. Reads of it are bounded in time by the caller, and in
+  size by ``read_size`` (what the socket is read by, and about what one ``read`` returns).
 * Connections are kept alive and reused per origin (and proxy), at most ``max_idle`` of them idle. A request
   on a reused connection that the server had closed meanwhile (nothing at all came back) is sent once more on
   a new connection; nothing else is retried here.
@@ -53,10 +54,14 @@ HttpResponse = Response
 class _Connection:
     """One TCP (or TLS) connection and what it has delivered of the current response."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, reused: bool = False) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, reused: bool = False,
+        read_size: int = _READ_SIZE,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.reused = reused
+        self.read_size = read_size
 
     def usable(self) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing()
@@ -67,11 +72,11 @@ class _Connection:
 
     async def events(self, parser: ResponseParser) -> list[object]:
         """Read once and feed the parser; the events that completed (an empty list means read again)."""
-        data = await self.reader.read(_READ_SIZE)
+        data = await self.reader.read(self.read_size)
         return list(parser.feed(data) if data else parser.feed_eof())
 
     async def read(self) -> bytes:
-        return await self.reader.read(_READ_SIZE)
+        return await self.reader.read(self.read_size)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -97,10 +102,13 @@ class HttpStream:
             data, self._pending = self._pending, b""
             return data
         while not self._ended:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a read that completed in the same
+            # instant as a cancel, and the cancel is lost (a download went on after SIGTERM).
             try:
-                events = await asyncio.wait_for(self._connection.events(self._parser), timeout)
+                async with asyncio.timeout(timeout):
+                    events = await self._connection.events(self._parser)
             except TimeoutError:
-                raise
+                raise  # an OSError too, but the caller's to judge: nothing came within its time
             except (OSError, EOFError) as exc:
                 raise HttpUnreachable(describe_os_error(exc)) from None
             data = b"".join(e.data for e in events if isinstance(e, BodyPiece))
@@ -138,19 +146,21 @@ class HttpClient:
             self._ssl_context = self._make_ssl_context()
         return self._ssl_context
 
-    async def _open(self, origin: Origin, proxy: Proxy | None) -> _Connection:
-        """A new connection to ``origin`` (through ``proxy``: plain for http, a CONNECT tunnel for https)."""
+    async def _open(self, origin: Origin, proxy: Proxy | None, read_size: int = _READ_SIZE) -> _Connection:
+        """A new connection to ``origin`` (through ``proxy``: plain for http, a CONNECT tunnel for https).
+
+        The stream buffers up to twice ``read_size`` before it stops reading the socket."""
         tls = origin.scheme == "https"
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if proxy is None:
                     reader, writer = await asyncio.open_connection(
                         origin.host, origin.port, ssl=self._tls() if tls else None,
-                        server_hostname=origin.host if tls else None,
+                        server_hostname=origin.host if tls else None, limit=read_size,
                     )  # fmt: skip
-                    return _Connection(reader, writer)
-                reader, writer = await asyncio.open_connection(proxy.origin.host, proxy.origin.port)
-                connection = _Connection(reader, writer)
+                    return _Connection(reader, writer, read_size=read_size)
+                reader, writer = await asyncio.open_connection(proxy.origin.host, proxy.origin.port, limit=read_size)
+                connection = _Connection(reader, writer, read_size=read_size)
                 if tls:
                     await self._tunnel(connection, origin, proxy)
                     await writer.start_tls(self._tls(), server_hostname=origin.host)
@@ -242,6 +252,7 @@ class HttpClient:
         headers: Sequence[tuple[str, str]] = (),
         body: bytes | None = None,
         timeout: float = 30.0,
+        read_size: int = _READ_SIZE,
     ) -> AsyncIterator[HttpStream]:
         """Send one request on a connection of its own and hand over the response once its head arrived
         (within ``timeout``); the body is read from the HttpStream. The connection closes with the block."""
@@ -249,7 +260,7 @@ class HttpClient:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(timeout):
-                connection = await self._open(origin, proxy)
+                connection = await self._open(origin, proxy, read_size)
                 self._streams.add(connection)
                 parser = ResponseParser(method=method)
                 pieces: list[bytes] = []
@@ -284,6 +295,12 @@ class HttpClient:
     def open_streams(self) -> int:
         """Streamed responses not closed yet."""
         return len(self._streams)
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Close every connection, idle or streaming."""
