@@ -1,7 +1,8 @@
-"""HTTP for the update-engine's payload download, with Range resume, over aiohttp.
+"""HTTP for the update-engine's payload download, with Range resume, over ``coreos_common.http_async``.
 
-The rules (limits, redirects, URL checks) are ``http_rules``, shared with the Omaha client (``omaha_client``, which
-needs no aiohttp); this module is imported only when a payload is downloaded.
+The rules (limits, redirects, URL checks) are ``http_rules``, shared with the Omaha client (``omaha_client``).
+Proxy variables of the environment are not used, and https is verified against the system's CAs, as for the
+Omaha client. This module is imported only when a payload is downloaded.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
-from coreos_common.http1 import describe_os_error
+from coreos_common.http1 import HttpError as TransportError
+from coreos_common.http_async import HttpClient
 from update_engine.errors import ErrorCode
 from update_engine.http_rules import (
     MAX_REDIRECTS,
@@ -27,41 +27,27 @@ from update_engine.http_rules import (
 
 log = logging.getLogger(__name__)
 
-# aiohttp buffers up to twice this much of a response before it stops reading the socket. The default (64 KiB)
-# makes it stop and restart reading every few hundred KiB; the payload sink bounds what is in flight after it.
-DOWNLOAD_READ_BUFFER = 1 << 20
+# The socket is read by this much: about what one delivered chunk holds, and half of what is buffered before the
+# download stops reading the socket. The payload sink bounds what is in flight after it.
+DOWNLOAD_READ_SIZE = 256 * 1024
 
 
-def make_session(limits: HttpLimits) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=limits.connect_timeout, sock_connect=limits.connect_timeout,
-        sock_read=limits.stall_timeout,
-    )
-    return aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
-
-
-def describe_transport_error(exc: BaseException) -> str:
-    """What failed below HTTP, in words (aiohttp's own text names a TLS setting even for a plain-http URL)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return f"the TLS certificate of {exc.host} was not accepted: {exc.certificate_error}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {exc.host} port {exc.port}: {describe_os_error(exc.os_error)}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    return describe_os_error(exc)
+def make_client(limits: HttpLimits) -> HttpClient:
+    """The client for one download (``async with`` closes its connections)."""
+    return HttpClient(connect_timeout=limits.connect_timeout, environ={}, max_idle=0)
 
 
 DeliverFn = Callable[[bytes], Awaitable[None]]
 
 
 async def download(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     url: str,
     deliver: DeliverFn,
     *,
     expected_size: int,
     limits: HttpLimits,
-    auth: aiohttp.BasicAuth | None = None,
+    authorization: str | None = None,
     on_first_byte: Callable[[], None] | None = None,
 ) -> int:
     """Stream ``url`` into ``deliver`` in order, resuming with ``Range`` after a short read.
@@ -69,6 +55,7 @@ async def download(
     ``deliver`` gets the bytes exactly once each, in order, in the ``bytes`` chunks the network brought (up to a
     few hundred KiB each, never copied here); the next chunk waits until ``deliver`` returns. Returns the number
     of resumes needed. Never delivers more than ``expected_size`` bytes: a longer body is a size mismatch.
+    ``authorization`` is the value of an ``Authorization`` header to send (never logged).
     """
     check_url(url, what="payload URL")
     progress = _Progress()
@@ -87,8 +74,8 @@ async def download(
     while True:
         try:
             await _fetch_from(
-                session, url, progress, deliver, expected_size=expected_size, auth=auth, on_first_byte=first_byte,
-                limits=limits,
+                client, url, progress, deliver, expected_size=expected_size, authorization=authorization,
+                on_first_byte=first_byte, limits=limits,
             )
             if progress.offset == expected_size:
                 return resumes
@@ -102,8 +89,11 @@ async def download(
         except (TransferTooSlow, WrongRange) as exc:
             reason = str(exc)
             status = exc.status if isinstance(exc, WrongRange) else None
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            reason = describe_transport_error(exc)
+        except TransportError as exc:
+            reason = str(exc)
+            status = None
+        except TimeoutError:
+            reason = f"nothing received for {limits.stall_timeout:g} s"
             status = None
         offset = progress.offset
         if resumes >= limits.resume_attempts:
@@ -194,51 +184,56 @@ class _Progress:
 
 
 async def _fetch_from(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     url: str,
     progress: _Progress,
     deliver: DeliverFn,
     *,
     expected_size: int,
-    auth: aiohttp.BasicAuth | None,
+    authorization: str | None,
     on_first_byte: Callable[[], None] | None,
     limits: HttpLimits,
 ) -> None:
     """One GET from ``progress.offset``, advancing it per delivered chunk (may stop short on a drop)."""
     offset = progress.offset
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    headers = [("Range", f"bytes={offset}-")] if offset else []
+    if authorization is not None:
+        headers.append(("Authorization", authorization))
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        async with session.get(
-            current, headers=headers, allow_redirects=False, auth=auth, read_bufsize=DOWNLOAD_READ_BUFFER
+        async with client.stream(
+            "GET", current, headers=headers, timeout=limits.connect_timeout + limits.stall_timeout,
+            read_size=DOWNLOAD_READ_SIZE,
         ) as resp:
-            if resp.status in (301, 302, 303, 307, 308):
-                current = redirect_target(current, resp.headers.get("Location"))
+            head = resp.head
+            if head.status in (301, 302, 303, 307, 308):
+                current = redirect_target(current, head.header("location"))
                 continue
-            if offset and resp.status != 206:
+            if offset and head.status != 206:
                 raise HttpError(
                     ErrorCode.DOWNLOAD_TRANSFER_ERROR,
-                    f"payload server {host_of(current)} ignored the Range request (HTTP {resp.status})",
-                    status=resp.status,
+                    f"payload server {host_of(current)} ignored the Range request (HTTP {head.status})",
+                    status=head.status,
                 )
             if offset:
                 check_content_range(
-                    resp.headers.get("Content-Range"), offset=offset, expected_size=expected_size,
+                    head.header("content-range"), offset=offset, expected_size=expected_size,
                     host=host_of(current),
                 )
-            if not offset and resp.status != 200:
+            if not offset and head.status != 200:
                 raise HttpError(
                     ErrorCode.DOWNLOAD_TRANSFER_ERROR,
-                    f"payload server {host_of(current)} answered HTTP {resp.status}",
-                    status=resp.status,
+                    f"payload server {host_of(current)} answered HTTP {head.status}",
+                    status=head.status,
                 )
-            ctype = resp.headers.get("Content-Type", "")
+            ctype = head.header("content-type") or ""
             if ctype.startswith("text/html"):
                 raise HttpError(
                     ErrorCode.DOWNLOAD_TRANSFER_ERROR,
                     f"payload URL on {host_of(current)} returned an HTML page, not a payload",
                 )
-            declared = resp.content_length
+            length = head.header("content-length")
+            declared = int(length) if length is not None and length.isdigit() else None
             if declared is not None and offset + declared > expected_size:
                 raise HttpError(
                     ErrorCode.DOWNLOAD_SIZE_MISMATCH,
@@ -246,10 +241,7 @@ async def _fetch_from(
                 )
             loop = asyncio.get_running_loop()
             rate = RateWatch(limits.stall_timeout, limits.min_rate, loop.time())
-            # iter_chunks hands out the parser's buffers as they are (iter_chunked would join them into copies).
-            async for chunk, _ in resp.content.iter_chunks():
-                if not chunk:
-                    continue
+            while (chunk := await resp.read(timeout=limits.stall_timeout)) is not None:
                 rate.feed(len(chunk), loop.time())
                 if on_first_byte is not None:
                     on_first_byte()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coreos_common.hooks import run_hook
+from coreos_common.http1 import basic_authorization
 from coreos_common.identity import IdentityError, read_boot_id, read_machine_id
 from coreos_common.status import UpdateStatus
 from coreos_common.updateconf import SettingsFileError
@@ -58,8 +59,6 @@ from update_engine.omaha_client import OmahaClient
 from update_engine.partitions import UsrSlot, ensure_not_running
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from update_engine.payload.sink import PayloadSink
 
 log = logging.getLogger(__name__)
@@ -315,7 +314,7 @@ class UpdateCheck:
         return omaha.parse_response(raw)
 
     async def _install(
-        self, server: OmahaClient, offered: Offered, url: str, auth: aiohttp.BasicAuth | None
+        self, server: OmahaClient, offered: Offered, url: str, auth: str | None
     ) -> CheckOutcome:
         offer, request = offered.offer, offered.request
         log.info("Update available: %s → %s, %d bytes, from %s", request.params.version, offer.version, offer.size,
@@ -337,7 +336,7 @@ class UpdateCheck:
         self.phase = arming
         return await self._arm(server, arming)
 
-    async def _download(self, preparing: Preparing, auth: aiohttp.BasicAuth | None) -> bool:
+    async def _download(self, preparing: Preparing, auth: str | None) -> bool:
         """Stream, write and verify the payload; True when the download had to resume."""
         offer, target, url = preparing.offered.offer, preparing.target, preparing.url
         key_path = self.options.public_key_path
@@ -354,9 +353,9 @@ class UpdateCheck:
         if kernel_path is None:
             log.warning("Kernel directory %s does not exist; a kernel in the payload will not be installed",
                         kernel_dir)
-        # Imported here: aiohttp (~13 MiB), the signature and protobuf code (~9 MiB) are for downloads only; an idle
-        # daemon should not carry them.
-        from update_engine.http import download, make_session
+        # Imported here: the signature and protobuf code (~9 MiB) are for downloads only; an idle daemon should not
+        # carry them.
+        from update_engine.http import download, make_client
         from update_engine.payload.sink import PayloadSink
         from update_engine.payload.target import WriteTarget, remove_partial_kernels
 
@@ -395,9 +394,9 @@ class UpdateCheck:
             if line is not None:
                 log.info("%s", line)
 
-        async with make_session(self.options.http) as session:
+        async with make_client(self.options.http) as client:
             resumes = await download(
-                session, url, deliver, expected_size=offer.size, limits=self.options.http, auth=auth,
+                client, url, deliver, expected_size=offer.size, limits=self.options.http, authorization=auth,
                 on_first_byte=first_byte,
             )
         if not self._can_fire(Trigger.DOWNLOAD_FINISHED):
@@ -519,8 +518,9 @@ class UpdateCheck:
                         "before %s", offer.version, after.attempt_number, policy.utc(wait_until))
 
 
-def download_auth(settings: ue_config.UpdateSettings) -> aiohttp.BasicAuth | None:
-    """HTTP basic authentication for the payload download, from DOWNLOAD_USER/DOWNLOAD_PASSWORD.
+def download_auth(settings: ue_config.UpdateSettings) -> str | None:
+    """The ``Authorization`` header of the payload download: HTTP basic authentication from DOWNLOAD_USER and
+    DOWNLOAD_PASSWORD, encoded in Latin-1 (what the settings are checked against).
 
     Settings that cannot be sent are a ConfigError naming the setting, never its value (an encoding error would
     carry the password into the log).
@@ -530,9 +530,7 @@ def download_auth(settings: ue_config.UpdateSettings) -> aiohttp.BasicAuth | Non
         raise ue_config.ConfigError(problem)
     if not settings.download_user:
         return None
-    import aiohttp  # for the download only (see _download)
-
-    return aiohttp.BasicAuth(settings.download_user, settings.download_password or "")
+    return basic_authorization(settings.download_user, settings.download_password or "", encoding="latin-1")
 
 
 async def _finish_in_thread(close: Callable[[], object]) -> None:
