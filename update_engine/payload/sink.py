@@ -73,7 +73,7 @@ from update_engine.payload.pipeline import (
     FanOut,
     OrderedWindow,
     Stopped,
-    return_freed_blocks_to_the_kernel,
+    fix_malloc_mmap_threshold,
     usable_cpus,
 )
 from update_engine.payload.target import BoundedFile, KernelFile, WriteTarget
@@ -173,7 +173,7 @@ class PayloadSink:
         self._expected_sha256_b64 = expected_sha256_b64
         self._kernel_path = kernel_path
         self._target = target.open() if target is not None else None
-        return_freed_blocks_to_the_kernel()
+        fix_malloc_mmap_threshold()
 
         # The caller's.
         self._phase = _Phase.STREAMING
