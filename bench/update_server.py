@@ -131,12 +131,12 @@ def main() -> int:
             finally:
                 pg.close()
     print(f"{args.instances} registered instances, wrk 1 thread, {args.connections} connections, {args.seconds} s")
-    print(f"{'database':<11} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'peak MiB':>9} "
-          f"{'non-2xx':>8} {'granted':>8} {'register s':>11}")
+    print(f"{'database':<11} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'RSS before':>10} {'RSS MiB':>8} "
+          f"{'peak MiB':>9} {'non-2xx':>8} {'granted':>8} {'register s':>11}")
     for r in results:
         print(f"{r['database']:<11} {r['checks_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-              f"{r['rss_mib']:>8.1f} {r['peak_mib']:>9.1f} {r['non_2xx']:>8} {r['granted']:>8} "
-              f"{r['registered_s']:>11.1f}")
+              f"{r['rss_before_mib']:>10.1f} {r['rss_mib']:>8.1f} {r['peak_mib']:>9.1f} {r['non_2xx']:>8} "
+              f"{r['granted']:>8} {r['registered_s']:>11.1f}")
     if len(results) == 2:
         print(f"postgresql/sqlite checks/s ratio: {results[1]['checks_s'] / results[0]['checks_s']:.2f}")  # type: ignore[operator]
     return 0

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 HOUR = 3600.0
+# Instances read per statement when a batch of held-back check-ins is marked OnHold (well under the parameter
+# limits of SQLite and PostgreSQL).
+_HOLD_READ_BATCH = 500
 
 
 class NotFound(LookupError):
@@ -719,9 +722,7 @@ class Store:
                     ),
                     rows,
                 )
-            for checkin in checkins:
-                if checkin.held_back_from is not None:
-                    self._hold(conn, checkin, checkin.held_back_from)
+            self._hold([c for c in checkins if c.held_back_from is not None], conn)
             for rec in reported:
                 completions += self._apply_event(conn, rec, failures)
             completions += self._complete_checked_in(conn, now, touched)
@@ -730,16 +731,37 @@ class Store:
         return RecordOutcome(paused_groups=tuple(paused), failures=sum(failures.values()), completions=completions,
                              completed_rollouts=tuple(completed))
 
-    def _hold(self, conn: Connection, checkin: CheckIn, target: str) -> None:
-        """OnHold for an instance a remembered limit held back from ``target`` (``policy.marks_on_hold``)."""
-        key = (instances.c.app_id == checkin.app_id, instances.c.machine_id == checkin.machine_id)
-        inst = conn.execute(sa.select(instances.c.status, instances.c.granted_version).where(*key)).first()
-        if inst is None:
-            return
-        view = policy.InstanceView(checkin.version, InstanceStatus(inst.status), inst.granted_version)
-        if policy.marks_on_hold(view, target):
+    def _hold(self, held: Sequence[CheckIn], conn: Connection) -> None:
+        """OnHold for the instances a remembered limit held back (``policy.marks_on_hold``).
+
+        In a fleet waiting for its turn most check-ins of a batch are held back: their instances are read a few
+        hundred at a time and only those the rule changes are written, not two statements per check-in."""
+        by_app: dict[str, dict[str, CheckIn]] = defaultdict(dict)
+        for checkin in held:
+            by_app[checkin.app_id][checkin.machine_id] = checkin
+        changes = []
+        for app_id, checkins in by_app.items():
+            machine_ids = list(checkins)
+            for start in range(0, len(machine_ids), _HOLD_READ_BATCH):
+                rows = conn.execute(
+                    sa.select(instances.c.machine_id, instances.c.status, instances.c.granted_version).where(
+                        instances.c.app_id == app_id,
+                        instances.c.machine_id.in_(machine_ids[start : start + _HOLD_READ_BATCH]),
+                    )
+                ).all()
+                for row in rows:
+                    checkin = checkins[row.machine_id]
+                    assert checkin.held_back_from is not None
+                    view = policy.InstanceView(checkin.version, InstanceStatus(row.status), row.granted_version)
+                    if policy.marks_on_hold(view, checkin.held_back_from):
+                        changes.append({"key_app": app_id, "key_machine": row.machine_id, "key_at": checkin.at})
+        if changes:
             conn.execute(
-                sa.update(instances).where(*key).values(status=int(InstanceStatus.ON_HOLD), status_at=checkin.at)
+                sa.update(instances)
+                .where(instances.c.app_id == sa.bindparam("key_app"),
+                       instances.c.machine_id == sa.bindparam("key_machine"))
+                .values(status=int(InstanceStatus.ON_HOLD), status_at=sa.bindparam("key_at")),
+                changes,
             )
 
     def _apply_event(self, conn: Connection, rec: EventRecord, failures: dict[tuple[str, str], int]) -> int:

@@ -126,6 +126,27 @@ def test_grants_follow_the_period_and_in_progress_limits(store: Store, clock: Fa
     assert [a["kind"] for a in store.list_activity(group_id=group.id)] == ["rollout-started"]
 
 
+def test_check_ins_held_back_by_a_remembered_limit_are_marked_on_hold_in_bulk(store: Store, clock: FakeClock) -> None:
+    """More held-back check-ins than one read takes, in one batch: each instance becomes OnHold unless an update
+    is in flight for it; a second batch changes nothing."""
+    add_release(store)
+    group = make_group(store)
+    machines = [f"m{i:04d}" for i in range(1234)]
+    store.record([checkin(clock, m, group) for m in machines], [])
+    store.record([], [EventRecord(COREOS_APP_ID, "m0007", group.id, "1.0.0", RequestEvent(13, 1), clock.now)])
+    assert store.get_instance(COREOS_APP_ID, "m0007")["status"] == "Downloading"
+    clock.now += 60
+    held = [replace(checkin(clock, m, group), held_back_from="2.0.0") for m in machines]
+    store.record(held, [])
+    statuses = {m: store.get_instance(COREOS_APP_ID, m)["status"] for m in machines}
+    assert statuses.pop("m0007") == "Downloading"
+    assert set(statuses.values()) == {"OnHold"}
+    assert store.get_instance(COREOS_APP_ID, "m1233")["status_at"] == clock.now
+    clock.now += 60
+    store.record(held, [])
+    assert store.get_instance(COREOS_APP_ID, "m1233")["status_at"] == clock.now - 60
+
+
 def test_events_move_statuses_and_failures_pause_the_rollout(store: Store, clock: FakeClock) -> None:
     add_release(store)
     group = make_group(store, failure_pause_count=2)
