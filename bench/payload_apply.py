@@ -2,7 +2,11 @@
 """Payload apply: ``update_engine --once`` beside bunzip2 on one and on all cores, RAUC 1.8 and SWUpdate 2022.12,
 and what an apply costs a busy node.
 
-Four parts, each printed as a table (figures, not pass/fail):
+Five parts, each printed as a table (figures, not pass/fail):
+
+* **startup** — ``update_engine --once`` until its first request and its first payload byte (from its log's
+  timestamps), the whole of a 4 MiB update, and the daemon until it tells systemd READY=1, beside
+  ``python -c pass``.
 
 * **realistic** — an ext4 image of real files (hard links to part of this machine's ``/usr``, ``mkfs.ext4 -d``)
   and its payload from ``update-payload generate`` (mostly REPLACE_BZ operations, as Flatcar's are). Ours
@@ -38,6 +42,7 @@ import hashlib
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,9 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sim.bus import start_private_bus
 from sim.devserver import start_devserver
 from sim.disks import make_usr_disk
-from sim.node import make_node_root, update_engine_args
+from sim.node import NodeRoot, make_node_root, update_engine_args
 from sim.payload import Keys, key_files
 from sim.ports import free_port
+from sim.tools import UPDATE_ENGINE_POLICY
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import flatten_operations, parse_header, parse_manifest
 from update_engine.payload.generate import generate_full_payload
@@ -565,7 +571,89 @@ def part_polite(base: Path, size_mib: int, runs: int) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
-PARTS = {"realistic": part_realistic, "incompressible": part_incompressible, "polite": part_polite}
+# The environment of a command that starts as an installed one does: with the bytecode caches written.
+CACHED_BYTECODE = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def _log_time(log: str, marker: str) -> float | None:
+    """The wall-clock time of the first log line containing ``marker`` (``%Y-%m-%d %H:%M:%S,mmm`` first)."""
+    for line in log.splitlines():
+        if marker in line:
+            stamp, _, millis = line[:23].partition(",")
+            return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+    return None
+
+
+def part_startup(base: Path, size_mib: int, runs: int) -> None:
+    """Start-up: ``update_engine --once`` until its first request and its first payload byte, and the daemon
+    until READY=1, beside ``python -c pass``; ten runs each after one not counted, medians, with bytecode caches
+    written as an installed package has them (size-independent: the first size only)."""
+    if (base / "startup").exists():
+        return
+    m = material(base, "startup", 4, real_files=False)
+    d = m.directory
+    floor, first_request, first_byte, whole, ready = [], [], [], [], []
+    for turn in range(11):
+        if turn == 1:  # the first run wrote the bytecode caches
+            floor, first_request, first_byte, whole, ready = [], [], [], [], []
+        start = time.time()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=CACHED_BYTECODE)
+        floor.append(time.time() - start)
+        disk = make_usr_disk(d / f"disk-{turn}.img", usr_mib=6)
+        with start_devserver(d / f"srv-{turn}", [(m.payload, "2.0.0", None)]) as server:
+            node = make_node_root(d / f"root-{turn}", server=server.url)
+            start = time.time()
+            done = subprocess.run(update_engine_args(node, disk, "USR-A", m.keys.public, "--once"),
+                                  capture_output=True, text=True, check=True, env=CACHED_BYTECODE)
+            whole.append(time.time() - start)
+            asked, downloading = _log_time(done.stderr, "Checking for update at"), _log_time(done.stderr, "Downloading")
+            if asked is None or downloading is None:
+                raise SystemExit(f"update_engine --once did not log its request:\n{done.stderr[-2000:]}")
+            first_request.append(asked - start)
+            first_byte.append(downloading - start)
+        ready.append(_time_to_ready(d / f"daemon-{turn}", node, disk, m.keys.public))
+        disk.unlink()
+        shutil.rmtree(node.root, ignore_errors=True)
+    ms = lambda values: f"{statistics.median(values) * 1000:.0f} ms"  # noqa: E731
+    print("\nStart-up, medians of 10 (log timestamps have millisecond resolution):")
+    print(f"| python -c pass | {ms(floor)} |")
+    print(f"| update_engine --once: its first request | {ms(first_request)} |")
+    print(f"| update_engine --once: its first payload byte | {ms(first_byte)} |")
+    print(f"| update_engine --once: the whole 4 MiB update | {ms(whole)} |")
+    print(f"| update_engine daemon: READY=1 | {ms(ready)} |")
+
+
+def _time_to_ready(d: Path, node: NodeRoot, disk: Path, public_key: Path) -> float:
+    """Seconds from starting the daemon (private bus) until it tells systemd READY=1."""
+    d.mkdir()
+    bus = start_private_bus(d / "dbus", [UPDATE_ENGINE_POLICY])
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(d / "notify"))
+    notify.settimeout(30)
+    try:
+        start = time.time()
+        daemon = subprocess.Popen(
+            [*update_engine_args(node, disk, "USR-A", public_key), "--bus-address", bus.address,
+             "--first-check-delay", "3600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**CACHED_BYTECODE, "NOTIFY_SOCKET": str(d / "notify")},
+        )
+        try:
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            return time.time() - start
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    finally:
+        notify.close()
+        bus.stop()
+
+
+PARTS = {
+    "startup": part_startup, "realistic": part_realistic, "incompressible": part_incompressible,
+    "polite": part_polite,
+}
 
 
 def main() -> int:
