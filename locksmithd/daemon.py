@@ -10,6 +10,10 @@ hooks, ask logind to reboot. Each new phase is published at once: the STATUS= li
 (what ``locksmithctl status --json`` shows for this node). The daemon never exits on its own after asking for
 the reboot.
 
+Whether this node holds a slot is read from the lock service at start-up, in the background (a slot taken
+before the reboot is held until the release after it), and then follows what the strategy takes and gives
+back; a take or release reported before that read answers wins over it.
+
 SIGTERM/SIGINT end the daemon with status 0 at any point, leaving the lock as it is: a node stopped half-way
 through a reboot keeps its slot, and the next start releases it once the node is steady.
 
@@ -117,6 +121,7 @@ class Daemon:
         self._published: Phase | None = None
         self._state_file_failing = False
         self._operation = ""
+        self._lock_reports = 0  # lock_held calls so far: a start-up read older than one of them is stale
         self.metrics = DaemonMetrics(
             strategy=strategy.label, group=strategy.group, windows=settings.windows, now=clock.now,
             ignored_signals=lambda: self.watcher.ignored_signals if self.watcher is not None else {},
@@ -132,6 +137,7 @@ class Daemon:
             self._publish()
 
     def lock_held(self, held: bool) -> None:
+        self._lock_reports += 1
         self.metrics.note_lock_held(held, self.clock.now())
         self.exporter.changed()
 
@@ -152,6 +158,7 @@ class Daemon:
         self.bus = bus
         await self.exporter.start()  # an output that cannot be set up is logged and left out
         watchdog = asyncio.create_task(self.notifier.run_watchdog())
+        slot = asyncio.create_task(self._read_slot())
         flow = asyncio.create_task(self._flow(bus))
         disconnect = asyncio.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         try:
@@ -161,10 +168,10 @@ class Daemon:
             log.critical("Lost the connection to the system bus: exiting so that systemd restarts locksmithd")
             return 1
         finally:
-            for task in (flow, disconnect, watchdog):
+            for task in (flow, disconnect, watchdog, slot):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(flow, disconnect, return_exceptions=True)
+            await asyncio.gather(flow, disconnect, slot, return_exceptions=True)
             if self.watcher is not None:
                 self.watcher.close()
             with contextlib.suppress(Exception):
@@ -172,6 +179,34 @@ class Daemon:
             await self.exporter.close()
             remove_state(self.state_file)
             bus.disconnect()
+
+    async def _read_slot(self) -> None:
+        """Set ``locksmithd_lock_held`` from the lock service: a node that took its slot before rebooting holds
+        it until its release after the boot (post-reboot hooks, a failing release), and must not show 0 then.
+
+        Retried with the backoff policy while the service fails, until it answers or the strategy reports a
+        take or release (which then says more than this read could)."""
+        reports = self._lock_reports
+        for delay in self.settings.backoff.delays():
+            try:
+                slot = await self.strategy.holding()
+            except LockBackendError as exc:
+                if self._lock_reports != reports:
+                    return
+                log.warning("Cannot read whether this machine holds a reboot lock slot: %s. Retrying in %s.", exc,
+                            show_delay(delay))  # fmt: skip
+                await self.clock.sleep(delay)
+                if self._lock_reports != reports:
+                    return
+                continue
+            if slot is None or self._lock_reports != reports:
+                return
+            if slot.held:
+                log.info("This machine (%s) holds a slot of the reboot lock, taken before this start",
+                         self.settings.machine_id)  # fmt: skip
+            self.metrics.note_slot_read(slot.held, slot.since)
+            self.exporter.changed()
+            return
 
     async def _flow(self, bus: MessageBus) -> int:
         watcher = UpdateEngineWatcher(

@@ -105,6 +105,14 @@ class DaemonMetrics:
         if held:
             self.lock_held_since.set(_timestamp(now))
 
+    def note_slot_read(self, held: bool, since: float | None) -> None:
+        """What the lock service said at start-up: a slot taken before the reboot counts from the start, with
+        the time it was taken when the service recorded one (no sample otherwise)."""
+        self.lock_held.set(1 if held else 0)
+        self.lock_held_since.clear()
+        if held and since is not None:
+            self.lock_held_since.set(since)
+
     def note_reboot_request(self, accepted: bool) -> None:
         self.reboot_requests.inc(result="accepted" if accepted else "refused")
 

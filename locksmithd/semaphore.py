@@ -247,6 +247,10 @@ class HolderRecord:
         moment = time.gmtime(epoch_seconds)
         return cls(time.strftime(SINCE_FORMAT, moment), hostname, group, version)
 
+    def taken_at(self) -> int | None:
+        """``since`` as Unix seconds, or None when it does not parse."""
+        return _epoch_of(self.since)
+
     def age(self, now: float) -> float | None:
         """Seconds from ``since`` to ``now`` (epoch seconds), or None when ``since`` does not parse."""
         taken = _epoch_of(self.since)

@@ -16,6 +16,9 @@ Rules of the seam:
   daemon can show "waiting for the lock since T, position N" without knowing the backend.
 * **What the holder is doing travels with the lock.** ``version`` is the version the node is about to
   reboot into; backends that keep details about holders store it with the slot.
+* **What is held can be read back where the service can tell.** ``holding`` reads (never changes) whether a
+  machine holds a slot now, so a daemon started after a reboot knows the slot it took before; a backend whose
+  protocol has no read (FleetLock) answers None.
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ class LockProgress:
 ProgressCallback = Callable[[LockProgress], None]
 
 
+@dataclass(frozen=True)
+class SlotHolding:
+    """What the lock service says of one machine's slot: held or not, and since when (Unix seconds) when the
+    service keeps that (etcd's holder records), else None."""
+
+    held: bool
+    since: float | None = None
+
+
 class LockBackend(Protocol):
     """What ``etcd-lock``/``best-effort`` (etcd semaphore) and ``fleet-lock`` (FleetLock server) provide."""
 
@@ -85,6 +97,11 @@ class LockBackend(Protocol):
         ``on_progress`` receives where the request stands. Raises LockBackendError (LockBackendUnavailable
         when trying again later may help).
         """
+        ...
+
+    async def holding(self, machine_id: str) -> SlotHolding | None:
+        """Whether ``machine_id`` holds a slot now, read without changing anything; None when the service cannot
+        tell. Raises LockBackendError."""
         ...
 
     async def release(self, machine_id: str) -> bool:

@@ -192,6 +192,10 @@ class FleetLockBackend:
             )
             await self._sleep(delay)
 
+    async def holding(self, machine_id: str) -> None:
+        """The protocol has no read: the server alone knows who holds its lock."""
+        return None
+
     async def release(self, machine_id: str) -> bool:
         refusal = await self._post(STEADY_STATE, machine_id)
         if refusal is not None:

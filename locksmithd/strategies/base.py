@@ -3,9 +3,11 @@
 Zincati's model: every strategy answers *may this node reboot now?* (``can_finalize``, which returns once it
 may) and *this node is back and steady* (``report_steady``), so the daemon never branches on which strategy it
 runs. ``abandon`` gives back what ``can_finalize`` took when the reboot is put off (window passed, a pre-reboot
-hook failed, logind kept refusing). A strategy that uses a lock service decides itself when to ask again after
-that service failed (one backoff policy, ``DaemonSettings.backoff``), and tells the daemon through its
-``StrategyObserver`` where the request stands and what failed, for the status line, the state file and metrics.
+hook failed, logind kept refusing), and ``holding`` reads whether this node holds a slot now (at start-up: one
+taken before the reboot), for metrics only, no decision depends on it. A strategy that uses a lock service
+decides itself when to ask again after that service failed (one backoff policy, ``DaemonSettings.backoff``),
+and tells the daemon through its ``StrategyObserver`` where the request stands and what failed, for the status
+line, the state file and metrics.
 
 A ``StrategySpec`` is a strategy's entry in the table (``locksmithd.strategies.STRATEGIES``): its label (the
 ``REBOOT_STRATEGY`` value, spelled once, in its module), a summary, the checks of the settings it uses and the
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from locksmithd.backends import LockBackendError, LockProgress
+from locksmithd.backends import LockBackendError, LockProgress, SlotHolding
 from locksmithd.clock import Clock
 
 if TYPE_CHECKING:
@@ -71,6 +73,11 @@ class RebootStrategy(Protocol):
 
     async def report_steady(self) -> None:
         """The node is back and steady: give back a slot it may still hold from before its reboot."""
+        ...
+
+    async def holding(self) -> SlotHolding | None:
+        """What the lock service says of this node's slot now, one read; None when there is no lock service or
+        it cannot tell (or, for best-effort, does not answer). Raises LockBackendError."""
         ...
 
     async def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from locksmithd.backends import LockBackend
+from locksmithd.backends import LockBackend, SlotHolding
 from locksmithd.strategies.base import StrategyContext, StrategySpec
 from locksmithd.strategies.etcd_lock import check_etcd_files, etcd_backend
 from locksmithd.strategies.slots import SlotKeeper
@@ -48,6 +48,11 @@ class BestEffortStrategy:
             await self.slots.give_back()
         else:
             log.info("best-effort: etcd does not answer at %s: no reboot lock to release", self.where)
+
+    async def holding(self) -> SlotHolding | None:
+        if not await self.backend.reachable():
+            return None
+        return await self.slots.holding()
 
     async def close(self) -> None:
         await self.slots.close()

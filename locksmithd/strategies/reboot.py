@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from locksmithd.backends import SlotHolding
 from locksmithd.strategies.base import StrategyContext, StrategySpec
 
 LABEL = "reboot"
@@ -20,6 +21,9 @@ class RebootStrategy:
     async def report_steady(self) -> None:
         # No lock was taken, so there is nothing to give back.
         return None
+
+    async def holding(self) -> SlotHolding | None:
+        return None  # no lock service
 
     async def close(self) -> None:
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from coreos_common.backoff import BackoffPolicy
-from locksmithd.backends import LockBackend, LockBackendError
+from locksmithd.backends import LockBackend, LockBackendError, SlotHolding
 from locksmithd.clock import Clock, show_delay
 from locksmithd.strategies.base import StrategyObserver
 
@@ -60,6 +60,10 @@ class SlotKeeper:
                 log.info("This machine (%s) holds no reboot lock: nothing to release", self.machine_id)
             return
 
+    async def holding(self) -> SlotHolding | None:
+        """One read of this machine's slot (not retried: the caller decides)."""
+        return await self.backend.holding(self.machine_id)
+
     async def close(self) -> None:
         await self.backend.close()
 
@@ -84,6 +88,9 @@ class SlotStrategy:
 
     async def report_steady(self) -> None:
         await self.slots.give_back()
+
+    async def holding(self) -> SlotHolding | None:
+        return await self.slots.holding()
 
     async def close(self) -> None:
         await self.slots.close()

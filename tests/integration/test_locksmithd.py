@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coreos_common.status import StatusSnapshot, UpdateStatus
 from locksmithd import __version__, ctl
 from locksmithd.login1 import USER_PROCESS, UTMP_RECORD
+from locksmithd.semaphore import HolderRecord
 from sim.bus import PrivateBus, start_private_bus
 from sim.etcd import EtcdCluster
 from sim.ports import free_port
@@ -883,6 +884,45 @@ async def test_metrics_of_a_running_daemon_read_by_a_prometheus_parser(
     await wait_until(lambda: textfile.exists() and "locksmithd_reboot_requests_total{result=\"accepted\"} 1"
                      in textfile.read_text(), "the textfile has the reboot request")
     assert samples(textfile.read_text())["locksmithd_phase"][(("phase", "rebooting"),)] == 1.0
+
+
+async def test_metrics_show_a_slot_held_from_before_the_reboot_until_it_is_released(
+    nodes: dict[str, Node], etcd: EtcdCluster, short_dir: Path
+) -> None:
+    node = await nodes["a"].setup()
+    etcd.put(SEMAPHORE_KEY, json.dumps({"semaphore": 0, "max": 1, "holders": [node.machine_id]},
+                                       separators=(",", ":")))
+    taken = int(time.time()) - 600  # the slot was taken before the reboot, ten minutes ago
+    etcd.put(f"{SEMAPHORE_KEY}/holders/{node.machine_id}", HolderRecord.at(taken, "node-a").encode())
+    _, post = hook_dirs(node)
+    write_hook(post, "50-health", 'echo "kubelet not ready"; exit 1\n')
+    socket_path = short_dir / "metrics.promsock"
+    daemon = await node.locksmithd(
+        "--metrics-socket", str(socket_path), REBOOT_STRATEGY="etcd-lock", LOCKSMITHD_ENDPOINT=etcd.endpoint(0),
+    )
+    await daemon.wait_for_log("Post-reboot hooks failed")
+    await wait_for_state(node, "releasing-after-boot")
+    values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+
+    async def held() -> bool:
+        nonlocal values
+        values = samples(await scrape(socket_path))
+        return values["locksmithd_lock_held"] == {(): 1.0}
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not await held():
+        assert loop.time() < deadline, f"locksmithd_lock_held stayed {values['locksmithd_lock_held']}"
+        await asyncio.sleep(0.05)
+    assert values["locksmithd_lock_held_since_timestamp_seconds"] == {(): float(taken)}
+    assert semaphore(etcd)["holders"] == [node.machine_id]
+
+    write_hook(post, "50-health", "exit 0\n")
+    await wait_until(lambda: semaphore(etcd)["holders"] == [], "the lock is released once the hooks pass")
+    await wait_for_state(node, "waiting-for-update")
+    values = samples(await scrape(socket_path))
+    assert values["locksmithd_lock_held"] == {(): 0.0}
+    assert "locksmithd_lock_held_since_timestamp_seconds" not in values
 
 
 async def test_metrics_windows_and_ignored_signals(nodes: dict[str, Node], short_dir: Path) -> None:

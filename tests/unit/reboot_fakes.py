@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 
 from coreos_common.backoff import BackoffPolicy
-from locksmithd.backends import LockPhase, LockProgress, ProgressCallback
+from locksmithd.backends import LockPhase, LockProgress, ProgressCallback, SlotHolding
 from locksmithd.clock import seconds_between
 from locksmithd.reboot_path import (
     Action,
@@ -96,6 +96,10 @@ class FakeBackend:
         if step:
             await self.clock.sleep(step)
         self.held = True
+
+    async def holding(self, machine_id: str) -> SlotHolding:
+        self.calls.append("holding")
+        return SlotHolding(self.held)
 
     async def release(self, machine_id: str) -> bool:
         self.calls.append("release")

@@ -28,10 +28,11 @@ from locksmithd.backends import (
     LockPhase,
     LockProgress,
     ProgressCallback,
+    SlotHolding,
 )
 from locksmithd.backends.etcd import line, ops, v2
 from locksmithd.backends.etcd.client import EtcdClient, KeyWatch, LeaseKeeper, WatchRestart
-from locksmithd.backends.etcd.gateway import EtcdStats
+from locksmithd.backends.etcd.gateway import EtcdRefused, EtcdStats
 from locksmithd.backends.etcd.waiter import (
     Action,
     AtFront,
@@ -319,6 +320,25 @@ class EtcdLockBackend:
             case _:
                 return
         log.info("%s; %s waiting for a release %s", after.seen.semaphore.describe(), machine_id, where)
+
+    async def holding(self, machine_id: str) -> SlotHolding:
+        """Whether ``machine_id`` is among the v3 semaphore's holders, with its record's time when there is one.
+
+        The v2 semaphore of compatibility mode is not read: it is taken with the v3 one and released after it,
+        and reading it would create its key when missing. Without read access to the holder records the
+        semaphore alone is read (no time).
+        """
+        session, keys = self.client.session, self.client.keys
+        try:
+            snapshot, records = await self.client.run(ops.status(session, keys))
+        except EtcdRefused as exc:
+            if "permission denied" not in exc.reason:
+                raise
+            snapshot, records = await self.client.run(ops.read(session, keys)), {}
+        if not snapshot.semaphore.holds(machine_id):
+            return SlotHolding(False)
+        record = records.get(machine_id)
+        return SlotHolding(True, record.taken_at() if record is not None else None)
 
     async def release(self, machine_id: str) -> bool:
         if not machine_id:
