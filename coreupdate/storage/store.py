@@ -12,6 +12,18 @@ them (the rollout's row locked, then the group's population counted, so two serv
 the last instance nor both record it), a channel change supersedes them.  Both end a rollout with an update
 that only applies while it is open, so its "rollout completed" or "rollout superseded" is recorded once.
 
+Row locks (PostgreSQL; SQLite takes the whole database at ``BEGIN IMMEDIATE``) are taken in one order, so two
+transactions never wait for each other in a circle (PostgreSQL would abort one with "deadlock detected"):
+**groups → instances → rollouts → meta** (``catalog_version``).  A transaction may skip any of them but never
+goes back to an earlier one.  So a grant locks the group, then writes the instance, then counts in the rollout;
+a batch writes its instances, then its rollout counts and completions in ascending (group, version) order, and
+commits before the automatic pause its failures may call for, which is a transaction of its own that locks
+the groups (ascending id) and only reads the rollouts; a group or channel change locks the group (or channel),
+then ends or reopens rollouts, then bumps the catalog.  Within the instances a batch writes its check-ins in
+ascending (app, machine) order but its events in the order they came, as they must be applied; two batches
+sharing an instance in opposite orders could still wait on each other (an instance talks to one server at a
+time, so that is not expected).
+
 Times come from the ``clock`` given to the store (epoch seconds), so tests can move time.
 """
 
@@ -182,6 +194,25 @@ def token_matches(token: str, hashes: Iterable[str]) -> bool:
     for stored in hashes:
         found |= hmac.compare_digest(candidate, stored)
     return found
+
+
+@dataclass
+class _RolloutCounts:
+    """What a batch adds to one rollout's counters, written once its instances are (the lock order)."""
+
+    first_at: float
+    failed: int = 0
+    completed: int = 0
+
+
+def _add_count(
+    counts: dict[tuple[str, str], _RolloutCounts], group_id: str, version: str, at: float, *, failed: int = 0,
+    completed: int = 0,
+) -> None:
+    entry = counts.setdefault((group_id, version), _RolloutCounts(at))
+    entry.first_at = min(entry.first_at, at)
+    entry.failed += failed
+    entry.completed += completed
 
 
 def _dt(epoch: float) -> datetime:
@@ -708,12 +739,14 @@ class Store:
             return RecordOutcome()
         now = self.clock()
         failures: dict[tuple[str, str], int] = defaultdict(int)
+        counts: dict[tuple[str, str], _RolloutCounts] = {}
         completions = 0
         touched = {c.group_id for c in checkins} | {r.group_id for r in reported}
         with self.engine.begin() as conn:
+            # Instances first, rollouts after, never a group: see the lock order in the module's docstring.
             if checkins:
                 rows = [dict(self._checkin_values(c), first_seen_at=c.at, status=int(InstanceStatus.UNDEFINED))
-                        for c in checkins]
+                        for c in sorted(checkins, key=lambda c: (c.app_id, c.machine_id))]
                 stmt = self._insert(instances)
                 update_cols = ("alias", "ip", "version", "track", "group_id", "oem", "board", "last_check_at")
                 conn.execute(
@@ -724,10 +757,17 @@ class Store:
                 )
             self._hold([c for c in checkins if c.held_back_from is not None], conn)
             for rec in reported:
-                completions += self._apply_event(conn, rec, failures)
-            completions += self._complete_checked_in(conn, now, touched)
-            paused = self._failure_pauses(conn, failures, now)
-            completed = self._complete_rollouts(conn, {g for g in touched if g is not None}, now)
+                completions += self._apply_event(conn, rec, failures, counts)
+            completions += self._complete_checked_in(conn, now, touched, counts)
+            completed = self._settle_rollouts(conn, counts, {g for g in touched if g is not None}, now)
+        try:
+            paused = self._failure_pauses(failures, now)
+        except sa.exc.SQLAlchemyError as exc:
+            # The batch is written: raising would have the writer write it again. The next grant in the group
+            # meets the same threshold and pauses it (``policy.decide_grant``).
+            log.warning("Cannot pause the groups whose failures passed their threshold (%s); the next grant in "
+                        "each pauses it", str(exc).splitlines()[0])
+            paused = []
         return RecordOutcome(paused_groups=tuple(paused), failures=sum(failures.values()), completions=completions,
                              completed_rollouts=tuple(completed))
 
@@ -764,7 +804,10 @@ class Store:
                 changes,
             )
 
-    def _apply_event(self, conn: Connection, rec: EventRecord, failures: dict[tuple[str, str], int]) -> int:
+    def _apply_event(
+        self, conn: Connection, rec: EventRecord, failures: dict[tuple[str, str], int],
+        counts: dict[tuple[str, str], _RolloutCounts],
+    ) -> int:
         change = status_after_event(rec.event)
         inst = conn.execute(
             sa.select(instances.c.status, instances.c.granted_version, instances.c.group_id, instances.c.alias).where(
@@ -792,7 +835,7 @@ class Store:
         if group_id is None or inst.granted_version is None:
             return 0
         if change.status in FAILED_STATUSES and old not in FAILED_STATUSES:
-            self._count_rollout(conn, group_id, inst.granted_version, rec.at, failed=1)
+            _add_count(counts, group_id, inst.granted_version, rec.at, failed=1)
             failures[(group_id, inst.granted_version)] += 1
             kind = (ActivityKind.INSTANCE_ROLLED_BACK if change.status == InstanceStatus.ROLLED_BACK
                     else ActivityKind.INSTANCE_FAILED)
@@ -803,14 +846,16 @@ class Store:
                 group_id=group_id, version=inst.granted_version, at=rec.at,
             )
         elif change.status == InstanceStatus.COMPLETE:
-            self._count_rollout(conn, group_id, inst.granted_version, rec.at, completed=1)
+            _add_count(counts, group_id, inst.granted_version, rec.at, completed=1)
             return 1
         return 0
 
-    def _complete_checked_in(self, conn: Connection, now: float, touched: set[str | None]) -> int:
+    def _complete_checked_in(
+        self, conn: Connection, now: float, touched: set[str | None], counts: dict[tuple[str, str], _RolloutCounts]
+    ) -> int:
         """Instances in flight that now report their granted version are Complete (``status_after_checkin``;
         the query only narrows the rows down to the candidates, through the status index); their groups are
-        added to ``touched``."""
+        added to ``touched`` and their completions to ``counts``."""
         candidates = conn.execute(
             sa.select(instances.c.app_id, instances.c.machine_id, instances.c.group_id, instances.c.granted_version,
                       instances.c.status, instances.c.version)
@@ -819,12 +864,12 @@ class Store:
                 instances.c.version == instances.c.granted_version,
             )
         ).all()
-        # In a fixed order, so two servers' batches lock the same rollouts' rows in the same order.
+        # In the instances' key order, so two servers' batches lock the same rows in the same order.
         done = sorted(
             (row for row in candidates
              if status_after_checkin(InstanceStatus(row.status), row.granted_version, row.version)
              == InstanceStatus.COMPLETE),
-            key=lambda row: (row.group_id or "", row.granted_version or "", row.app_id, row.machine_id),
+            key=lambda row: (row.app_id, row.machine_id),
         )
         for row in done:
             conn.execute(
@@ -832,53 +877,71 @@ class Store:
                 .where(instances.c.app_id == row.app_id, instances.c.machine_id == row.machine_id)
                 .values(status=int(InstanceStatus.COMPLETE), status_at=now, error_code=None)
             )
-            if row.group_id is not None:
-                self._count_rollout(conn, row.group_id, row.granted_version, now, completed=1)
+            if row.group_id is not None and row.granted_version is not None:
+                _add_count(counts, row.group_id, row.granted_version, now, completed=1)
                 touched.add(row.group_id)
         return len(done)
 
-    def _complete_rollouts(self, conn: Connection, group_ids: set[str], now: float) -> list[str]:
-        """End the open rollouts of these groups that are complete now (``policy.rollout_completed``); returns
-        the activity log's messages.  Each candidate's row is locked before its group is counted, so a second
-        server's batch waits and then counts with this one's instances committed."""
-        if not group_ids:
-            return []
-        offered = (channels.c.app_id == groups.c.app_id) & (channels.c.name == groups.c.channel)
-        candidates = conn.execute(
-            sa.select(rollouts.c.group_id, rollouts.c.version, groups.c.app_id, groups.c.name, channels.c.version)
-            .select_from(rollouts.join(groups, groups.c.id == rollouts.c.group_id).join(channels, offered))
-            .where(rollouts.c.group_id.in_(sorted(group_ids)), rollouts.c.outcome.is_(None),
-                   rollouts.c.version == channels.c.version, rollouts.c.granted > 0)
-            .order_by(rollouts.c.group_id)
-        ).all()
+    def _settle_rollouts(
+        self, conn: Connection, counts: Mapping[tuple[str, str], _RolloutCounts], group_ids: set[str], now: float
+    ) -> list[str]:
+        """Add the batch's failures and completions to the rollouts' counters and end the open rollouts of
+        ``group_ids`` that are complete now (``policy.rollout_completed``), one rollout at a time in ascending
+        (group, version) order, so that every row is locked in the module's order; returns the activity log's
+        messages.  Each candidate's row is locked before its group is counted, so a second server's batch waits
+        and then counts with this one's instances committed."""
+        candidates: dict[tuple[str, str], tuple[str, str, str | None]] = {}
+        if group_ids:
+            offered = (channels.c.app_id == groups.c.app_id) & (channels.c.name == groups.c.channel)
+            for group_id, version, app_id, name, channel_version in conn.execute(
+                sa.select(rollouts.c.group_id, rollouts.c.version, groups.c.app_id, groups.c.name, channels.c.version)
+                .select_from(rollouts.join(groups, groups.c.id == rollouts.c.group_id).join(channels, offered))
+                .where(rollouts.c.group_id.in_(sorted(group_ids)), rollouts.c.outcome.is_(None),
+                       rollouts.c.version == channels.c.version, rollouts.c.granted > 0)
+            ):
+                candidates[(group_id, version)] = (app_id, name, channel_version)
         messages = []
-        cutoff = now - policy.SEEN_WINDOW.total_seconds()
-        for group_id, version, app_id, name, channel_version in candidates:
-            row = conn.execute(
-                sa.select(rollouts).where(rollouts.c.group_id == group_id, rollouts.c.version == version)
-                .with_for_update()
-            ).first()
-            if row is None:
-                continue
-            view = policy.RolloutView(version, int(row.granted), _outcome(row.outcome))
-            seen_recently = (instances.c.group_id == group_id, instances.c.last_check_at > cutoff)
-            # One instance behind is enough to know it is not complete: look for one before counting them all.
-            behind = len(conn.execute(
-                sa.select(instances.c.machine_id).where(*seen_recently, instances.c.version != version).limit(1)
-            ).all())
-            seen = 0 if behind else int(conn.execute(
-                sa.select(sa.func.count()).select_from(instances).where(*seen_recently)).scalar_one())
-            if not policy.rollout_completed(view, channel_version, policy.Population(seen, behind)):
-                continue
-            message = (
-                f"rollout of {version} to group {name} completed: all {seen} instance(s) seen in the last day run "
-                f"{version} ({row.granted} granted, {row.completed} complete, {row.failed} failed)"
-            )
-            if self._end_rollout(conn, group_id, version, RolloutOutcome.COMPLETED, now):
-                self._activity(conn, ActivityKind.ROLLOUT_COMPLETED, app_id, message, group_id=group_id,
-                               version=version, at=now)
-                messages.append(message)
+        for key in sorted(set(counts) | set(candidates)):
+            if key in counts:
+                c = counts[key]
+                self._count_rollout(conn, key[0], key[1], c.first_at, failed=c.failed, completed=c.completed)
+            if key in candidates:
+                message = self._complete_rollout(conn, key[0], key[1], *candidates[key], now)
+                if message is not None:
+                    messages.append(message)
         return messages
+
+    def _complete_rollout(
+        self, conn: Connection, group_id: str, version: str, app_id: str, name: str, channel_version: str | None,
+        now: float,
+    ) -> str | None:
+        """End this open rollout if it is complete now; the activity log's message when it did."""
+        cutoff = now - policy.SEEN_WINDOW.total_seconds()
+        row = conn.execute(
+            sa.select(rollouts).where(rollouts.c.group_id == group_id, rollouts.c.version == version)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return None
+        view = policy.RolloutView(version, int(row.granted), _outcome(row.outcome))
+        seen_recently = (instances.c.group_id == group_id, instances.c.last_check_at > cutoff)
+        # One instance behind is enough to know it is not complete: look for one before counting them all.
+        behind = len(conn.execute(
+            sa.select(instances.c.machine_id).where(*seen_recently, instances.c.version != version).limit(1)
+        ).all())
+        seen = 0 if behind else int(conn.execute(
+            sa.select(sa.func.count()).select_from(instances).where(*seen_recently)).scalar_one())
+        if not policy.rollout_completed(view, channel_version, policy.Population(seen, behind)):
+            return None
+        message = (
+            f"rollout of {version} to group {name} completed: all {seen} instance(s) seen in the last day run "
+            f"{version} ({row.granted} granted, {row.completed} complete, {row.failed} failed)"
+        )
+        if not self._end_rollout(conn, group_id, version, RolloutOutcome.COMPLETED, now):
+            return None
+        self._activity(conn, ActivityKind.ROLLOUT_COMPLETED, app_id, message, group_id=group_id, version=version,
+                       at=now)
+        return message
 
     def _end_rollout(self, conn: Connection, group_id: str, version: str, outcome: RolloutOutcome,
                      now: float) -> bool:
@@ -928,35 +991,42 @@ class Store:
             )
         return messages
 
-    def _failure_pauses(self, conn: Connection, failures: Mapping[tuple[str, str], int], now: float) -> list[str]:
+    def _failure_pauses(self, failures: Mapping[tuple[str, str], int], now: float) -> list[str]:
+        """Pause the groups whose rollout's failures passed the threshold (``policy.failure_pause_reason``), in a
+        transaction of its own after the batch's, so that group locks come before rollout locks (the module's
+        order); the counts read are committed ones. Until it commits, a grant in the group meets the same
+        threshold (``decide_grant``) and pauses the group itself; whichever comes second finds it paused."""
         paused: list[str] = []
-        for group_id, version in failures:
-            row = conn.execute(sa.select(groups).where(groups.c.id == group_id).with_for_update()).first()
-            if row is None or row.updates_paused:
-                continue
-            group = group_from_row(row)
-            counts = conn.execute(
-                sa.select(rollouts.c.granted, rollouts.c.failed).where(
-                    rollouts.c.group_id == group_id, rollouts.c.version == version
+        if not failures:
+            return paused
+        with self.engine.begin() as conn:
+            for group_id, version in sorted(failures):
+                row = conn.execute(sa.select(groups).where(groups.c.id == group_id).with_for_update()).first()
+                if row is None or row.updates_paused:
+                    continue
+                group = group_from_row(row)
+                counts = conn.execute(
+                    sa.select(rollouts.c.granted, rollouts.c.failed).where(
+                        rollouts.c.group_id == group_id, rollouts.c.version == version
+                    )
+                ).first()
+                if counts is None:
+                    continue
+                counters = policy.RolloutCounters(attempted=int(counts.granted), failed=int(counts.failed))
+                reason = policy.failure_pause_reason(group.policy, version, counters)
+                if reason is None:
+                    continue
+                conn.execute(
+                    sa.update(groups).where(groups.c.id == group_id).values(
+                        updates_paused=True, pause_reason=reason, updated_at=now
+                    )
                 )
-            ).first()
-            if counts is None:
-                continue
-            counters = policy.RolloutCounters(attempted=int(counts.granted), failed=int(counts.failed))
-            reason = policy.failure_pause_reason(group.policy, version, counters)
-            if reason is None:
-                continue
-            conn.execute(
-                sa.update(groups).where(groups.c.id == group_id).values(
-                    updates_paused=True, pause_reason=reason, updated_at=now
+                self._activity(
+                    conn, ActivityKind.ROLLOUT_PAUSED, group.app_id, f"group {group.name} paused: {reason}",
+                    group_id=group_id, version=version, at=now,
                 )
-            )
-            self._activity(
-                conn, ActivityKind.ROLLOUT_PAUSED, group.app_id, f"group {group.name} paused: {reason}",
-                group_id=group_id, version=version, at=now,
-            )
-            self._bump_catalog(conn)
-            paused.append(group_id)
+                self._bump_catalog(conn)
+                paused.append(group_id)
         return paused
 
     # -- instances, history, activity ------------------------------------------------------------------

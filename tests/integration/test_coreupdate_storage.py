@@ -327,3 +327,74 @@ def test_tokens_are_stored_hashed_and_can_be_revoked(store: Store, database_url:
     assert not token_matches(token, store.load_catalog().token_hashes)
     with pytest.raises(NotFound):
         store.revoke_token("ci")
+
+
+def test_grants_and_failure_batches_at_once_never_deadlock(postgres_server: Any, clock: FakeClock) -> None:
+    """A grant locks its group, then counts in the rollout's row; a batch of events counts failures in the
+    rollout's row and may pause the group. Both at once, round after round, from two engines (two servers) on
+    PostgreSQL: neither is aborted as a deadlock, and the counts, the statuses and the pause add up. Each
+    batch also carries events of other instances, so that it is still open when the grant asks for its locks."""
+    rounds, filler = 12, 40
+    url = str(postgres_server.create_database("t" + uuid.uuid4().hex[:12]))
+    engines = [db_engine.create(url) for _ in range(2)]
+    try:
+        stores = [Store(e, clock=clock) for e in engines]
+        stores[0].migrate()
+        add_release(stores[0])
+        group = make_group(stores[0], update_count=10_000, failure_pause_count=rounds)
+        for r in range(rounds):
+            assert isinstance(stores[0].try_grant(checkin(clock, f"fail-{r}", group), group.id).decision, Grant)
+        stores[0].record([checkin(clock, f"busy-{i}", group) for i in range(filler)], [])
+        start = threading.Barrier(2)
+
+        def grant(r: int) -> Any:
+            start.wait(timeout=30)
+            return stores[0].try_grant(checkin(clock, f"new-{r}", group), group.id).decision
+
+        def fail(r: int) -> Any:
+            reported = [EventRecord(COREOS_APP_ID, f"fail-{r}", group.id, "1.0.0", RequestEvent(3, 0, 10), clock.now)]
+            reported += [EventRecord(COREOS_APP_ID, f"busy-{i}", group.id, "1.0.0", RequestEvent(13, 1), clock.now)
+                         for i in range(filler)]
+            start.wait(timeout=30)
+            return stores[1].record([], reported)
+
+        granted = 0
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for r in range(rounds):
+                decision, batch = pool.submit(grant, r), pool.submit(fail, r)
+                granted += isinstance(decision.result(), Grant)  # a deadlock would raise here or below
+                batch.result()
+        assert granted >= rounds - 1  # only the last round's grant may meet the pause
+        rollout = stores[1].rollout(group.id, "2.0.0")
+        assert rollout is not None and (rollout["granted"], rollout["failed"]) == (rounds + granted, rounds)
+        assert {stores[1].get_instance(COREOS_APP_ID, f"fail-{r}")["status"] for r in range(rounds)} == {"Error"}
+        assert stores[1].get_group(COREOS_APP_ID, group.id).policy.updates_paused
+        assert len(activity_of(stores[1], group, "rollout-paused")) == 1
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_a_failed_pause_leaves_the_batch_written_once_and_the_next_grant_pauses(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause runs after the batch committed: when it fails, ``record`` must not raise (the writer would
+    write the batch again); the next grant meets the threshold and pauses the group itself."""
+    add_release(store)
+    group = make_group(store, failure_pause_count=1)
+    assert isinstance(store.try_grant(checkin(clock, "m0", group), group.id).decision, Grant)
+
+    def refuse(*_: Any) -> list[str]:
+        raise sa.exc.OperationalError("UPDATE groups", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(store, "_failure_pauses", refuse)
+    outcome = store.record([], [EventRecord(COREOS_APP_ID, "m0", group.id, "1.0.0", RequestEvent(3, 0, 10),
+                                            clock.now)])
+    assert outcome.paused_groups == () and outcome.failures == 1
+    assert store.rollout(group.id, "2.0.0")["failed"] == 1  # type: ignore[index]
+    assert not store.get_group(COREOS_APP_ID, group.id).policy.updates_paused
+    monkeypatch.undo()
+    refused = store.try_grant(checkin(clock, "m1", group), group.id)
+    assert isinstance(refused.decision, Refuse) and refused.decision.reason == Refusal.FAILURE_THRESHOLD
+    assert refused.paused_group and store.get_group(COREOS_APP_ID, group.id).policy.updates_paused
+    assert len(activity_of(store, group, "rollout-paused")) == 1
