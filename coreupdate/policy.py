@@ -36,6 +36,11 @@ A superseded rollout whose version is offered to the group again is open again (
 still complete; a completed one stays completed.  The caller evaluates completion in the transaction that
 writes the check-ins and events, under a lock on the rollout's row, and ends a rollout only with a conditional
 write (``still open``), so it is recorded once even when several servers share the database.
+
+Whether a group's rollout is complete (``rollout_complete``: it ended completed, or it is open and complete
+now) is decided here only, and the dashboard shows that, so it never disagrees with the activity log: a group
+whose instances all came to the version without a grant has no rollout to complete, and a completed rollout
+stays complete on the dashboard as in the log.
 """
 
 from __future__ import annotations
@@ -258,6 +263,14 @@ def rollout_completed(rollout: RolloutView, channel_version: str | None, populat
         and population.seen > 0
         and population.behind == 0
     )
+
+
+def rollout_complete(rollout: RolloutView | None, offered_version: str | None, population: Population) -> bool:
+    """Whether the group's rollout of ``offered_version`` (``rollout``: its row, None when nothing was granted)
+    is complete, as the activity log has or is about to record it: ended completed, or open and complete now."""
+    if rollout is None or offered_version is None or rollout.version != offered_version:
+        return False
+    return rollout.outcome == RolloutOutcome.COMPLETED or rollout_completed(rollout, offered_version, population)
 
 
 def rollout_superseded(rollout: RolloutView, offered_version: str | None) -> bool:

@@ -153,12 +153,12 @@ class DashboardQueries:
             return {g: int(n) for g, n in conn.execute(query) if g is not None}
 
     def rollouts(self, group_ids: Iterable[str]) -> dict[tuple[str, str], dict[str, Any]]:
-        """The rollout counters of the given groups, by (group id, version)."""
+        """The rollout counters of the given groups and how each ended (None: open), by (group id, version)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(rollouts).where(rollouts.c.group_id.in_(list(group_ids)))).all()
         return {
             (r.group_id, r.version): {"started_at": r.started_at, "granted": r.granted, "failed": r.failed,
-                                      "completed": r.completed}
+                                      "completed": r.completed, "outcome": r.outcome}
             for r in rows
         }
 

@@ -87,7 +87,7 @@ class Pages:
         progress = present.progress(counts, version)
         state = present.rollout_state(
             paused=group.policy.updates_paused, pause_reason=group.pause_reason, channel=group.channel,
-            version=version, granted=int(rollout["granted"]) if rollout else 0, progress=progress,
+            version=version, rollout=present.rollout_view(rollout, version), progress=progress,
         )
         by_status = counts.by_status() if counts else {}
         statuses = [(s, by_status[s]) for s in present.STATUS_ORDER if by_status.get(s)]

@@ -2,9 +2,9 @@
 
 Rules:
 
-* a group's rollout is, in this order: **paused** (with the operator's or the rule's reason), **idle** (no
-  package on its channel, or nobody asked for it yet), **complete** (every instance seen in the last day runs
-  the channel's version), else **in progress**;
+* a group's rollout is, in this order: **paused** (with the operator's or the rule's reason), **complete**
+  (``policy.rollout_complete``, the rule the activity log's "rollout completed" follows: never decided here),
+  **idle** (no package on its channel, or nothing granted yet), else **in progress**;
 * progress is the instances seen in the last day that run the channel's version, over all instances seen in the
   last day (an instance that stopped checking in does not hold the bar back forever);
 * the policy reads as one line, most important first: the rate, the office hours, safe mode, the automatic
@@ -18,9 +18,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from coreos_common.goduration import format_short_duration
-from coreupdate.model import GroupPolicy, InstanceStatus
+from coreupdate import policy
+from coreupdate.model import GroupPolicy, InstanceStatus, RolloutOutcome
 from coreupdate.storage.dashboard import GroupCounts
 from update_engine.errors import describe
 from update_engine.omaha import EventResult, EventType
@@ -61,18 +63,34 @@ def progress(counts: GroupCounts | None, version: str | None) -> Progress:
     return Progress(counts.seen_day_on(version), counts.seen_day)
 
 
-def rollout_state(*, paused: bool, pause_reason: str, channel: str, version: str | None, granted: int,
-                  progress: Progress) -> RolloutState:
+def rollout_view(row: dict[str, Any] | None, version: str | None) -> policy.RolloutView | None:
+    """The policy's view of the rollout of ``version`` from its stored counters (``DashboardQueries.rollouts``)."""
+    if row is None or version is None:
+        return None
+    outcome = row.get("outcome")
+    return policy.RolloutView(version, int(row["granted"]), RolloutOutcome(outcome) if outcome else None)
+
+
+def rollout_state(*, paused: bool, pause_reason: str, channel: str, version: str | None,
+                  rollout: policy.RolloutView | None, progress: Progress) -> RolloutState:
     """The phase of a group's rollout, by the rules of the module docstring."""
     if paused:
         return RolloutState(RolloutPhase.PAUSED, pause_reason or "paused by an operator")
     if version is None:
         return RolloutState(RolloutPhase.IDLE, f"channel {channel} offers no package")
-    if progress.seen and progress.on_version == progress.seen:
+    behind = progress.seen - progress.on_version
+    if policy.rollout_complete(rollout, version, policy.Population(progress.seen, behind)):
+        if behind:
+            return RolloutState(RolloutPhase.COMPLETE, f"completed; {behind} instance(s) seen in the last day do "
+                                                       f"not run {version}")
         return RolloutState(RolloutPhase.COMPLETE, f"every instance seen in the last day runs {version}")
+    granted = rollout.granted if rollout is not None else 0
     if granted == 0:
         if not progress.seen:
             return RolloutState(RolloutPhase.IDLE, "no instance checked in during the last day")
+        if not behind:
+            return RolloutState(RolloutPhase.IDLE, f"every instance seen in the last day runs {version}, none "
+                                                   "needed a grant")
         return RolloutState(RolloutPhase.IDLE, f"no instance was granted {version} yet")
     return RolloutState(RolloutPhase.IN_PROGRESS, f"{granted} instance(s) granted {version}")
 

@@ -3,19 +3,25 @@ sessions, the aggregates of the overview and group pages, the instance table's p
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import sqlalchemy as sa
 
 from coreupdate import COREOS_APP_ID
 from coreupdate.accounts import Role, hash_password
-from coreupdate.model import InstanceStatus
+from coreupdate.model import Group, InstanceStatus
+from coreupdate.policy import Grant
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage import migrations, schema
 from coreupdate.storage.accounts import AccountStore
 from coreupdate.storage.dashboard import DashboardQueries, InstanceQuery, InstanceSort
 from coreupdate.storage.store import Conflict, EventRecord, NotFound, Store
+from coreupdate.web import present
+from coreupdate.web.pages import Pages
 from tests.integration.test_coreupdate_storage import (  # noqa: F401  (fixtures)
     FakeClock,
+    activity_of,
     add_release,
     checkin,
     clock,
@@ -112,3 +118,36 @@ def test_fleet_counts_errors_and_instance_pages(store: Store, clock: FakeClock) 
     page = queries.instance_page(InstanceQuery(group.id, status=InstanceStatus.ERROR))
     assert page.total == 2 and [r["machine_id"] for r in page.rows] == ["m09", "m08"]
     assert set(queries.rollouts([group.id])) == {(group.id, "2.0.0")}
+
+
+def overview_phase(store: Store, group: Group) -> present.RolloutPhase:  # noqa: F811
+    """The phase the overview's row shows for ``group``, through the page's own code and the dashboard's reads."""
+    queries = DashboardQueries(store.engine, clock=store.clock)
+    page = SimpleNamespace(server=SimpleNamespace(catalog=store.load_catalog()))
+    row = Pages.group_row(page, group, queries.fleet_counts([group.id]).get(group.id), 0,  # type: ignore[arg-type]
+                          queries.rollouts([group.id]))
+    return row.state.phase
+
+
+def test_the_dashboard_shows_a_rollout_complete_exactly_when_the_activity_log_says_so(
+    store: Store, clock: FakeClock  # noqa: F811
+) -> None:
+    add_release(store)
+    group = make_group(store, update_count=10)
+
+    def agree() -> bool:
+        logged = bool(activity_of(store, group, "rollout-completed"))
+        return logged == (overview_phase(store, group) == present.RolloutPhase.COMPLETE)
+
+    # Every instance came to 2.0.0 without a grant: no rollout, nothing completed in the log, nor on the page.
+    store.record([checkin(clock, f"fresh-{i}", group, "2.0.0") for i in range(2)], [])
+    assert activity_of(store, group, "rollout-completed") == [] and agree()
+    # A granted instance arrives: the rollout completes in the log and on the page at once.
+    store.record([checkin(clock, "m0", group)], [])
+    assert isinstance(store.try_grant(checkin(clock, "m0", group), group.id).decision, Grant)
+    assert overview_phase(store, group) == present.RolloutPhase.IN_PROGRESS and agree()
+    store.record([checkin(clock, "m0", group, "2.0.0")], [])
+    assert len(activity_of(store, group, "rollout-completed")) == 1 and agree()
+    # A newcomer on the old version: the log's rollout stays completed, and so does the page's.
+    store.record([checkin(clock, "late", group)], [])
+    assert len(activity_of(store, group, "rollout-completed")) == 1 and agree()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from coreupdate.model import GroupPolicy, InstanceStatus
+from coreupdate.model import GroupPolicy, InstanceStatus, RolloutOutcome
+from coreupdate.policy import RolloutView
 from coreupdate.web import charts, forms, present
 from coreupdate.web.ratelimit import FailureLimiter
 
@@ -13,15 +14,27 @@ from coreupdate.web.ratelimit import FailureLimiter
 def test_rollout_phases_in_their_order() -> None:
     p = present.Progress
     state = present.rollout_state
-    assert state(paused=True, pause_reason="", channel="s", version="2", granted=1, progress=p(1, 2)).phase == "paused"
-    assert state(paused=False, pause_reason="", channel="s", version=None, granted=0,
+    open_rollout = RolloutView("2", granted=1)
+    assert state(paused=True, pause_reason="", channel="s", version="2", rollout=open_rollout,
+                 progress=p(1, 2)).phase == "paused"
+    assert state(paused=False, pause_reason="", channel="s", version=None, rollout=None,
                  progress=p(0, 2)).detail == "channel s offers no package"
-    assert state(paused=False, pause_reason="", channel="s", version="2", granted=0, progress=p(2, 2)).phase == \
-        present.RolloutPhase.COMPLETE
-    assert state(paused=False, pause_reason="", channel="s", version="2", granted=0, progress=p(0, 2)).phase == \
+    assert state(paused=False, pause_reason="", channel="s", version="2", rollout=open_rollout,
+                 progress=p(2, 2)).phase == present.RolloutPhase.COMPLETE
+    # Everyone on the version without a grant: no rollout, so nothing completed (the activity log says none).
+    nothing_granted = state(paused=False, pause_reason="", channel="s", version="2", rollout=None, progress=p(2, 2))
+    assert nothing_granted.phase == present.RolloutPhase.IDLE
+    assert nothing_granted.detail == "every instance seen in the last day runs 2, none needed a grant"
+    assert state(paused=False, pause_reason="", channel="s", version="2", rollout=None, progress=p(0, 2)).phase == \
         present.RolloutPhase.IDLE
-    assert state(paused=False, pause_reason="", channel="s", version="2", granted=1, progress=p(1, 2)).phase == \
-        present.RolloutPhase.IN_PROGRESS
+    assert state(paused=False, pause_reason="", channel="s", version="2", rollout=open_rollout,
+                 progress=p(1, 2)).phase == present.RolloutPhase.IN_PROGRESS
+    # A completed rollout stays complete, as in the activity log, when a newcomer on another version shows up.
+    completed = RolloutView("2", granted=2, outcome=RolloutOutcome.COMPLETED)
+    later = state(paused=False, pause_reason="", channel="s", version="2", rollout=completed, progress=p(2, 3))
+    assert later.phase == present.RolloutPhase.COMPLETE
+    assert later.detail == "completed; 1 instance(s) seen in the last day do not run 2"
+    assert present.rollout_view({"granted": 2, "outcome": "completed"}, "2") == completed
     assert p(1, 3).text == "1 of 3 (33 %)" and p(0, 0).percent == 0
 
 
