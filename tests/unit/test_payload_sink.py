@@ -628,7 +628,12 @@ async def test_write_async_gives_the_same_partition(generated: Generated, tmp_pa
 
 
 class _StalledWrites:
-    """Holds every write to the target until released: the pipeline fills up behind it."""
+    """Holds every write to the target until released: the pipeline fills up behind it.
+
+    The pipeline's bounds are cut so that, stalled, it holds one operation and a chunk or two: far less than
+    the test payload, so a writer always ends up waiting for room, however late the test looks at it. With the
+    real bounds (megabytes) the whole payload fits, and a slow test would find the writer already done.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
@@ -641,7 +646,9 @@ class _StalledWrites:
             real(file, data, offset)
 
         monkeypatch.setattr(BoundedFile, "pwrite", stalled)
-        monkeypatch.setattr(sink_module, "QUEUE_BYTES", 256 * 1024)
+        monkeypatch.setattr(sink_module, "QUEUE_BYTES", 64 * 1024)
+        monkeypatch.setattr(sink_module, "WINDOW_BYTES", 1)  # one operation at a time
+        monkeypatch.setattr(sink_module, "POOL_BYTES", 1)  # one blob at a time
 
 
 async def test_a_full_pipeline_does_not_block_the_event_loop(
