@@ -95,31 +95,62 @@ async def test_a_world_writable_directory_is_refused(tmp_path: Path) -> None:
     assert result.outcome is Outcome.REFUSED and result.hook == hook_dir
 
 
-async def test_a_hanging_hook_is_killed_with_its_children(tmp_path: Path) -> None:
+class LoopClock:
+    """The running loop's clock, moved on when the test says: a hook's timeout then passes once the test has seen
+    what it needs, not whenever a loaded machine happens to be slow to start the hook."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.time
+        self.offset = 0.0
+        monkeypatch.setattr(loop, "time", lambda: real() + self.offset)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+async def wait_for_pid(pid_file: Path) -> int:
+    """The pid a hook wrote to ``pid_file`` (written whole: the hook renames it into place); bounded wait."""
+    async with asyncio.timeout(30):
+        while not pid_file.exists():
+            await asyncio.sleep(0.02)
+    return int(pid_file.read_text())
+
+
+async def wait_gone(pid: int) -> None:
+    """Return once ``pid`` has died: a killed process goes a moment after the signal, not with it (bounded; the
+    hooks' children sleep 300 s, so one that was not killed is not taken for gone)."""
+    async with asyncio.timeout(10):
+        while process_alive(pid):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_hanging_hook_is_killed_with_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = LoopClock(monkeypatch)
     hook_dir = tmp_path / "hooks"
     pid_file = tmp_path / "child.pid"
-    write_hook(hook_dir, "10-hangs", f"sleep 300 & echo $! > {pid_file}; wait")
-    result = await run_hooks(hook_dir, context={}, timeout=0.5)
+    write_hook(hook_dir, "10-hangs", f"sleep 300 & echo $! > {pid_file}.new; mv {pid_file}.new {pid_file}; wait")
+    run = asyncio.ensure_future(run_hooks(hook_dir, context={}, timeout=60))
+    child = await wait_for_pid(pid_file)
+    assert process_alive(child)
+    clock.advance(60)  # the hook's time is up: only now, with its child started
+    result = await run
     assert result.outcome is Outcome.TIMED_OUT
-    child = int(pid_file.read_text())
-    assert not process_alive(child)
+    await wait_gone(child)
 
 
 async def test_cancelling_the_caller_kills_the_hook(tmp_path: Path) -> None:
     hook_dir = tmp_path / "hooks"
     pid_file = tmp_path / "hook.pid"
-    write_hook(hook_dir, "10-hangs", f"echo $$ > {pid_file}; exec sleep 300")
+    write_hook(hook_dir, "10-hangs", f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 300")
     task = asyncio.ensure_future(run_hooks(hook_dir, context={}, timeout=600))
-    for _ in range(200):
-        if pid_file.exists() and pid_file.read_text().strip():
-            break
-        await asyncio.sleep(0.02)
+    hook = await wait_for_pid(pid_file)
     started = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - started < hooks.KILL_GRACE_S + 5  # not the hook's 300 s or the 600 s timeout
-    assert not process_alive(int(pid_file.read_text()))
+    assert not process_alive(hook)
 
 
 async def test_megabytes_of_output_are_counted_not_logged(
