@@ -34,7 +34,7 @@ from tests.conftest import require_tool
 from tests.faults.figures import record
 from tests.faults.support import NEW_VERSION, TEST_OMAHA_URL_FLAG
 from tests.integration import test_daemon
-from tests.integration.test_daemon import call, connect, get_status, make_daemon, subscribe, wait_for_owner
+from tests.integration.test_daemon import call, connect, get_status, make_daemon, subscribe, wait_for_start_up
 from update_engine import gpt
 from update_engine.errors import ErrorCode
 
@@ -222,9 +222,10 @@ async def test_the_daemon_refuses_reports_and_keeps_running(
     image_before = sha256_file(node.disk)
     daemon = make_daemon(tmp_path, node.root, node.disk, bus, keys, healthy_delay=0.5)
     client = await connect(bus)
+    announced = await subscribe(client)
     daemon.start()
     try:
-        await wait_for_owner(client, daemon)
+        await wait_for_start_up(client, daemon, announced)
         recorder = await subscribe(client)
         await call(client, "AttemptUpdate")
         await recorder.wait_for("REPORTING_ERROR_EVENT")

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,7 @@ class SignalRecorder:
         self.bodies: list[list[object]] = []
         self.signatures: list[str] = []
         self.changed = asyncio.Event()
+        self._client = client
         client.add_message_handler(self._on_message)
 
     def _on_message(self, msg: Message) -> None:
@@ -147,14 +148,23 @@ class SignalRecorder:
         return out
 
     async def wait_for(self, status: str, timeout: float = 60) -> None:
+        await self._wait(lambda: (S + status) in [b[2] for b in self.bodies], f"no {status} signal", timeout)
+
+    async def wait_for_any(self, timeout: float = 60) -> None:
+        await self._wait(lambda: bool(self.bodies), "no StatusUpdate signal", timeout)
+
+    async def _wait(self, seen: Callable[[], bool], what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while (S + status) not in [b[2] for b in self.bodies]:
+        while not seen():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no {status} signal; saw {self.statuses()}")
+                raise AssertionError(f"{what}; saw {self.statuses()}")
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), remaining)
+
+    def close(self) -> None:
+        self._client.remove_message_handler(self._on_message)
 
 
 async def subscribe(client: MessageBus) -> SignalRecorder:
@@ -168,6 +178,20 @@ async def subscribe(client: MessageBus) -> SignalRecorder:
     return recorder
 
 
+async def wait_for_start_up(client: MessageBus, daemon: Daemon, announced: SignalRecorder) -> None:
+    """Wait for ``daemon`` to own its name and for its start-up StatusUpdate (it announces its status once, just
+    after taking the name), which ``announced``, subscribed before the daemon started, receives.
+
+    A recorder subscribed after this never sees that signal; one subscribed as soon as the name appears may or may
+    not, depending on which of the daemon and the test the machine runs first.
+    """
+    try:
+        await wait_for_owner(client, daemon)
+        await announced.wait_for_any()
+    finally:
+        announced.close()
+
+
 @pytest.fixture
 async def running(
     tmp_path: Path, bus: PrivateBus, devserver: DevServerProcess, keys: Keys
@@ -176,9 +200,10 @@ async def running(
     disk = make_usr_disk(tmp_path / "disk.img")
     daemon = make_daemon(tmp_path, node, disk, bus, keys)
     client = await connect(bus)
+    announced = await subscribe(client)
     daemon.start()
     try:
-        await wait_for_owner(client, daemon)
+        await wait_for_start_up(client, daemon, announced)
         yield daemon, client, node, disk
     finally:
         daemon.stop()
