@@ -5,7 +5,8 @@ marking) and locksmithd (lock release after boot) both ask about.
 Rules: the unit starts ``inactive`` with a start job queued (as during a boot); the caller sets
 ``unit.state = "active"`` when its simulated boot completes (``unit.queued = False``: no job either, as on a system
 whose boot does not pull the target in; ``unit.error``: ``GetUnit`` fails with that D-Bus error). Any other unit is
-``NoSuchUnit``. Nothing is started.
+``NoSuchUnit``. Nothing is started. ``unit.state_reads`` counts the questions about ``ActiveState``, so that a test
+can wait for a number of polls instead of guessing how long they take.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class BootCompleteUnit(ServiceInterface):
         self.state = "inactive"
         self.queued = True
         self.error: str | None = None
+        self.state_reads = 0
 
     @dbus_property(access=PropertyAccess.READ)
     def ActiveState(self) -> "s":  # type: ignore[name-defined]  # noqa: F821, UP037
+        self.state_reads += 1
         return self.state
 
     @dbus_property(access=PropertyAccess.READ)
