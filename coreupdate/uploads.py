@@ -1,9 +1,10 @@
 """Storing an uploaded payload: one path for the API's ``PUT …/payload`` and the dashboard's upload form.
 
-Rules: the bytes go to a temporary file under ``packages/.incoming`` while their size (bounded by the server's
-limit), SHA-256 and SHA-1 are computed; the payload is then verified as update-engine would verify it
-(structure, operation hashes, partition hash and, with the server's public key, the signature); only a payload
-that passed is moved to ``packages/APP/VERSION/FILE`` and recorded, and a failed record removes the file again.
+Rules: the bytes go to a temporary file under ``packages/.incoming`` (``coreos_common.files.NewFile``) while
+their size (bounded by the server's limit), SHA-256 and SHA-1 are computed; the payload is then verified as
+update-engine would verify it (structure, operation hashes, partition hash and, with the server's public key, the
+signature); only a payload that passed is moved to ``packages/APP/VERSION/FILE``, durably (a power cut cannot leave
+a recorded package with a torn file), and recorded, and a failed record removes the file again.
 ``require_key``: refuse when the server has no public key (the dashboard never accepts an unsigned payload).
 """
 
@@ -11,13 +12,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coreos_common.files import NewFile
 from coreupdate.model import Package
 from coreupdate.storage.store import Conflict
 from coreupdate.validation import ValidationError
@@ -48,40 +47,36 @@ async def store_upload(server: Server, app_id: str, version: str, file_name: str
                                          "(start it with --payload-public-key)")
     incoming = config.package_dir / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=incoming, prefix=f"{version}-")
-    tmp = Path(tmp_name)
-    try:
+    final = config.package_dir / app_id / version / file_name
+    # 0600: only the server reads it (it serves the file itself).
+    with NewFile(final, 0o600, directory=incoming) as new:
         sha256, sha1, size = hashlib.sha256(), hashlib.sha1(), 0
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > config.max_payload_bytes:
-                    raise ValidationError("payload", f"is larger than the server's limit of "
-                                                     f"{config.max_payload_bytes} bytes")
-                sha256.update(chunk)
-                sha1.update(chunk)
-                out.write(chunk)
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > config.max_payload_bytes:
+                raise ValidationError("payload", f"is larger than the server's limit of "
+                                                 f"{config.max_payload_bytes} bytes")
+            sha256.update(chunk)
+            sha1.update(chunk)
+            new.write(chunk)
         if size == 0:
             raise ValidationError("payload", "is empty")
         try:
             if key is not None:
-                verified = await server.db(verify_payload_file, tmp, key)
+                verified = await server.db(verify_payload_file, new.temporary, key)
             else:
-                verified = await server.db(check_payload_file, tmp)
+                verified = await server.db(check_payload_file, new.temporary)
         except UpdateEngineError as exc:
             raise ValidationError("payload", f"is not a valid signed update payload: {exc}") from None
         package = Package(
             app_id=app_id, version=version, size=size, sha256_b64=base64.b64encode(sha256.digest()).decode(),
             sha1_b64=base64.b64encode(sha1.digest()).decode(), file_name=file_name,
         )
-        final = config.package_dir / app_id / version / file_name
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        try:
-            created = await server.db(server.store.add_package, package)
-        except Exception:
-            final.unlink(missing_ok=True)
-            raise
-    finally:
-        tmp.unlink(missing_ok=True)
+        await server.db(new.commit, durable=True)  # the fsync of a large payload takes a while: not on the loop
+    try:
+        created = await server.db(server.store.add_package, package)
+    except Exception:
+        final.unlink(missing_ok=True)
+        raise
     return StoredUpload(created, verified)

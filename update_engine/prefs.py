@@ -2,20 +2,20 @@
 
 The layout is the original update_engine's (ints as decimal text without a newline); the key names, and
 what each holds, are ``update_engine.engine.history``'s, the only place that names them.  Writes are atomic
-(temp file in the same directory, fsync, rename, fsync of the directory), so a crash or power cut leaves
-either the old or the new value, never a torn one.  Temp files start with ``.``, which no key can, so one
-left behind by a crash is never read as a key; ``discard_stale_temp_files`` removes them.
+and durable (``coreos_common.files``: temp file in the same directory, fsync, rename, fsync of the directory),
+so a crash or power cut leaves either the old or the new value, never a torn one.  Temp files start with ``.``,
+which no key can, so one left behind by a crash is never read as a key; ``discard_stale_temp_files`` removes
+them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from coreos_common.files import TEMPORARY_SUFFIX, replace_file, sync_directory
 from update_engine.errors import ErrorCode, UpdateEngineError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ DEFAULT_PREFS_DIR = Path("/var/lib/update_engine/prefs")
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _INT_RE = re.compile(r"-?[0-9]{1,19}")
-_TEMP_SUFFIX = ".tmp"
 
 
 class PrefsError(UpdateEngineError):
@@ -87,24 +86,9 @@ class Prefs:
         path = self.path(key)
         self._ensure_dir()
         try:
-            fd, temp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=_TEMP_SUFFIX, dir=self.root)
+            replace_file(path, value, 0o600, durable=True)
         except OSError as exc:
-            raise PrefsError(f"cannot write pref {key} in {self.root}: {exc.strerror or exc}") from exc
-        try:
-            try:
-                view = memoryview(value)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp_name, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
             raise PrefsError(f"cannot write pref {key} to {path}: {exc.strerror or exc}") from exc
-        self._sync_dir()
 
     def set_str(self, key: str, value: str) -> None:
         self.set_bytes(key, value.encode("utf-8"))
@@ -133,7 +117,7 @@ class Prefs:
         except OSError as exc:
             raise PrefsError(f"cannot list the prefs directory {self.root}: {exc.strerror or exc}") from exc
         for entry in entries:
-            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX) and entry.is_file():
+            if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX) and entry.is_file():
                 try:
                     os.unlink(entry.path)
                 except FileNotFoundError:
@@ -163,12 +147,6 @@ class Prefs:
 
     def _sync_dir(self) -> None:
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise PrefsError(f"cannot open the prefs directory {self.root}: {exc.strerror or exc}") from exc
-        try:
-            os.fsync(fd)
+            sync_directory(self.root)
         except OSError as exc:
             raise PrefsError(f"cannot sync the prefs directory {self.root}: {exc.strerror or exc}") from exc
-        finally:
-            os.close(fd)

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from coreos_common.files import NewFile
 from update_engine.errors import ErrorCode
 from update_engine.payload.format import PayloadError
 
@@ -186,21 +187,22 @@ class WriteTarget:
 
 
 class KernelFile:
-    """The new kernel, written to a temporary file beside ``path`` and renamed into place once verified."""
+    """The new kernel, written to a temporary file beside ``path`` and renamed into place once verified
+    (:class:`coreos_common.files.NewFile`; its writes go through a :class:`BoundedFile`)."""
 
     def __init__(self, path: Path, size: int, capacity: int) -> None:
         """``size`` is the kernel's length, ``capacity`` its whole blocks (what operations may write)."""
         self.path = path
         self.size = size
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_KERNEL_SUFFIX, dir=path.parent)
+            self._new = NewFile(path, 0o644, suffix=PARTIAL_KERNEL_SUFFIX)
         except OSError as exc:
             raise PayloadError(
                 ErrorCode.KERNEL_DEVICE_OPEN_ERROR,
                 f"cannot create a temporary kernel file next to {path}: {exc}",
             ) from exc
-        self.tmp: Path | None = Path(name)
-        self.file = BoundedFile(fd, 0, capacity, f"the kernel file {name}")
+        self.tmp: Path | None = self._new.temporary
+        self.file = BoundedFile(self._new.fd, 0, capacity, f"the kernel file {self.tmp}", owns_fd=False)
 
     def sha256(self) -> bytes:
         """Cut the file to the kernel's size and hash it."""
@@ -214,33 +216,24 @@ class KernelFile:
         """Make the verified kernel durable under its final name."""
         assert self.tmp is not None
         try:
-            os.fchmod(self.file.fd, 0o644)
-            os.fsync(self.file.fd)
-            os.replace(self.tmp, self.path)
-            self.tmp = None
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._new.commit(durable=True)
         except OSError as exc:
             raise PayloadError(
                 ErrorCode.DOWNLOAD_WRITE_ERROR, f"installing the new kernel as {self.path}: {exc}"
             ) from exc
+        finally:
+            if self._new.committed:
+                self.tmp = None
         log.info("installed the new kernel as %s", self.path)
 
     def discard(self) -> None:
         """Close the file and remove it unless it was installed. Never raises."""
+        self.file.close()
         try:
-            self.file.close()
+            self._new.close()
         except OSError as exc:
-            log.warning("closing %s failed: %s", self.file.what, exc)
-        if self.tmp is not None:
-            try:
-                self.tmp.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("cannot remove %s: %s", self.tmp, exc)
-            self.tmp = None
+            log.warning("cannot close or remove %s: %s", self.file.what, exc)
+        self.tmp = None
 
 
 def remove_partial_kernels(kernel_path: Path) -> None:
