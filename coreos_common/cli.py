@@ -2,7 +2,7 @@
 
 Rule: a closed pipe is not an error worth a traceback. The command stops writing, points stdout at /dev/null so
 the interpreter's final flush cannot fail a second time, and exits as a shell reports a process killed by
-SIGPIPE (128 + 13), unless the command documents another code.
+SIGPIPE (128 + 13), unless the command documents another code. Every command takes the rule from here.
 """
 
 from __future__ import annotations

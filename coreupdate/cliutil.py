@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from coreos_common.stdout import reader_gone
+from coreos_common.cli import discard_stdout
 
 # Exit codes (documented in the README): scripts may rely on them.
 EXIT_OK = 0
@@ -34,7 +34,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
-        reader_gone()
-        return EXIT_OK
+        discard_stdout()
+        return EXIT_OK  # coreupdate's own code for it: the work is done, only its report went unread
     except KeyboardInterrupt:
         return 130

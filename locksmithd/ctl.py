@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coreos_common.stdout import reader_gone
+from coreos_common.cli import EXIT_BROKEN_PIPE, discard_stdout
 from locksmithd import __version__
 
 # ``typing`` alone costs a few milliseconds at start; the annotations below are only read by mypy.
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 PROGRAM = "locksmithctl"
 ENV_PREFIX = "LOCKSMITHCTL_"
-# 128 + SIGPIPE: what a shell reports for a command whose reader went away.
-EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
@@ -789,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()
     except BrokenPipeError:
-        reader_gone()  # say nothing more, and keep the interpreter's final flush from failing too
+        discard_stdout()  # say nothing more, and keep the interpreter's final flush from failing too
         return EXIT_BROKEN_PIPE
     return code
 

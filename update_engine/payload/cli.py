@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from coreos_common import logs
-from coreos_common.stdout import EXIT_READER_GONE, reader_gone
+from coreos_common.cli import EXIT_BROKEN_PIPE, discard_stdout
 from update_engine.errors import ErrorCode, UpdateEngineError
 from update_engine.payload.files import verify_payload_file
 from update_engine.payload.format import (
@@ -304,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except BrokenPipeError:
-        reader_gone()
-        return EXIT_READER_GONE
+        discard_stdout()
+        return EXIT_BROKEN_PIPE
     except UpdateEngineError as exc:
         # Payload problems carry an Omaha code worth showing; tool errors (code ERROR) are just a message.
         text = exc.message if exc.code == ErrorCode.ERROR else str(exc)
