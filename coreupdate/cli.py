@@ -22,13 +22,13 @@ from pathlib import Path
 from coreos_common import logs
 from coreupdate import accounts
 from coreupdate.cliutil import EXIT_UNREACHABLE, EXIT_USAGE, CliError, run_cli
+from coreupdate.model import DAY
 from coreupdate.storage import engine as db_engine
 from coreupdate.storage.accounts import AccountStore
 from coreupdate.storage.migrations import SchemaTooNew
 from coreupdate.storage.store import Conflict, NotFound, Store
 
 PROG = "coreupdate"
-DAY = 86400.0
 DEFAULT_DATA_DIR = Path("/var/lib/coreupdate")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 

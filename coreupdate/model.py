@@ -10,6 +10,10 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+# Spans of time in seconds, as storage keeps times (epoch seconds) and the command line takes retentions.
+HOUR = 3600.0
+DAY = 86400.0
+
 
 class InstanceStatus(enum.IntEnum):
     """Where an instance is in its update; the numbers 1-8 are Nebraska's, 9 is ours.

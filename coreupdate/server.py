@@ -33,6 +33,7 @@ from coreupdate import api
 from coreupdate import web as web_ui
 from coreupdate.catalog import Catalog
 from coreupdate.metrics import CONTENT_TYPE, Metrics
+from coreupdate.model import DAY
 from coreupdate.office_hours import parse_office_hours
 from coreupdate.omaha_endpoint import DatabaseUnavailable, OmahaService
 from coreupdate.policy import OfficeHours
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OMAHA_BODY_LIMIT = omaha.MAX_MESSAGE_BYTES
-DAY = 86400.0
 SNAPSHOT_EVERY_S = 600.0
 PRUNE_EVERY_S = 3600.0
 INSTANCE_GAUGE_TTL_S = 30.0

@@ -26,13 +26,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from coreupdate.model import FAILED_STATUSES, InstanceStatus
+from coreupdate.model import DAY, FAILED_STATUSES, HOUR, InstanceStatus
 from coreupdate.storage.schema import events, grants, instances, rollouts
 from coreupdate.storage.store import instance_json
 
 Clock = Callable[[], float]
-DAY = 86400.0
-HOUR = 3600.0
 
 
 @dataclass(frozen=True)

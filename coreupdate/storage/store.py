@@ -51,6 +51,7 @@ from coreupdate.catalog import Catalog
 from coreupdate.instance_status import status_after_checkin, status_after_event
 from coreupdate.model import (
     FAILED_STATUSES,
+    HOUR,
     IN_FLIGHT_STATUSES,
     ActivityKind,
     Application,
@@ -82,7 +83,6 @@ from update_engine.omaha import RequestEvent
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-HOUR = 3600.0
 # Instances read per statement when a batch of held-back check-ins is marked OnHold (well under the parameter
 # limits of SQLite and PostgreSQL).
 _HOLD_READ_BATCH = 500

@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from coreupdate import validation
-from coreupdate.model import Group, InstanceStatus
-from coreupdate.storage.dashboard import DAY, GroupCounts, InstanceQuery, InstanceRows, InstanceSort
+from coreupdate.model import DAY, Group, InstanceStatus
+from coreupdate.storage.dashboard import GroupCounts, InstanceQuery, InstanceRows, InstanceSort
 from coreupdate.storage.store import NotFound
 from coreupdate.validation import ValidationError
 from coreupdate.web import charts, forms, present
