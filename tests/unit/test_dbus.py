@@ -19,48 +19,45 @@ from coreos_common.dbus import (
     get_name_owner,
     name_has_owner,
 )
-from tests.unit.test_systemd import client
-
-__all__ = ["client"]  # a fixture used by name below
 
 
-async def test_owner_of_a_name_and_of_nobody(client: MessageBus) -> None:
-    assert await get_name_owner(client, "com.example.Nobody") is None
-    assert not await name_has_owner(client, "com.example.Nobody")
-    await client.request_name("org.freedesktop.login1")
-    assert await get_name_owner(client, "org.freedesktop.login1") == client.unique_name
-    assert await name_has_owner(client, "org.freedesktop.login1")
+async def test_owner_of_a_name_and_of_nobody(bus_client: MessageBus) -> None:
+    assert await get_name_owner(bus_client, "com.example.Nobody") is None
+    assert not await name_has_owner(bus_client, "com.example.Nobody")
+    await bus_client.request_name("org.freedesktop.login1")
+    assert await get_name_owner(bus_client, "org.freedesktop.login1") == bus_client.unique_name
+    assert await name_has_owner(bus_client, "org.freedesktop.login1")
 
 
-async def test_uid_of_a_connection(client: MessageBus) -> None:
-    assert client.unique_name is not None
-    assert await connection_unix_user(client, client.unique_name) == os.geteuid()
+async def test_uid_of_a_connection(bus_client: MessageBus) -> None:
+    assert bus_client.unique_name is not None
+    assert await connection_unix_user(bus_client, bus_client.unique_name) == os.geteuid()
 
 
-async def test_pid_of_a_connection_and_a_callers_description(client: MessageBus) -> None:
-    assert client.unique_name is not None
-    assert await connection_unix_process_id(client, client.unique_name) == os.getpid()
-    assert await describe_connection(client, client.unique_name) == (
-        f"uid {os.geteuid()} pid {os.getpid()} ({client.unique_name})"
+async def test_pid_of_a_connection_and_a_callers_description(bus_client: MessageBus) -> None:
+    assert bus_client.unique_name is not None
+    assert await connection_unix_process_id(bus_client, bus_client.unique_name) == os.getpid()
+    assert await describe_connection(bus_client, bus_client.unique_name) == (
+        f"uid {os.geteuid()} pid {os.getpid()} ({bus_client.unique_name})"
     )
     # A caller gone before it could be looked up is still named by its bus name.
-    assert await describe_connection(client, ":1.999999") == "(:1.999999)"
+    assert await describe_connection(bus_client, ":1.999999") == "(:1.999999)"
 
 
-async def test_an_error_reply_raises_with_its_name_and_text(client: MessageBus) -> None:
+async def test_an_error_reply_raises_with_its_name_and_text(bus_client: MessageBus) -> None:
     with pytest.raises(DBusCallError) as info:
-        await call(client, Message(destination="com.example.Nobody", path="/", interface="x.y", member="Z"))
+        await call(bus_client, Message(destination="com.example.Nobody", path="/", interface="x.y", member="Z"))
     assert info.value.name == "org.freedesktop.DBus.Error.ServiceUnknown" and info.value.no_service
     assert info.value.text and str(info.value).startswith("org.freedesktop.DBus.Error.ServiceUnknown: ")
     with pytest.raises(DBusCallError) as info:
-        await connection_unix_user(client, ":1.9999")
+        await connection_unix_user(bus_client, ":1.9999")
     assert info.value.name == "org.freedesktop.DBus.Error.NameHasNoOwner"
     with pytest.raises(DBusCallError, match="MatchRuleInvalid"):
-        await add_match(client, "type='nonsense'")
+        await add_match(bus_client, "type='nonsense'")
 
 
-async def test_a_reply_of_the_wrong_type_is_an_error(client: MessageBus) -> None:
+async def test_a_reply_of_the_wrong_type_is_an_error(bus_client: MessageBus) -> None:
     with pytest.raises(DBusCallError) as info:
-        await call(client, bus_method("GetId"), signature="u")
+        await call(bus_client, bus_method("GetId"), signature="u")
     assert info.value.name == "org.freedesktop.DBus.Error.InvalidSignature"
     assert "GetId answered with signature 's', expected 'u'" in str(info.value)

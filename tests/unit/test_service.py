@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from dbus_fast.aio import MessageBus
 
 from coreos_common.status import StatusSnapshot, UpdateStatus
-from sim.bus import PrivateBus
 from sim.disks import cgpt_flags, make_usr_disk
 from sim.node import NodeRoot, make_node_root
 from sim.ports import free_port
-from sim.standins.systemd import start_systemd_standin
+from sim.standins.systemd import BootCompleteUnit
 from tests.conftest import require_tool
 from update_engine.engine.attempter import REBOOT_MARKER_NAME, EngineOptions, UpdateAttempter
 from update_engine.healthy_boot import BOOT_MARKED_NAME, mark_boot_healthy, read_uptime, wait_for_healthy_boot
@@ -59,16 +57,6 @@ def client(bus_client: MessageBus) -> MessageBus:
 
 
 @pytest.fixture
-async def systemd(private_bus: PrivateBus) -> AsyncIterator[object]:
-    """The systemd stand-in owning org.freedesktop.systemd1 on the private bus; yields boot-complete's unit."""
-    bus, unit = await start_systemd_standin(private_bus.address)
-    try:
-        yield unit
-    finally:
-        bus.disconnect()
-
-
-@pytest.fixture
 def node(tmp_path: Path) -> NodeRoot:
     return make_node_root(tmp_path / "root")
 
@@ -82,8 +70,8 @@ def attempter_for(node: NodeRoot, disk: Path, **overrides: object) -> UpdateAtte
     return UpdateAttempter(EngineOptions(**values))  # type: ignore[arg-type]
 
 
-async def test_active_boot_complete_counts_at_once(client: MessageBus, systemd: object) -> None:
-    systemd.state = "active"  # type: ignore[attr-defined]
+async def test_active_boot_complete_counts_at_once(client: MessageBus, systemd: BootCompleteUnit) -> None:
+    systemd.state = "active"
     slow = DaemonTiming(healthy_boot_delay=3600.0, boot_complete_poll=3600.0)
     reason = await asyncio.wait_for(wait_for_healthy_boot(client, slow), WAIT)
     assert reason == "boot-complete.target is active"
@@ -115,10 +103,10 @@ async def test_without_boot_complete_the_machines_uptime_counts(
 
 
 async def test_an_error_from_systemd_is_retried_not_taken_for_a_boot_without_boot_complete(
-    client: MessageBus, systemd: object, caplog: pytest.LogCaptureFixture
+    client: MessageBus, systemd: BootCompleteUnit, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before, any error made boot-complete.target "not part of this boot" and the boot was marked good."""
-    systemd.error = "org.freedesktop.DBus.Error.AccessDenied"  # type: ignore[attr-defined]
+    systemd.error = "org.freedesktop.DBus.Error.AccessDenied"
     timing = DaemonTiming(healthy_boot_delay=0.0, boot_complete_poll=0.01)
     with caplog.at_level(logging.INFO):
         task = asyncio.create_task(wait_for_healthy_boot(client, timing))
@@ -127,8 +115,8 @@ async def test_an_error_from_systemd_is_retried_not_taken_for_a_boot_without_boo
                 while caplog.text.count("Cannot ask systemd about boot-complete.target") < 2:
                     assert not task.done(), task.result()
                     await asyncio.sleep(0.01)
-            systemd.error = None  # type: ignore[attr-defined]
-            systemd.state = "active"  # type: ignore[attr-defined]
+            systemd.error = None
+            systemd.state = "active"
             reason = await asyncio.wait_for(task, WAIT)
         finally:
             task.cancel()

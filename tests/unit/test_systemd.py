@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
-from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from coreos_common.dbus import DBusCallError
@@ -20,84 +18,67 @@ from coreos_common.systemd import (
     unit_state,
     wait_for_boot_complete,
 )
-from sim.bus import PrivateBus
-from sim.standins.systemd import BootCompleteUnit, start_systemd_standin
+from sim.standins.systemd import BootCompleteUnit
 
 WAIT = 10.0  # bound on any single wait; passing runs take a fraction of it
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 
-@pytest.fixture
-async def client(private_bus: PrivateBus) -> AsyncIterator[MessageBus]:
-    bus = await MessageBus(bus_address=private_bus.address, bus_type=BusType.SYSTEM).connect()
-    try:
-        yield bus
-    finally:
-        bus.disconnect()
-
-
-@pytest.fixture
-async def systemd(private_bus: PrivateBus) -> AsyncIterator[BootCompleteUnit]:
-    bus, unit = await start_systemd_standin(private_bus.address)
-    try:
-        yield unit
-    finally:
-        bus.disconnect()
-
-
-async def test_state_and_queued_job_are_read_from_systemd(client: MessageBus, systemd: BootCompleteUnit) -> None:
-    state = await unit_state(client, BOOT_COMPLETE_TARGET)
+async def test_state_and_queued_job_are_read_from_systemd(bus_client: MessageBus, systemd: BootCompleteUnit) -> None:
+    state = await unit_state(bus_client, BOOT_COMPLETE_TARGET)
     assert state is not None and (state.active_state, state.job_pending) == ("inactive", True)
     systemd.state = "active"
-    state = await unit_state(client, BOOT_COMPLETE_TARGET)
+    state = await unit_state(bus_client, BOOT_COMPLETE_TARGET)
     assert state is not None and (state.active_state, state.job_pending) == ("active", False)
 
 
-async def test_a_unit_systemd_does_not_have_is_none(client: MessageBus, systemd: BootCompleteUnit) -> None:
-    assert await unit_state(client, "no-such.target") is None
+async def test_a_unit_systemd_does_not_have_is_none(bus_client: MessageBus, systemd: BootCompleteUnit) -> None:
+    assert await unit_state(bus_client, "no-such.target") is None
 
 
-async def test_no_systemd_on_the_bus_is_its_own_error_not_a_missing_unit(client: MessageBus) -> None:
+async def test_no_systemd_on_the_bus_is_its_own_error_not_a_missing_unit(bus_client: MessageBus) -> None:
     with pytest.raises(SystemdUnavailable, match="ServiceUnknown"):
-        await unit_state(client, BOOT_COMPLETE_TARGET)
+        await unit_state(bus_client, BOOT_COMPLETE_TARGET)
 
 
 async def test_any_other_error_is_raised_not_turned_into_a_state(
-    client: MessageBus, systemd: BootCompleteUnit
+    bus_client: MessageBus, systemd: BootCompleteUnit
 ) -> None:
     systemd.error = ACCESS_DENIED
     with pytest.raises(DBusCallError) as info:
-        await unit_state(client, BOOT_COMPLETE_TARGET)
+        await unit_state(bus_client, BOOT_COMPLETE_TARGET)
     assert info.value.name == ACCESS_DENIED
 
 
-async def test_wait_returns_at_once_when_the_target_is_active(client: MessageBus, systemd: BootCompleteUnit) -> None:
+async def test_wait_returns_at_once_when_the_target_is_active(
+    bus_client: MessageBus, systemd: BootCompleteUnit
+) -> None:
     systemd.state = "active"
     result = await asyncio.wait_for(
-        wait_for_boot_complete(client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
+        wait_for_boot_complete(bus_client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
     )
     assert result is BootComplete.ACTIVE
 
 
 async def test_wait_returns_at_once_when_nothing_will_start_the_target(
-    client: MessageBus, systemd: BootCompleteUnit
+    bus_client: MessageBus, systemd: BootCompleteUnit
 ) -> None:
     systemd.state, systemd.queued = "failed", False
     result = await asyncio.wait_for(
-        wait_for_boot_complete(client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
+        wait_for_boot_complete(bus_client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
     )
     assert result is BootComplete.NOT_STARTING
 
 
-async def test_wait_without_systemd_or_without_the_target(client: MessageBus) -> None:
+async def test_wait_without_systemd_or_without_the_target(bus_client: MessageBus) -> None:
     result = await asyncio.wait_for(
-        wait_for_boot_complete(client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
+        wait_for_boot_complete(bus_client, delays=itertools.repeat(3600.0), purpose="p"), WAIT
     )
     assert result is BootComplete.NO_SYSTEMD
 
 
 async def test_wait_follows_the_target_until_it_is_active_and_retries_errors(
-    client: MessageBus, systemd: BootCompleteUnit, caplog: pytest.LogCaptureFixture
+    bus_client: MessageBus, systemd: BootCompleteUnit, caplog: pytest.LogCaptureFixture
 ) -> None:
     asked: list[float] = []
 
@@ -113,7 +94,7 @@ async def test_wait_follows_the_target_until_it_is_active_and_retries_errors(
     with caplog.at_level(logging.INFO):
         result = await asyncio.wait_for(
             wait_for_boot_complete(
-                client, delays=iter([1.0, 2.0, 4.0, 8.0, 16.0]), sleep=sleep, purpose="before testing"
+                bus_client, delays=iter([1.0, 2.0, 4.0, 8.0, 16.0]), sleep=sleep, purpose="before testing"
             ),
             WAIT,
         )
