@@ -7,7 +7,7 @@ than asked). It gets the final mode (whatever the umask) and, when the caller ne
 fsync before the rename over the target and an fsync of the target's directory after it. On any failure before
 the rename the temporary file is removed and the OSError goes to the caller, who names the file in its own error.
 This module is the one place that writes files this way: prefs, the reboot marker, state and metrics files, the
-new kernel and uploaded payloads.
+new kernel, generated and uploaded payloads.
 """
 
 from __future__ import annotations

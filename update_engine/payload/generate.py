@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from coreos_common.files import NewFile
 from update_engine.errors import ErrorCode
 from update_engine.payload import update_metadata_pb2 as pb
 from update_engine.payload.format import (
@@ -317,41 +318,36 @@ def _assemble(
     """Write header, manifest, blobs and signature to ``out`` (atomically); returns (size, base64 SHA-256)."""
     manifest_bytes = manifest.SerializeToString()
     header = encode_header(len(manifest_bytes))
-    fd, tmp_name = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".partial")
-    tmp = Path(tmp_name)
-    try:
+    with (
+        NewFile(out, 0o644, suffix=".partial", directory=out.resolve().parent) as new,
+        open(new.fd, "wb", closefd=False) as stream,
+    ):
         signed = hashlib.sha256()
         size = 0
-        with os.fdopen(fd, "wb") as stream:
-            for part in (header, manifest_bytes):
-                stream.write(part)
-                signed.update(part)
-                size += len(part)
-            blobs.seek(0)
-            buf = bytearray(_COPY_CHUNK)
-            view = memoryview(buf)
-            while count := blobs.readinto(buf):  # type: ignore[attr-defined]
-                stream.write(view[:count])
-                signed.update(view[:count])
-                size += count
-            signature = key.sign(signed.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-            signature_blob = encode_signatures([(SIGNATURE_VERSION, signature)])
-            if len(signature_blob) != signature_size:
-                raise PayloadError(
-                    ErrorCode.ERROR,
-                    f"signature blob is {len(signature_blob)} bytes, the manifest promised {signature_size}",
-                )
-            whole = signed.copy()
-            whole.update(signature_blob)
-            stream.write(signature_blob)
-            size += len(signature_blob)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for part in (header, manifest_bytes):
+            stream.write(part)
+            signed.update(part)
+            size += len(part)
+        blobs.seek(0)
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        while count := blobs.readinto(buf):  # type: ignore[attr-defined]
+            stream.write(view[:count])
+            signed.update(view[:count])
+            size += count
+        signature = key.sign(signed.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        signature_blob = encode_signatures([(SIGNATURE_VERSION, signature)])
+        if len(signature_blob) != signature_size:
+            raise PayloadError(
+                ErrorCode.ERROR,
+                f"signature blob is {len(signature_blob)} bytes, the manifest promised {signature_size}",
+            )
+        whole = signed.copy()
+        whole.update(signature_blob)
+        stream.write(signature_blob)
+        size += len(signature_blob)
+        stream.flush()
+        new.commit(durable=True)
     return size, base64.b64encode(whole.digest()).decode("ascii")
 
 
