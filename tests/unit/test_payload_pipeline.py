@@ -121,3 +121,19 @@ def test_stop_wakes_every_waiter() -> None:
 )
 def test_cpu_limit(affinity: int, cpu_max: list[str], expected: int) -> None:
     assert cpu_limit(affinity, cpu_max) == expected
+
+
+def test_a_passed_jobs_callback_runs_even_while_the_consumer_waits_for_the_next_job() -> None:
+    """The producer may be waiting for what the callback frees before it can reserve the next job."""
+    window: OrderedWindow[bytes] = OrderedWindow(budget=10)
+    freed = threading.Event()
+    seq = window.reserve(4, freed.set)
+    window.add(seq, b"data")
+    window.done(seq)
+    got: list[bytes | None] = []
+    consumer = threading.Thread(target=lambda: got.extend([window.get(), window.get()]), daemon=True)
+    consumer.start()
+    assert freed.wait(10), "the callback waited for a job that waited for it"
+    window.finish()
+    consumer.join(10)
+    assert got == [b"data", None]

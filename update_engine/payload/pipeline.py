@@ -253,30 +253,36 @@ class OrderedWindow(Generic[T]):
             self._cond.notify_all()
 
     def get(self) -> T | None:
-        """The next piece in job order, waiting for it; None after the last job; raises Stopped."""
-        released: list[Callable[[], None]] = []
-        try:
-            with self._cond:
-                while True:
-                    if self._stopped:
-                        raise Stopped()
-                    job = self._jobs.get(self._head)
-                    if job is not None and job.pieces:
-                        return job.pieces.popleft()
-                    if job is not None and job.done:
-                        del self._jobs[self._head]
-                        self._head += 1
-                        self._reserved -= job.size
-                        if job.on_consumed is not None:
-                            released.append(job.on_consumed)
-                        self._cond.notify_all()
-                        continue
-                    if job is None and self._finished and self._head == self._next:
-                        return None
-                    self._cond.wait()
-        finally:
-            for callback in released:
-                callback()
+        """The next piece in job order, waiting for it; None after the last job; raises Stopped.
+
+        The ``on_consumed`` callbacks of the jobs it passes run before it waits: the next job may be waiting
+        for what they free (a blob's buffer), and it would never come."""
+        while True:
+            released: list[Callable[[], None]] = []
+            try:
+                with self._cond:
+                    while True:
+                        if self._stopped:
+                            raise Stopped()
+                        job = self._jobs.get(self._head)
+                        if job is not None and job.pieces:
+                            return job.pieces.popleft()
+                        if job is not None and job.done:
+                            del self._jobs[self._head]
+                            self._head += 1
+                            self._reserved -= job.size
+                            if job.on_consumed is not None:
+                                released.append(job.on_consumed)
+                            self._cond.notify_all()
+                            continue
+                        if job is None and self._finished and self._head == self._next:
+                            return None
+                        if released:
+                            break  # run them outside the lock, then look again
+                        self._cond.wait()
+            finally:
+                for callback in released:
+                    callback()
 
     def stop(self) -> None:
         with self._cond:
