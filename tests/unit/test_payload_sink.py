@@ -191,15 +191,18 @@ def test_operations_finishing_out_of_order_are_hashed_in_partition_order(
     assert _partition(target, len(generated.image)) == generated.image
     assert workers_seen == {"payload-worker-0", "payload-worker-1"}
 
-def test_operations_as_large_as_the_buffer_pool_do_not_stall_the_pipeline(tmp_path: Path) -> None:
-    """Uncompressed operations of ``POOL_BYTES`` each (``update-payload generate --op-size 2M`` on random data):
-    each blob's buffer goes back only once its bytes are hashed, and the next blob waits for it. The hash thread
-    must give it back even when it then has to wait for that very next operation."""
+@pytest.mark.parametrize("pools", [1, 2])
+def test_operations_as_large_as_the_buffer_pool_do_not_stall_the_pipeline(tmp_path: Path, pools: int) -> None:
+    """Uncompressed operations of ``POOL_BYTES`` each (``update-payload generate --op-size 2M`` on random data),
+    or larger than the pool and the window: each blob's buffer goes back only once its bytes are hashed, and the
+    next blob waits for it. The hash thread must give it back even when it then has to wait for that very next
+    operation."""
     size = 4 * sink_module.POOL_BYTES
     image = os.urandom(size)
     (tmp_path / "usr.img").write_bytes(image)
     generate_full_payload(
-        tmp_path / "usr.img", tmp_path / "payload.bin", key_pair().private_pem, chunk_size=sink_module.POOL_BYTES
+        tmp_path / "usr.img", tmp_path / "payload.bin", key_pair().private_pem,
+        chunk_size=pools * sink_module.POOL_BYTES,
     )
     payload = (tmp_path / "payload.bin").read_bytes()
     target = _disk(tmp_path / "disk.img", size)
