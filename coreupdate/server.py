@@ -89,6 +89,8 @@ class Server:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
+        # (app, version) of the uploads being received: a second one of the same version is refused at once.
+        self.uploads_in_progress: set[tuple[str, str]] = set()
         self._instance_rows: tuple[float, list[tuple[str, str, str, str, int]]] = (0.0, [])
         self.metrics.add_instance_collector(self._instance_gauge_rows)
 

@@ -4,7 +4,9 @@ Rules: the bytes go to a temporary file under ``packages/.incoming`` (``coreos_c
 their size (bounded by the server's limit), SHA-256 and SHA-1 are computed; the payload is then verified as
 update-engine would verify it (structure, operation hashes, partition hash and, with the server's public key, the
 signature); only a payload that passed is moved to ``packages/APP/VERSION/FILE``, durably (a power cut cannot leave
-a recorded package with a torn file), and recorded, and a failed record removes the file again.
+a recorded package with a torn file), and recorded, and a failed record removes the file again. One upload of
+an app's version at a time: a second one, while the first is received, is a Conflict (both would be moved to the
+same file, and the one whose record failed would remove the other's).
 ``require_key``: refuse when the server has no public key (the dashboard never accepts an unsigned payload).
 """
 
@@ -40,6 +42,17 @@ async def store_upload(server: Server, app_id: str, version: str, file_name: str
     Conflict with what is wrong; the catalog is reloaded by the caller."""
     if (app_id, version) in server.catalog.packages:
         raise Conflict(f"application {app_id} already has a package for version {version}")
+    if (app_id, version) in server.uploads_in_progress:
+        raise Conflict(f"a payload for version {version} of application {app_id} is being uploaded; wait for it")
+    server.uploads_in_progress.add((app_id, version))
+    try:
+        return await _store_upload(server, app_id, version, file_name, chunks, require_key=require_key)
+    finally:
+        server.uploads_in_progress.discard((app_id, version))
+
+
+async def _store_upload(server: Server, app_id: str, version: str, file_name: str, chunks: AsyncIterator[bytes],
+                        *, require_key: bool) -> StoredUpload:
     config = server.config
     key = config.payload_public_key
     if require_key and key is None:
