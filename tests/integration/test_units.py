@@ -199,6 +199,18 @@ def test_both_daemons_are_notify_services_with_a_watchdog_skipped_in_containers(
     assert unit.value("Install", "WantedBy") == "multi-user.target"
 
 
+def test_update_engine_yields_the_cpu_and_the_disk_to_other_services_but_is_never_starved() -> None:
+    """The apply decompresses on every CPU: below other services (weights under the default 100, Nice=, the
+    lowest best-effort I/O priority), never in the idle classes, where a busy node would never finish it."""
+    unit = service("update-engine.service")
+    assert int(unit.value("Service", "CPUWeight")) < 100
+    assert int(unit.value("Service", "IOWeight")) < 100
+    assert int(unit.value("Service", "Nice")) > 0
+    assert unit.value("Service", "IOSchedulingClass") == "best-effort"
+    assert unit.value("Service", "IOSchedulingPriority") == "7"
+    assert not unit.values("Service", "CPUSchedulingPolicy")
+
+
 def test_tmpfiles_entry_creates_the_state_directory(tmp_path: Path) -> None:
     tmpfiles = require_tool("systemd-tmpfiles")
     result = subprocess.run(
