@@ -26,7 +26,7 @@ Flush = Callable[[list[CheckIn], list[EventRecord]], Awaitable[RecordOutcome]]
 
 class WriteBehind:
     def __init__(
-        self, flush: Flush, *, interval: float = 0.25, batch_size: int = 5000, max_pending: int = 20_000,
+        self, flush: Flush, *, interval: float = 0.25, batch_size: int = 5000, max_pending: int = 10_000,
         on_outcome: Callable[[RecordOutcome], Any] | None = None,
     ) -> None:
         self._flush = flush
